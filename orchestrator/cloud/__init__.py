@@ -1,0 +1,1 @@
+"""The one network seam: every call to the GaussDB API (or the simulator) goes through here."""

@@ -1,0 +1,109 @@
+"""What a cloud call came back with, as plain values.
+
+The cloud seam (``orchestrator.cloud``) turns every HTTP answer and every transport failure into one of
+these; the pure policy (``orchestrator.policy``) decides on them. Neither side needs to know the other's
+libraries, and the policy can be tested as a table with no network.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class TransportKind(enum.StrEnum):
+    """How a call failed below HTTP. ``sent`` on the failure says whether the cloud may have acted."""
+
+    CONNECT = "connect"  # refused, DNS, TLS handshake, connect timeout: the request never left
+    TIMEOUT = "timeout"  # no (complete) answer within the request timeout after the request was sent
+    RESET = "reset"  # the connection dropped after the request was sent
+    MALFORMED = "malformed"  # an answer arrived but its body is not the documented shape
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateItem:
+    """One element of ``update_result``: one node's (or instance's) verdict and its workflow."""
+
+    workflow_id: str | None
+    state: str  # "ACCEPT" or "REJECT" (anything else is treated as REJECT)
+    error_message: str | None = None
+    instance_id: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        # Huawei's Terraform provider treats anything but ACCEPT with an empty message as failure.
+        return self.state == "ACCEPT" and not self.error_message
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A 2xx answer to the upgrade call with a well-formed ``update_result``."""
+
+    http_status: int
+    items: tuple[UpdateItem, ...]
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpFailure:
+    """A non-2xx answer; ``error_code``/``error_msg`` from the documented error body when present."""
+
+    http_status: int
+    error_code: str | None
+    error_msg: str | None
+    request_id: str | None = None
+    retry_after: float | None = None  # seconds, already parsed from Retry-After (seconds or HTTP-date)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportFailure:
+    kind: TransportKind
+    sent: bool  # True when the request may have reached the cloud (the outcome is then unknown)
+    detail: str = ""
+    http_status: int | None = None  # set for MALFORMED: the status of the unreadable answer
+    request_id: str | None = None
+
+
+Outcome = Answered | HttpFailure | TransportFailure
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """``proxy-version``: what the proxy runs and what it could run."""
+
+    current_version: str
+    latest_version: str | None
+    can_upgrade: bool | None
+    risk: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowInfo:
+    """``GET /jobs?id=``: the state of one asynchronous workflow."""
+
+    workflow_id: str
+    status: str  # Pending, Running, Completed, Failed, Canceled, Unauthorized
+    progress: str | None = None
+    fail_reason: str | None = None
+    created: str | None = None
+    ended: str | None = None
+
+    @property
+    def ended_ok(self) -> bool:
+        return self.status == "Completed"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in {"Completed", "Failed", "Canceled", "Unauthorized"}
+
+
+@dataclass(frozen=True, slots=True)
+class RecentJob:
+    """One row of ``immediate-jobs``: used to find the workflow of an upgrade whose answer was lost."""
+
+    job_id: str
+    instance_id: str | None
+    job_name: str | None
+    status: str | None
+    created_time: str | None
+    extend_fields: str | None = None

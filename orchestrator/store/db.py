@@ -1,0 +1,126 @@
+"""Engine creation and schema migration, for SQLite and PostgreSQL alike.
+
+SQLite needs care to survive many concurrent writers: WAL, a busy timeout, foreign keys, and an explicit
+``BEGIN IMMEDIATE`` (Python's sqlite3 does not begin before DDL/SELECT, so without it a read-then-write
+transaction can deadlock into "database is locked"). Migrations run inside the already running event loop
+through ``run_sync`` (Alembic's async template would call ``asyncio.run`` and fail there).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+DEFAULT_DB = "sqlite+aiosqlite:///orchestrator.db"
+
+
+class DatabaseUrlError(ValueError):
+    pass
+
+
+def normalize_url(url: str | None) -> str:
+    """Accept the forms operators type (a file path, ``sqlite:///x``, ``postgresql://``) and pick the
+    async driver, so ``--db runs.db`` and ``--db postgresql://u@h/db`` both work."""
+    if not url:
+        url = os.environ.get("ORCHESTRATOR_DB") or DEFAULT_DB
+    if "://" not in url:
+        return f"sqlite+aiosqlite:///{url}"
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError with the URL (maybe a password) in it
+        raise DatabaseUrlError(
+            "--db: not a database URL (expected sqlite:///FILE or postgresql://...)"
+        ) from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
+    if backend in {"postgresql", "postgres"}:
+        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    raise DatabaseUrlError(f"--db: unsupported database {backend!r} (use sqlite or postgresql)")
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked: the only form that may reach logs or errors."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+def create_engine(url: str) -> AsyncEngine:
+    url = normalize_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        _configure_sqlite(engine)
+        return engine
+    return create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        # FULL: a committed intent survives a power cut of the jump host, not only a killed process.
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def migrations_dir() -> Path:
+    """Where Alembic's scripts are: inside the installed package (wheel) or the checkout (editable)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise FileNotFoundError("orchestrator's Alembic migrations are missing from this installation")
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    def _run(conn: Connection) -> None:
+        command.upgrade(alembic_config(conn), revision)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(_run)
+
+
+async def downgrade(engine: AsyncEngine, revision: str) -> None:
+    def _run(conn: Connection) -> None:
+        command.downgrade(alembic_config(conn), revision)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(_run)
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    def _rev(conn: Connection) -> str | None:
+        return MigrationContext.configure(conn).get_current_revision()
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(_rev)

@@ -1,0 +1,169 @@
+"""The job table's schema. Operators query these tables directly: keep ``docs/schema.md`` in step.
+
+Times are stored as timezone-aware UTC (``DateTime(timezone=True)``); on SQLite they come back naive and
+are read as UTC. Status columns hold the string values of ``orchestrator.states`` enums.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names so Alembic migrations are the same on SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+TS = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    inventory_path: Mapped[str] = mapped_column(Text)
+    inventory_sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    started_at: Mapped[datetime | None] = mapped_column(TS)
+    finished_at: Mapped[datetime | None] = mapped_column(TS)
+    # RunOptions as JSON (rate, concurrency, endpoint override, policy, ...): a resume keeps them.
+    options: Mapped[dict[str, object]] = mapped_column(JSON)
+    stop_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("run_id", "project_id", "instance_id", "proxy_id"),
+        Index("ix_jobs_run_status_due", "run_id", "status", "next_attempt_at"),
+        Index("ix_jobs_run_instance", "run_id", "instance_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    project_id: Mapped[str] = mapped_column(String(64))
+    instance_id: Mapped[str] = mapped_column(String(64))
+    proxy_id: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(128))
+    region: Mapped[str | None] = mapped_column(String(64))
+    endpoint: Mapped[str] = mapped_column(Text)
+    x_language: Mapped[str] = mapped_column(String(8))
+    source_version: Mapped[str | None] = mapped_column(String(32))
+    target_version: Mapped[str] = mapped_column(String(32))
+    inventory_line: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20))
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TS)
+    reason: Mapped[str | None] = mapped_column(Text)
+    hint: Mapped[str | None] = mapped_column(Text)
+    rule: Mapped[str | None] = mapped_column(String(200))
+    # preflight facts (proxy-version), kept for the report
+    current_version: Mapped[str | None] = mapped_column(String(32))
+    latest_version: Mapped[str | None] = mapped_column(String(32))
+    risk: Mapped[dict[str, object] | None] = mapped_column(JSON)
+    # the worker that holds the job and until when (multi-worker leases)
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(TS)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS)
+
+
+class Attempt(Base):
+    """One upgrade call: written (outcome ``in_flight``) before the POST leaves, completed on its answer."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (UniqueConstraint("job_id", "number"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    sent_at: Mapped[datetime] = mapped_column(TS)
+    answered_at: Mapped[datetime | None] = mapped_column(TS)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_msg: Mapped[str | None] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    # in_flight | accepted | retry | flag | fail | skip | reconcile | stop_run | lost (answer never came)
+    outcome: Mapped[str] = mapped_column(String(20))
+    rule: Mapped[str | None] = mapped_column(String(200))
+    transport: Mapped[str | None] = mapped_column(String(20))
+
+
+class Workflow(Base):
+    """One ``update_result`` item (or a workflow found by reconciliation), followed to its end."""
+
+    __tablename__ = "workflows"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt_id: Mapped[int | None] = mapped_column(ForeignKey("attempts.id", ondelete="CASCADE"))
+    workflow_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    instance_id: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(20))  # ACCEPT | REJECT (the answer's verdict)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(20))  # answer | reconciled
+    created_at: Mapped[datetime] = mapped_column(TS)
+    # tracking (GET /jobs?id=): Pending, Running, Completed, Failed, Canceled
+    job_status: Mapped[str | None] = mapped_column(String(20))
+    progress: Mapped[str | None] = mapped_column(String(16))
+    fail_reason: Mapped[str | None] = mapped_column(Text)
+    checked_at: Mapped[datetime | None] = mapped_column(TS)
+    ended_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class Worker(Base):
+    """A live process working on a run: the runner's lock (one per run) and the joined workers."""
+
+    __tablename__ = "workers"
+    __table_args__ = (Index("ix_workers_run_role", "run_id", "role"),)
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid:random
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(10))  # runner | worker
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(TS)
+    heartbeat_at: Mapped[datetime] = mapped_column(TS)
+    lease_expires_at: Mapped[datetime] = mapped_column(TS)
+    left_at: Mapped[datetime | None] = mapped_column(TS)
+    claimed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SendSlot(Base):
+    """Run-wide send permits on PostgreSQL: the rate window log and the concurrency slots."""
+
+    __tablename__ = "send_log"
+    __table_args__ = (Index("ix_send_log_run_at", "run_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(TS)
+    worker: Mapped[str] = mapped_column(String(200))
+    done_at: Mapped[datetime | None] = mapped_column(TS)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(TS)
