@@ -7,23 +7,21 @@ usage, credentials or a run held by another process; 3 stopped before finishing 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 
-from orchestrator import service
+from orchestrator.errors import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, UsageError
 from orchestrator.inventory import InventoryError, summarize
 from orchestrator.limiter import parse_rate
 from orchestrator.observe import configure_logging
 from orchestrator.options import RunOptions
-from orchestrator.service import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, UsageError
-from orchestrator.states import JobStatus, RunStatus
-from orchestrator.store.db import DatabaseUrlError
+from orchestrator.states import JobStatus
+
+# Heavy modules (SQLAlchemy, aiohttp, Alembic) are imported inside the commands that need them, so
+# `--help`, `validate` and usage errors answer at once.
 
 T = TypeVar("T")
 out = Console(highlight=False, soft_wrap=True)
@@ -50,10 +48,10 @@ async def _guard(coro_fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return await coro_fn()
     except InventoryError as exc:
-        for line in str(exc).splitlines() or [str(exc)]:
-            err.print(line, markup=False)
+        for problem in exc.errors:
+            err.print(f"error: {problem}", markup=False)
         raise Fail("", EXIT_USAGE) from None
-    except (UsageError, DatabaseUrlError) as exc:
+    except UsageError as exc:
         raise Fail(str(exc)) from None
 
 
@@ -147,7 +145,9 @@ def validate(inventory: str, endpoint: str | None) -> None:
     """Check an inventory file; print a summary or every error (exit 2)."""
 
     async def go() -> None:
-        inv = service.load(inventory, endpoint)
+        from orchestrator.inventory import load_inventory
+
+        inv = load_inventory(inventory, endpoint_override=endpoint)
         out.print(summarize(inv), markup=False)
 
     _run(go)
@@ -335,5 +335,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(exc.code) from None
     raise SystemExit(EXIT_OK)
 
-
-_ = (os, sys, Path, RunStatus)

@@ -176,16 +176,22 @@ class Engine:
                 frm=job.status,
             )
             return
+        if rt.stop_requested.is_set():
+            await rt.store.release(job.id, rt.worker_id)
+            return
+        # Intent first, then the permit, then the call at once: a commit's latency between permit and
+        # send would let the cloud see calls bunched closer than the limiter spaced them.
+        attempt_id = await rt.store.record_intent(job, worker_id=rt.worker_id, now=rt.now())
+        if attempt_id is None:
+            rt.events.emit("job.intent_lost", job=job.id, proxy=job.proxy_id)
+            await rt.store.release(job.id, rt.worker_id)
+            return
+        number = job.attempt_count + 1
         async with rt.permit():
             if rt.stop_requested.is_set():
-                await rt.store.release(job.id, rt.worker_id)
+                await rt.store.cancel_intent(job.id, attempt_id, worker_id=rt.worker_id, now=rt.now())
                 return
-            attempt_id = await rt.store.record_intent(job, worker_id=rt.worker_id, now=rt.now())
-            if attempt_id is None:
-                rt.events.emit("job.intent_lost", job=job.id, proxy=job.proxy_id)
-                await rt.store.release(job.id, rt.worker_id)
-                return
-            number = job.attempt_count + 1
+            sent_at = rt.now()
             rt.events.emit("upgrade.sent", job=job.id, proxy=job.proxy_id, attempt=number)
             outcome = await rt.client.upgrade(rt.ref(job), source, job.target_version)
         decision = decide(outcome, attempt=number, policy=rt.policy, rng=rt.rng, stage=Stage.UPGRADE)
@@ -217,6 +223,7 @@ class Engine:
                 request_id=outcome.request_id,
             )
         # shield: Ctrl-C must not skip the write that records what the cloud answered
+        values["sent_at"] = sent_at
         await asyncio.shield(self._record(job, attempt_id, decision, values, workflows))
 
     async def _record(
@@ -240,6 +247,7 @@ class Engine:
             error_msg=_str(values.get("error_msg")),
             request_id=_str(values.get("request_id")),
             transport=_str(values.get("transport")),
+            sent_at=values.get("sent_at"),  # type: ignore[arg-type]
             workflows=workflows,
             move_to=to,
             job_fields=fields,

@@ -20,6 +20,7 @@ from rich.console import Console
 from orchestrator.cloud.auth import AuthError, credentials_from_env
 from orchestrator.cloud.client import CloudClient, make_session
 from orchestrator.engine import Engine
+from orchestrator.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_STOPPED, EXIT_USAGE, UsageError
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.limiter import SlidingWindowLimiter, parse_rate
 from orchestrator.observe import RunEvents
@@ -30,11 +31,7 @@ from orchestrator.states import JobStatus, RunStatus
 from orchestrator.store import JobStore, NewJob, RunLocked, RunRow
 from orchestrator.store.store import new_worker_id
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
-
-
-class UsageError(Exception):
-    """Bad input or usage: printed as one line, exit 2."""
+__all__ = ["EXIT_OK", "EXIT_PROBLEMS", "EXIT_STOPPED", "EXIT_USAGE", "UsageError", "drive"]
 
 
 def utcnow() -> datetime:

@@ -90,7 +90,7 @@ class SimulatorServer:
         port: int = 0,
         log_file: str | os.PathLike[str] | None = None,
         clock: Callable[[], float] = time.time,
-        shutdown_timeout: float = 1.0,
+        shutdown_timeout: float = 0.5,
     ) -> None:
         self.scenario = scenario
         self.host, self._requested_port = host, port
@@ -237,6 +237,7 @@ class SimulatorServer:
                 return self._answer(request, record, denial.reply())
         if route != "unknown" and not self.throttle.allow(self.clock()):
             record["fault"] = "gateway_rate_limit"
+            self.faults.injected["gateway_rate_limit"] = self.faults.injected.get("gateway_rate_limit", 0) + 1
             return self._answer(request, record, throttled_reply(self.faults.spec, self.throttle.limit))
         drawn = self.faults.draw(route) if route != "unknown" else None
         if drawn is not None:

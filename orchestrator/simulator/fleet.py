@@ -457,28 +457,24 @@ class Fleet:
             end = _time_param(query, "end_time")
         except BadRequest as exc:
             return exc.reply
-        rows: list[tuple[float, int, dict[str, Any]]] = []
-        if project_id == self.project_id:
-            for wf in self.workflows.values():
-                if not wf.visible(now):
-                    continue
+        matched: list[Workflow] = []
+        if project_id == self.project_id and query.get("job_name", JOB_NAME) in ("", JOB_NAME):
+            wanted_status = (query.get("status") or "").lower()
+            wanted_id = query.get("job_id")
+            for wf in reversed(self.workflows.values()):  # creation order reversed: newest first
                 created_s = int(wf.created_at)
+                if not wf.visible(now) or (wanted_id and wf.id != wanted_id):
+                    continue
                 if (start is not None and created_s < start) or (end is not None and created_s > end):
                     continue
-                row = _immediate_row(wf, now)
-                if query.get("status") and row["status"].lower() != query["status"].lower():
+                if wanted_status and wf.status(now)[0].lower() != wanted_status:
                     continue
-                if query.get("job_name") and row["job_name"] != query["job_name"]:
-                    continue
-                if query.get("job_id") and row["job_id"] != query["job_id"]:
-                    continue
-                rows.append((wf.created_at, wf.seq, row))
-        rows.sort(key=lambda r: (r[0], r[1]), reverse=True)
+                matched.append(wf)
         return Reply(
             200,
             {
-                "jobs": [r[2] for r in rows[offset : offset + limit]],
-                "total_count": len(rows),
+                "jobs": [_immediate_row(wf, now) for wf in matched[offset : offset + limit]],
+                "total_count": len(matched),
                 "action_names": [JOB_NAME],
             },
         )

@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -21,7 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 DEFAULT_DB = "sqlite+aiosqlite:///orchestrator.db"
 
 
-class DatabaseUrlError(ValueError):
+from orchestrator.errors import UsageError
+
+
+class DatabaseUrlError(UsageError, ValueError):
     pass
 
 
@@ -92,7 +93,9 @@ def migrations_dir() -> Path:
     raise FileNotFoundError("orchestrator's Alembic migrations are missing from this installation")
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
+def alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config  # Alembic is only needed when migrating: keep start-up light
+
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     if connection is not None:
@@ -101,6 +104,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    from alembic import command
+
     def _run(conn: Connection) -> None:
         command.upgrade(alembic_config(conn), revision)
 
@@ -109,6 +114,8 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
 
 
 async def downgrade(engine: AsyncEngine, revision: str) -> None:
+    from alembic import command
+
     def _run(conn: Connection) -> None:
         command.downgrade(alembic_config(conn), revision)
 

@@ -673,6 +673,25 @@ class JobStore:
 
         return await self.writer.submit(op)
 
+    async def cancel_intent(self, job_id: int, attempt_id: int, *, worker_id: str, now: datetime) -> bool:
+        """A stop arrived between intent and send: the call never left, so the job is simply due again."""
+
+        async def op(s: AsyncSession) -> bool:
+            await s.execute(
+                update(Attempt).where(Attempt.id == attempt_id).values(outcome="not_sent", answered_at=now)
+            )
+            return await _move(
+                s,
+                job_id,
+                {JobStatus.IN_FLIGHT},
+                JobStatus.RETRY_WAIT,
+                now,
+                {"next_attempt_at": now, "reason": "stopped before the call was sent"},
+                release=worker_id,
+            )
+
+        return await self.writer.submit(op)
+
     async def record_answer(
         self,
         *,
@@ -690,8 +709,10 @@ class JobStore:
         move_to: JobStatus,
         job_fields: Mapping[str, Any] | None = None,
         worker_id: str | None = None,
+        sent_at: datetime | None = None,
     ) -> bool:
-        """The answer to an attempt, every update_result item, and the job's move, in one commit."""
+        """The answer to an attempt, every update_result item, and the job's move, in one commit.
+        ``sent_at`` corrects the intent's timestamp to when the call really left (after the limiter)."""
 
         async def op(s: AsyncSession) -> bool:
             await s.execute(
@@ -699,6 +720,7 @@ class JobStore:
                 .where(Attempt.id == attempt_id)
                 .values(
                     answered_at=now,
+                    **({"sent_at": sent_at} if sent_at is not None else {}),
                     outcome=outcome,
                     http_status=http_status,
                     error_code=error_code,

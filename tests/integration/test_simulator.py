@@ -35,15 +35,23 @@ def scenario(**extra: Any) -> Scenario:
         "workflow": FAST,
         "fleet": {
             "instances": [
-                {"id": INST, "name": "alpha", "proxies": [
-                    {"id": P1},
-                    {"id": P2, "nodes": 2, "reject": "Upgrade failed due to insufficient subnet ip",
-                     "reject_nodes": [1]},
-                ]},
+                {
+                    "id": INST,
+                    "name": "alpha",
+                    "proxies": [
+                        {"id": P1},
+                        {
+                            "id": P2,
+                            "nodes": 2,
+                            "reject": "Upgrade failed due to insufficient subnet ip",
+                            "reject_nodes": [1],
+                        },
+                    ],
+                },
                 {"id": INST2, "name": "beta", "proxies": [{"id": P3}]},
             ]
         },
-    }  # fmt: skip
+    }
     data.update(extra)
     return Scenario.from_dict(data)
 
@@ -64,8 +72,8 @@ async def get_json(http: aiohttp.ClientSession, url: str, **params: str) -> tupl
         return resp.status, await resp.json()
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(predicate: Callable[[], bool], within_s: float = 2.0) -> None:
+    deadline = time.monotonic() + within_s
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
@@ -82,9 +90,20 @@ async def test_every_read_route_and_the_upgrade_lifecycle(http: aiohttp.ClientSe
         assert (status, body["error_code"]) == (400, "DBS.200001")
         version_url = f"{base}/instances/{INST}/proxy/{P1}/taurusproxy/proxy-version"
         status, body = await get_json(http, version_url)
-        assert (status, body["current_version"], body["latest_version"], body["can_upgrade"]) == (200, OLD, NEW, True)
-        assert set(body["risk"]) == {"level", "suggest", "influence", "guidance", "service_impact_duration",
-                                     "upgrade_duration"}  # fmt: skip
+        assert (status, body["current_version"], body["latest_version"], body["can_upgrade"]) == (
+            200,
+            OLD,
+            NEW,
+            True,
+        )
+        assert set(body["risk"]) == {
+            "level",
+            "suggest",
+            "influence",
+            "guidance",
+            "service_impact_duration",
+            "upgrade_duration",
+        }
 
         async with http.post(upgrade_url(sim), json=BODY) as resp:
             assert resp.status == 200 and resp.headers["X-Request-Id"]
@@ -117,10 +136,19 @@ async def test_every_read_route_and_the_upgrade_lifecycle(http: aiohttp.ClientSe
         assert (status, body["error_code"]) == (404, "APIGW.0101")
 
         log = sim.log
-        assert [r["route"] for r in log][:5] == ["instances", "proxies", "proxies", "proxy_version", "upgrade"]
+        assert [r["route"] for r in log][:5] == [
+            "instances",
+            "proxies",
+            "proxies",
+            "proxy_version",
+            "upgrade",
+        ]
         upgrades = [r for r in log if r["route"] == "upgrade"]
-        assert [(r["http_status"], r["effect"]) for r in upgrades] == [(200, "applied"), (409, "none"),
-                                                                      (400, "none")]  # fmt: skip
+        assert [(r["http_status"], r["effect"]) for r in upgrades] == [
+            (200, "applied"),
+            (409, "none"),
+            (400, "none"),
+        ]
         assert upgrades[0]["workflows"] == [wid] and upgrades[0]["proxy_id"] == P1
         assert all(r["answered_at"] >= r["received_at"] for r in log)
         assert [r["seq"] for r in log] == sorted(r["seq"] for r in log)
@@ -164,7 +192,11 @@ async def test_reset_after_applies_the_upgrade_then_drops_the_connection(http: a
             async with http.post(upgrade_url(sim), json=BODY) as resp:
                 await resp.read()
         (record,) = sim.log
-        assert (record["http_status"], record["fault"], record["effect"]) == ("reset", "reset_after", "applied")
+        assert (record["http_status"], record["fault"], record["effect"]) == (
+            "reset",
+            "reset_after",
+            "applied",
+        )
         (wid,) = record["workflows"]
         async with http.get(f"{sim.url}/_sim/fleet") as resp:
             fleet = {p["proxy_id"]: p for p in await resp.json()}
@@ -174,8 +206,9 @@ async def test_reset_after_applies_the_upgrade_then_drops_the_connection(http: a
         # The client lost the answer: immediate-jobs is how it learns the workflow id.
         start = datetime.fromtimestamp(int(sent_at) - 1, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         await asyncio.sleep(0.06)
-        status, body = await get_json(http, f"{sim.url}/v3/{PROJECT}/immediate-jobs", limit="10",
-                                      start_time=start)  # fmt: skip
+        status, body = await get_json(
+            http, f"{sim.url}/v3/{PROJECT}/immediate-jobs", limit="10", start_time=start
+        )
         assert status == 200
         matches = [j for j in body["jobs"] if j["instance_id"] == INST]
         assert [j["job_id"] for j in matches] == [wid]
@@ -284,9 +317,17 @@ async def test_token_flow(http: aiohttp.ClientSession) -> None:
             body = await resp.json()
             assert (resp.status, body["error_code"]) == (401, "APIGW.0301")
             assert body["error_msg"].startswith("Incorrect IAM authentication information: ")
-        iam = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
-            "name": "ops", "password": "s3cret-pass", "domain": {"name": "acme"}}}},
-            "scope": {"project": {"id": PROJECT}}}}  # fmt: skip
+        iam = {
+            "auth": {
+                "identity": {
+                    "methods": ["password"],
+                    "password": {
+                        "user": {"name": "ops", "password": "s3cret-pass", "domain": {"name": "acme"}}
+                    },
+                },
+                "scope": {"project": {"id": PROJECT}},
+            }
+        }
         async with http.post(f"{sim.url}/v3/auth/tokens?nocatalog=true", json=iam) as resp:
             assert resp.status == 201
             token = resp.headers["X-Subject-Token"]
@@ -309,8 +350,15 @@ async def test_aksk_signed_by_our_signer_and_by_the_official_sdk(http: aiohttp.C
     async with await serve(scenario(auth={"mode": "aksk", "keys": [{"ak": ak, "sk": sk}]})) as sim:
         url = upgrade_url(sim)
         payload = json.dumps(BODY).encode()
-        headers = sign_request(ak, sk, "POST", url, {"Content-Type": "application/json;charset=UTF-8"},
-                               payload, project_id=PROJECT)  # fmt: skip
+        headers = sign_request(
+            ak,
+            sk,
+            "POST",
+            url,
+            {"Content-Type": "application/json;charset=UTF-8"},
+            payload,
+            project_id=PROJECT,
+        )
         async with http.post(url, data=payload, headers=headers) as resp:
             assert resp.status == 200, await resp.text()
         async with http.post(url, data=payload + b" ", headers=headers) as resp:  # body changed after signing
@@ -318,9 +366,16 @@ async def test_aksk_signed_by_our_signer_and_by_the_official_sdk(http: aiohttp.C
 
         host = f"127.0.0.1:{sim.port}"
         resource = f"/v3/{PROJECT}/instances"
-        request = SdkRequest(method="GET", schema="http", host=host, resource_path=resource, uri=resource,
-                             header_params={"X-Project-Id": PROJECT}, query_params=[("limit", 10), ("name", "al")],
-                             body="")  # fmt: skip
+        request = SdkRequest(
+            method="GET",
+            schema="http",
+            host=host,
+            resource_path=resource,
+            uri=resource,
+            header_params={"X-Project-Id": PROJECT},
+            query_params=[("limit", 10), ("name", "al")],
+            body="",
+        )
         signed = sdk_signer.Signer(BasicCredentials(ak, sk)).sign(request)
         async with http.get(f"{sim.url}{signed.uri}", headers=signed.header_params) as resp:
             body = await resp.json()
@@ -349,8 +404,12 @@ def test_run_simulator_as_a_process_with_the_bundled_demo(tmp_path: Path) -> Non
         "from orchestrator.simulator import run_simulator; "
         f"run_simulator(None, '127.0.0.1', 0, {str(tmp_path / 'log.jsonl')!r}, {str(ready)!r})"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()

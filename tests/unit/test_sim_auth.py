@@ -29,7 +29,9 @@ class FakeClock:
 def gateway(**spec: Any) -> tuple[GatewayAuth, FakeClock]:
     clock = FakeClock()
     tokens = iter(f"tok-{i}" for i in range(100))
-    return GatewayAuth(AuthSpec.model_validate(spec), PROJECT, clock=clock, new_token=lambda: next(tokens)), clock
+    return GatewayAuth(
+        AuthSpec.model_validate(spec), PROJECT, clock=clock, new_token=lambda: next(tokens)
+    ), clock
 
 
 def iam_body(user: str = "ops", password: str = "pa55word", domain: str = "acme") -> dict[str, Any]:
@@ -56,9 +58,11 @@ def test_mode_none_accepts_anything() -> None:
 
 def test_static_and_issued_tokens_until_expiry() -> None:
     gw, clock = gateway(
-        mode="token", tokens=["static"], users=[{"name": "ops", "domain": "acme", "password": "pa55word"}],
+        mode="token",
+        tokens=["static"],
+        users=[{"name": "ops", "domain": "acme", "password": "pa55word"}],
         token_lifetime_s=3600,
-    )  # fmt: skip
+    )
     assert check(gw, {"X-Auth-Token": "static"}) is None
     assert check(gw, {}) == "no_credentials"
     assert check(gw, {"x-auth-token": "forged"}) == "bad_token"
@@ -84,8 +88,9 @@ def test_bad_password_is_refused_without_echoing_it() -> None:
 
 def _signed(sk: str = SK, ak: str = "AK1", when: float = T0, body: bytes = b"") -> dict[str, str]:
     now = datetime.fromtimestamp(when, UTC)
-    return sign_request(ak, sk, "GET", URL, {"Content-Type": "application/json"}, body, now=now,
-                        project_id=PROJECT)  # fmt: skip
+    return sign_request(
+        ak, sk, "GET", URL, {"Content-Type": "application/json"}, body, now=now, project_id=PROJECT
+    )
 
 
 def aksk_gateway(**extra: Any) -> tuple[GatewayAuth, FakeClock]:
@@ -127,8 +132,12 @@ def test_five_bad_signatures_in_a_row_lock_the_key_for_lock_s() -> None:
 
 
 def test_any_mode_takes_either_and_secrets_stay_out_of_repr() -> None:
-    gw, _ = gateway(mode="any", tokens=["static-tok"], keys=[{"ak": "AK1", "sk": SK}],
-                    users=[{"name": "u", "domain": "d", "password": "pw-secret"}])  # fmt: skip
+    gw, _ = gateway(
+        mode="any",
+        tokens=["static-tok"],
+        keys=[{"ak": "AK1", "sk": SK}],
+        users=[{"name": "u", "domain": "d", "password": "pw-secret"}],
+    )
     assert check(gw, {"X-Auth-Token": "static-tok"}) is None
     assert check(gw, _signed()) is None
     shown = repr(gw) + repr(gw.spec) + str(gw.spec.model_dump())

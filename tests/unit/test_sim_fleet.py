@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.simulator.fleet import Fleet, Reply
+from orchestrator.simulator.fleet import BadRequest, Fleet, Reply
 from orchestrator.simulator.scenario import Scenario
 
 PROJECT = "054e292c9880d4992f02c0196d3ea468"
@@ -53,7 +53,12 @@ def test_workflow_walks_pending_running_completed_and_only_then_changes_the_vers
     reply = upgrade(fleet)
     assert reply.status == 200
     (item,) = reply.body["update_result"]
-    assert item == {"instance_id": "inst1", "workflow_id": item["workflow_id"], "state": "ACCEPT", "error_message": None}
+    assert item == {
+        "instance_id": "inst1",
+        "workflow_id": item["workflow_id"],
+        "state": "ACCEPT",
+        "error_message": None,
+    }
     wid = item["workflow_id"]
 
     def job() -> Reply:
@@ -118,8 +123,16 @@ def test_busy_instance_answers_409_before_version_checks_until_the_workflow_ends
 
 
 def test_mixed_multi_node_answer_creates_workflows_only_for_accepted_nodes() -> None:
-    fleet, clock = make_fleet([{"id": "p1", "nodes": 3, "reject": "Upgrade failed due to insufficient subnet ip",
-                                "reject_nodes": [1]}])  # fmt: skip
+    fleet, clock = make_fleet(
+        [
+            {
+                "id": "p1",
+                "nodes": 3,
+                "reject": "Upgrade failed due to insufficient subnet ip",
+                "reject_nodes": [1],
+            }
+        ]
+    )
     answer = fleet.upgrade(PROJECT, "inst1", "p1", BODY)
     items = answer.reply.body["update_result"] if answer.reply else []
     assert [i["state"] for i in items] == ["ACCEPT", "REJECT", "ACCEPT"]
@@ -144,7 +157,11 @@ def test_all_nodes_reject_creates_nothing_and_keeps_the_instance_free() -> None:
 
 
 def test_script_rejects_twice_then_accepts_and_refused_calls_do_not_consume_verdict_steps() -> None:
-    steps = [{"reject": "Upgrade failed due to insufficient subnet ip"}, {"reject": "again"}, {"accept": True}]
+    steps: list[dict[str, Any]] = [
+        {"reject": "Upgrade failed due to insufficient subnet ip"},
+        {"reject": "again"},
+        {"accept": True},
+    ]
     fleet, _ = make_fleet([{"id": "p1", "script": steps}])
     assert upgrade(fleet).body["update_result"][0]["error_message"] == steps[0]["reject"]
     assert upgrade(fleet, body={"source_version": "2.23.06.000", "target_version": NEW}).status == 400
@@ -154,8 +171,12 @@ def test_script_rejects_twice_then_accepts_and_refused_calls_do_not_consume_verd
 
 
 def test_script_http_and_fault_steps() -> None:
-    steps = [{"http": 409, "error_code": "DBS.201014"}, {"http": 500}, {"fault": "reset_before"},
-             {"fault": "reset_after"}]  # fmt: skip
+    steps = [
+        {"http": 409, "error_code": "DBS.201014"},
+        {"http": 500},
+        {"fault": "reset_before"},
+        {"fault": "reset_after"},
+    ]
     fleet, _ = make_fleet([{"id": "p1", "script": steps}])
     first = upgrade(fleet)
     assert (first.status, first.body["error_code"]) == (409, "DBS.201014")
@@ -203,11 +224,14 @@ def test_patch_ends_a_hung_workflow_and_fixes_a_subnet() -> None:
 
 
 def test_patch_refuses_bad_input() -> None:
-    from orchestrator.simulator.fleet import BadRequest
-
     fleet, _ = make_fleet([{"id": "p1"}])
-    for bad in ({"proxies": {"zz": {}}}, {"proxies": {"p1": {"nodes": 0}}}, {"workflows": {"x": {}}},
-                {"workflow": {"fail_rate": 2}}):  # fmt: skip
+    bad: dict[str, Any]
+    for bad in (
+        {"proxies": {"zz": {}}},
+        {"proxies": {"p1": {"nodes": 0}}},
+        {"workflows": {"x": {}}},
+        {"workflow": {"fail_rate": 2}},
+    ):
         with pytest.raises(BadRequest):
             fleet.patch(bad)
 
@@ -233,8 +257,12 @@ def test_workflow_rates_and_ids_are_reproducible_for_a_seed() -> None:
 
 
 def test_immediate_jobs_finds_workflows_newest_first_with_filters() -> None:
-    fleet, clock = make_fleet([{"id": "p1"}], fleet={"instances": [
-        {"id": f"i{i}", "name": f"n{i}", "proxies": [{"id": f"p{i}"}]} for i in range(3)]})  # fmt: skip
+    fleet, clock = make_fleet(
+        [{"id": "p1"}],
+        fleet={
+            "instances": [{"id": f"i{i}", "name": f"n{i}", "proxies": [{"id": f"p{i}"}]} for i in range(3)]
+        },
+    )
     wids = []
     for i in range(3):
         clock.now = T0 + 10 * i
@@ -253,10 +281,14 @@ def test_immediate_jobs_finds_workflows_newest_first_with_filters() -> None:
     by_id = fleet.immediate_jobs(PROJECT, {"job_id": wids[0], "status": "running"}).body["jobs"]
     assert [j["job_id"] for j in by_id] == [wids[0]]
     assert fleet.immediate_jobs(PROJECT, {"limit": "10", "offset": "2"}).body["jobs"][0]["job_id"] == wids[0]
+    assert fleet.immediate_jobs(PROJECT, {"job_name": "Reboot instance"}).body["total_count"] == 0
+    assert fleet.immediate_jobs(PROJECT, {"status": "Completed"}).body["total_count"] == 0
+    assert fleet.immediate_jobs("f" * 32, {}).body["total_count"] == 0
 
 
-@pytest.mark.parametrize("query", [{"limit": "15"}, {"limit": "100"}, {"start_time": "2024-01-01 00:00"},
-                                   {"offset": "-1"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "query", [{"limit": "15"}, {"limit": "100"}, {"start_time": "2024-01-01 00:00"}, {"offset": "-1"}]
+)
 def test_immediate_jobs_parameter_errors(query: dict[str, str]) -> None:
     fleet, _ = make_fleet([{"id": "p1"}])
     reply = fleet.immediate_jobs(PROJECT, query)

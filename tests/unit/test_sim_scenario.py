@@ -127,7 +127,10 @@ auth:
         ("faults: {http_500: 0.6, http_503: 0.6}\n", "add up"),
         ("faults: {routes: [upgrades]}\n", "unknown fault routes"),
         ("fleet: {instances: [{id: i, proxies: [{id: p, nodes: 2, reject_nodes: [2]}]}]}\n", "out of range"),
-        ("fleet: {instances: [{id: i, proxies: [{id: p, script: [{accept: true, reject: x}]}]}]}\n", "exactly one"),
+        (
+            "fleet: {instances: [{id: i, proxies: [{id: p, script: [{accept: true, reject: x}]}]}]}\n",
+            "exactly one",
+        ),
         ("fleet: {instances: [{id: 'a/b'}]}\n", "fleet.instances.0.id"),
         ("fleet: {generate: {instances: 2, proxies: 4}}\n", "exactly one"),
         ("project_id: short\n", "project_id"),
@@ -171,7 +174,14 @@ def test_inventory_csv_without_source_version(tmp_path: Path) -> None:
     path = tmp_path / "inv.csv"
     scenario_to_inventory(scenario, path, fmt="csv", region="ap-southeast-1", source_version=False)
     rows = list(csv.DictReader(path.open(encoding="utf-8")))
-    assert list(rows[0]) == ["project_id", "instance_id", "proxy_id", "region", "source_version", "target_version"]
+    assert list(rows[0]) == [
+        "project_id",
+        "instance_id",
+        "proxy_id",
+        "region",
+        "source_version",
+        "target_version",
+    ]
     assert [(r["instance_id"], r["proxy_id"]) for r in rows] == _ids(scenario)
     assert {(r["region"], r["source_version"], r["target_version"]) for r in rows} == {
         ("ap-southeast-1", "", "2.24.03.000")
@@ -186,3 +196,12 @@ def test_inventory_loads_with_the_orchestrator_inventory_loader(tmp_path: Path, 
     scenario_to_inventory(scenario, path, fmt=fmt)  # type: ignore[arg-type]
     loaded = inventory.load_inventory(path)
     assert [(e.instance_id, e.proxy_id) for e in loaded.entries()] == _ids(scenario)
+
+
+def test_the_reference_example_in_the_docs_is_a_valid_scenario() -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "simulator.md"
+    blocks = re.findall(r"```yaml\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S)
+    assert blocks, "docs/simulator.md lost its scenario example"
+    scenario = Scenario.from_yaml(blocks[0], source="docs/simulator.md")
+    proxies = [p for i in scenario.all_instances() for p in i.proxies]
+    assert len(proxies) == 201 and proxies[0].reject_nodes == [1] and len(proxies[0].script) == 4
