@@ -70,22 +70,31 @@ db_option = click.option(
     "db",
     envvar="ORCHESTRATOR_DB",
     default=None,
-    help="Job table: a SQLite file or URL, or postgresql://... [default: ./orchestrator.db; env ORCHESTRATOR_DB]",
+    help="Job table: a SQLite file or URL, or postgresql://... "
+    "[default: ./orchestrator.db; env ORCHESTRATOR_DB]",
 )
 
 
 def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.option("--rate", callback=_rate, help="Max call starts per period, e.g. 10/s or 300/min [10/s]"),
+        click.option(
+            "--rate", callback=_rate, help="Max call starts per period, e.g. 10/s or 300/min [10/s]"
+        ),
         click.option("--concurrency", type=click.IntRange(1, 1000), help="Max calls in flight [8]"),
-        click.option("--timeout", type=click.FloatRange(0.1, 600), help="Seconds per call, from its start [30]"),
+        click.option(
+            "--timeout", type=click.FloatRange(0.1, 600), help="Seconds per call, from its start [30]"
+        ),
         click.option("--endpoint", help="Send every call to this base URL (https; http only for loopback)"),
         click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), help="CA file for TLS"),
         click.option("--wait/--no-wait", default=None, help="Follow workflows to their end [--wait]"),
         click.option("--preflight/--no-preflight", default=None, help="Read versions before upgrading"),
         click.option("--poll-initial", type=click.FloatRange(0), hidden=True),
-        click.option("--poll-interval", type=click.FloatRange(0.01), help="Seconds between workflow checks [10]"),
-        click.option("--poll-timeout", type=click.FloatRange(1), help="Give up waiting for a workflow [3600]"),
+        click.option(
+            "--poll-interval", type=click.FloatRange(0.01), help="Seconds between workflow checks [10]"
+        ),
+        click.option(
+            "--poll-timeout", type=click.FloatRange(1), help="Give up waiting for a workflow [3600]"
+        ),
         click.option("--reconcile-grace", type=click.FloatRange(0), hidden=True),
         click.option("--lease", type=click.FloatRange(0.5), hidden=True),
         click.option("--heartbeat", type=click.FloatRange(0.1), hidden=True),
@@ -129,8 +138,12 @@ def _build(base: RunOptions, kw: dict[str, Any]) -> RunOptions:
 
 # ------------------------------------------------------------------ group
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--log-format", type=click.Choice(["console", "plain", "json"]), default="console",
-              help="Log lines on stderr: console on a terminal, key=value otherwise, or json")
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "plain", "json"]),
+    default="console",
+    help="Log lines on stderr: console on a terminal, key=value otherwise, or json",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.version_option(package_name="orchestrator")
 def main_group(log_format: str, log_level: str) -> None:
@@ -161,8 +174,14 @@ def validate(inventory: str, endpoint: str | None) -> None:
 @click.option("--resume", "resume_mode", flag_value="resume", help="Resume this inventory's unfinished run")
 @click.option("--new-run", "resume_mode", flag_value="new", help="Start a new run even if one is unfinished")
 @run_options
-def run(inventory: str, db: str | None, name: str | None, policy_file: str | None,
-        resume_mode: str | None, **kw: Any) -> None:
+def run(
+    inventory: str,
+    db: str | None,
+    name: str | None,
+    policy_file: str | None,
+    resume_mode: str | None,
+    **kw: Any,
+) -> None:
     """Upgrade every proxy in INVENTORY (YAML or CSV)."""
     from orchestrator import commands
 
@@ -229,7 +248,9 @@ def flagged(run_ref: str | None, db: str | None) -> None:
 @click.option("--flagged", "want_flagged", is_flag=True, help="Re-queue flagged jobs")
 @click.option("--failed", "want_failed", is_flag=True, help="Re-queue failed jobs")
 @click.option("--proxy", "proxies", multiple=True, help="Only this proxy id (repeatable)")
-def retry(run_ref: str, db: str | None, want_flagged: bool, want_failed: bool, proxies: Sequence[str]) -> None:
+def retry(
+    run_ref: str, db: str | None, want_flagged: bool, want_failed: bool, proxies: Sequence[str]
+) -> None:
     """Move chosen flagged/failed jobs of RUN back to pending (history kept); then `resume` sends them."""
     from orchestrator import commands
 
@@ -258,10 +279,19 @@ def plan(inventory: str, rate: str, concurrency: int, timeout: float, endpoint: 
 @click.option("--scenario", type=click.Path(exists=True, dir_okay=False), help="Scenario YAML [bundled demo]")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Append every call as a JSON line")
 @click.option("--ready-file", type=click.Path(dir_okay=False), help="Write the URL here once listening")
-@click.option("--export-inventory", type=click.Path(dir_okay=False),
-              help="Write an inventory for the scenario's fleet and exit")
-def simulator(host: str, port: int, scenario: str | None, log_file: str | None, ready_file: str | None,
-              export_inventory: str | None) -> None:
+@click.option(
+    "--export-inventory",
+    type=click.Path(dir_okay=False),
+    help="Write an inventory for the scenario's fleet and exit",
+)
+def simulator(
+    host: str,
+    port: int,
+    scenario: str | None,
+    log_file: str | None,
+    ready_file: str | None,
+    export_inventory: str | None,
+) -> None:
     """Serve the GaussDB proxy API offline, over a scenario's fleet (rehearse a window)."""
     from orchestrator.simulator import Scenario, run_simulator, scenario_to_inventory
     from orchestrator.simulator.scenario import ScenarioError, load_bundled
@@ -271,8 +301,10 @@ def simulator(host: str, port: int, scenario: str | None, log_file: str | None, 
             sc = Scenario.load(scenario) if scenario else load_bundled()
         except ScenarioError as exc:
             raise Fail(str(exc)) from None
-        fmt = "csv" if export_inventory.endswith(".csv") else "yaml"
-        scenario_to_inventory(sc, export_inventory, fmt=fmt)
+        if export_inventory.endswith(".csv"):
+            scenario_to_inventory(sc, export_inventory, fmt="csv")
+        else:
+            scenario_to_inventory(sc, export_inventory, fmt="yaml")
         out.print(f"wrote {export_inventory}")
         return
     try:
@@ -317,8 +349,9 @@ def db_current(db: str | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: click's usage errors and ours become one line on stderr and exit code 2."""
     try:
-        main_group.main(args=list(argv) if argv is not None else None, prog_name="orchestrator",
-                        standalone_mode=False)
+        main_group.main(
+            args=list(argv) if argv is not None else None, prog_name="orchestrator", standalone_mode=False
+        )
     except click.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
         err.print(f"error: {where}{exc.format_message()}", markup=False)
@@ -334,4 +367,3 @@ def main(argv: Sequence[str] | None = None) -> None:
             err.print(f"error: {exc}", markup=False)
         raise SystemExit(exc.code) from None
     raise SystemExit(EXIT_OK)
-

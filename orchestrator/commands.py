@@ -46,7 +46,9 @@ async def _find(store: JobStore, ref: str | None, *, unfinished: bool = False) -
     if ref is None:
         run = await store.latest_run(unfinished=unfinished)
         if run is None:
-            raise UsageError("no unfinished run in this job table" if unfinished else "no run in this job table")
+            raise UsageError(
+                "no unfinished run in this job table" if unfinished else "no run in this job table"
+            )
         return run
     run = await store.find_run(ref)
     if run is None:
@@ -79,7 +81,8 @@ async def run_inventory(
         if existing is not None and resume_mode != "new":
             if resume_mode != "resume":
                 if sys.stdin.isatty() and click.confirm(
-                    f"run {existing.id} ({existing.name}) of this inventory is {existing.status.value}; resume it?",
+                    f"run {existing.id} ({existing.name}) of this inventory is "
+                    f"{existing.status.value}; resume it?",
                     default=True,
                 ):
                     resume_mode = "resume"
@@ -97,12 +100,16 @@ async def run_inventory(
             jobs=service.entries_as_jobs(inv),
             now=service.utcnow(),
         )
-        err.print(f"run {run.id} ({run.name}): {inv.count} proxies, rate {options.rate}, "
-                  f"concurrency {options.concurrency}, job table {describe_url(db)}")
+        err.print(
+            f"run {run.id} ({run.name}): {inv.count} proxies, rate {options.rate}, "
+            f"concurrency {options.concurrency}, job table {describe_url(db)}"
+        )
         return await _drive_and_summarize(store, run, options, "runner", out, err)
 
 
-async def resume_run(run_ref: str | None, db: str | None, kw: dict[str, Any], out: Console, err: Console) -> int:
+async def resume_run(
+    run_ref: str | None, db: str | None, kw: dict[str, Any], out: Console, err: Console
+) -> int:
     async with opened(db) as store:
         run = await _find(store, run_ref, unfinished=run_ref is None)
         return await _resume(store, run, kw, out, err, inventory=None)
@@ -114,9 +121,16 @@ async def _resume(
     from orchestrator.cli import _build
 
     counts = await store.counts(run.id)
-    if run.status is RunStatus.FINISHED and not any(counts[s] for s in (
-        JobStatus.PENDING, JobStatus.RETRY_WAIT, JobStatus.UNKNOWN, JobStatus.IN_FLIGHT, JobStatus.ACCEPTED
-    )):
+    if run.status is RunStatus.FINISHED and not any(
+        counts[s]
+        for s in (
+            JobStatus.PENDING,
+            JobStatus.RETRY_WAIT,
+            JobStatus.UNKNOWN,
+            JobStatus.IN_FLIGHT,
+            JobStatus.ACCEPTED,
+        )
+    ):
         out.print(f"run {run.id} ({run.name}) is already finished; nothing to do")
         out.print(reporting.counts_table(run, counts))
         return service.exit_code_for(counts, True)
@@ -128,9 +142,11 @@ async def _resume(
         inv = service.load(path, options.endpoint_override)
         if inv.sha256 != run.inventory_sha256:
             diff = await service.diff_inventory(store, run, inv)
-            err.print(f"the inventory {path} changed since run {run.id} started "
-                      f"(+{len(diff.added)} added, -{len(diff.removed)} removed, "
-                      f"{len(diff.retargeted)} with a new target):")
+            err.print(
+                f"the inventory {path} changed since run {run.id} started "
+                f"(+{len(diff.added)} added, -{len(diff.removed)} removed, "
+                f"{len(diff.retargeted)} with a new target):"
+            )
             await service.apply_diff(store, run, diff, lambda s: err.print(s, markup=False))
     else:
         err.print(f"note: the run's inventory {path} is gone; resuming from the job table alone")
@@ -163,7 +179,11 @@ async def _drive_and_summarize(
     if problems:
         out.print(f"{problems} proxies need an operator: orchestrator flagged {run.id}")
     if result.exit_code in (EXIT_STOPPED, 2) and result.message:
-        left = sum(n for s, n in counts.items() if not s.terminal and not (s is JobStatus.ACCEPTED and not options.wait))
+        left = sum(
+            n
+            for s, n in counts.items()
+            if not s.terminal and not (s is JobStatus.ACCEPTED and not options.wait)
+        )
         err.print(f"stopped: {result.message}")
         err.print(f"{left} jobs not finished; continue with: orchestrator resume {run.id}")
     return result.exit_code
@@ -182,9 +202,15 @@ async def show_status(run_ref: str | None, db: str | None, out: Console) -> None
                 t.add_column(col)
             for r in runs:
                 c = await store.counts(r.id)
-                t.add_row(str(r.id), r.name, r.status.value, f"{r.created_at:%Y-%m-%d %H:%M}",
-                          f"{r.finished_at:%Y-%m-%d %H:%M}" if r.finished_at else "",
-                          str(sum(c.values())), str(c[JobStatus.FLAGGED] + c[JobStatus.FAILED]))
+                t.add_row(
+                    str(r.id),
+                    r.name,
+                    r.status.value,
+                    f"{r.created_at:%Y-%m-%d %H:%M}",
+                    f"{r.finished_at:%Y-%m-%d %H:%M}" if r.finished_at else "",
+                    str(sum(c.values())),
+                    str(c[JobStatus.FLAGGED] + c[JobStatus.FAILED]),
+                )
             out.print(t)
             return
         run = await _find(store, run_ref)
@@ -198,14 +224,23 @@ async def show_status(run_ref: str | None, db: str | None, out: Console) -> None
             for col in ("role", "host", "pid", "since", "last heartbeat", "claimed now", "claimed total"):
                 t.add_column(col)
             for w in workers:
-                t.add_row(w.role, w.host, str(w.pid), f"{w.started_at:%H:%M:%S}", f"{w.heartbeat_at:%H:%M:%S}",
-                          str(claimed.get(w.id, 0)), str(w.claimed))
+                t.add_row(
+                    w.role,
+                    w.host,
+                    str(w.pid),
+                    f"{w.started_at:%H:%M:%S}",
+                    f"{w.heartbeat_at:%H:%M:%S}",
+                    str(claimed.get(w.id, 0)),
+                    str(w.claimed),
+                )
             out.print(t)
         else:
             out.print("no live workers")
 
 
-async def show_report(run_ref: str, db: str | None, fmt: str, statuses: list[JobStatus], out: Console) -> None:
+async def show_report(
+    run_ref: str, db: str | None, fmt: str, statuses: list[JobStatus], out: Console
+) -> None:
     async with opened(db) as store:
         run = await _find(store, run_ref)
         rows = await reporting.report_rows(store, run.id, statuses or None)
@@ -230,8 +265,9 @@ async def show_flagged(run_ref: str | None, db: str | None, out: Console) -> Non
                 out.print(f"    rule: {r.rule}", markup=False)
 
 
-async def requeue(run_ref: str, db: str | None, want_flagged: bool, want_failed: bool,
-                  proxies: list[str], out: Console) -> None:
+async def requeue(
+    run_ref: str, db: str | None, want_flagged: bool, want_failed: bool, proxies: list[str], out: Console
+) -> None:
     async with opened(db) as store:
         run = await _find(store, run_ref)
         statuses = []
@@ -263,12 +299,21 @@ async def db_current(db: str | None, out: Console) -> None:
 
 
 # ------------------------------------------------------------------- plan
-async def plan(inventory: str, rate: str, concurrency: int, timeout: float, endpoint: str | None,
-               fmt: str, out: Console) -> int:
+async def plan(
+    inventory: str,
+    rate: str,
+    concurrency: int,
+    call_timeout: float,
+    endpoint: str | None,
+    fmt: str,
+    out: Console,
+) -> int:
     from orchestrator.planner import make_plan, render_plan
 
     inv = service.load(inventory, endpoint)
-    result = await make_plan(inv, rate=rate, concurrency=concurrency, timeout=timeout, endpoint=endpoint)
+    result = await make_plan(
+        inv, rate=rate, concurrency=concurrency, call_timeout=call_timeout, endpoint=endpoint
+    )
     if fmt == "json":
         out.print_json(json.dumps(result.as_dict()))
     else:

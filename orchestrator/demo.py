@@ -61,11 +61,15 @@ async def run_demo(db: str, proxies: int | None, out: Console, err: Console) -> 
                     jobs=service.entries_as_jobs(inv),
                     now=service.utcnow(),
                 )
-                err.print(f"run {run.id}: {inv.count} proxies at {options.rate}, concurrency {options.concurrency}")
+                err.print(
+                    f"run {run.id}: {inv.count} proxies at {options.rate}, concurrency {options.concurrency}"
+                )
                 result = await service.drive(store, run, options, role="runner", console=err)
                 counts = await store.counts(run.id)
                 fresh = await store.get_run(run.id) or run
-                out.print(reporting.counts_table(fresh, counts, title=f"demo run {run.id}: {inv.count} proxies"))
+                out.print(
+                    reporting.counts_table(fresh, counts, title=f"demo run {run.id}: {inv.count} proxies")
+                )
                 await _audit_examples(store, run.id, out, db_path)
                 problems = await _check(store, run.id, sim, scenario)
             finally:
@@ -77,8 +81,10 @@ async def run_demo(db: str, proxies: int | None, out: Console, err: Console) -> 
         for p in problems:
             err.print(f"[red]not as the scenario predicts:[/] {p}")
         return 1
-    out.print(f"[green]the run ended as the scenario predicts[/] (simulator: {sim.stats['total_calls']} calls, "
-              f"at most {sim.stats['max_concurrent']} at once)")
+    out.print(
+        f"[green]the run ended as the scenario predicts[/] (simulator: {sim.stats['total_calls']} calls, "
+        f"at most {sim.stats['max_concurrent']} at once)"
+    )
     out.print(f"job table: {db_path} (try: orchestrator report {run.id} --db {db_path})")
     return 0
 
@@ -126,7 +132,9 @@ async def _check(store: JobStore, run_id: int, sim: Any, scenario: Any) -> list[
             upgraded_twice.append(p["proxy_id"])
         at_target = p["current_version"] == job.target_version
         if at_target != (job.status is JobStatus.SUCCEEDED):
-            problems.append(f"proxy {p['proxy_id']}: simulator runs {p['current_version']}, job is {job.status}")
+            problems.append(
+                f"proxy {p['proxy_id']}: simulator runs {p['current_version']}, job is {job.status}"
+            )
     if upgraded_twice:
         problems.append(f"{len(upgraded_twice)} proxies accepted more than one upgrade")
     for j in jobs.values():

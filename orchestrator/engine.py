@@ -93,9 +93,8 @@ class Engine:
                     await self._queue.put(job)
                 if jobs:
                     continue
-            if free > 0 and self._busy == 0:
-                if await rt.store.active_count(rt.run_id, track=track) == 0:
-                    return True
+            if free > 0 and self._busy == 0 and await rt.store.active_count(rt.run_id, track=track) == 0:
+                return True
             await self._idle(track)
         return False
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -21,7 +22,7 @@ _SECRET_KEYS = ("token", "password", "secret", "authorization", "sk", "credentia
 _QUIET_EVENTS = {"upgrade.sent", "preflight.done", "workflow.status"}
 
 
-def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
         low = key.lower()
         if any(low == s or low.endswith("_" + s) or low.startswith(s + "_") for s in _SECRET_KEYS):
@@ -57,15 +58,25 @@ def configure_logging(*, fmt: str = "console", level: str = "info", stream: Text
 class RunEvents:
     """Events -> log lines (+ a progress bar on a terminal). ``total`` jobs; done = terminal statuses."""
 
-    def __init__(self, *, total: int, done: int = 0, console: Console | None = None,
-                 progress: bool | None = None, verbose: bool = False, accepted_is_done: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        total: int,
+        done: int = 0,
+        console: Console | None = None,
+        progress: bool | None = None,
+        verbose: bool = False,
+        accepted_is_done: bool = False,
+    ) -> None:
         self.log = structlog.get_logger("orchestrator")
         self.console = console or Console(stderr=True)
         show = self.console.is_terminal if progress is None else progress
         self.total = total
         self.done = done
         self.verbose = verbose
-        self._final = {"succeeded", "skipped", "flagged", "failed"} | ({"accepted"} if accepted_is_done else set())
+        self._final = {"succeeded", "skipped", "flagged", "failed"} | (
+            {"accepted"} if accepted_is_done else set()
+        )
         self._progress = Progress(
             TextColumn("[bold]upgrading"),
             BarColumn(),
@@ -94,7 +105,9 @@ class RunEvents:
             self._tally[key] = self._tally.get(key, 0) + 1
             tally = " ".join(f"{k}={v}" for k, v in sorted(self._tally.items()))
             self._progress.update(self._task, completed=self.done, tally=tally)
-            if self._progress.disable and (self.done % max(1, self.total // 20) == 0 or self.done == self.total):
+            if self._progress.disable and (
+                self.done % max(1, self.total // 20) == 0 or self.done == self.total
+            ):
                 self.log.info("run.progress", done=self.done, total=self.total, **self._tally)
         level = "debug" if event in _QUIET_EVENTS and not self.verbose else "info"
         if event.endswith(("flagged", "failed", "error", "crashed", "throttled", "move_lost")):

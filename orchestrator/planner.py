@@ -92,16 +92,17 @@ class PlanResult:
 
 
 async def make_plan(
-    inv: Inventory, *, rate: str, concurrency: int, timeout: float, endpoint: str | None
+    inv: Inventory, *, rate: str, concurrency: int, call_timeout: float, endpoint: str | None
 ) -> PlanResult:
     r = parse_rate(rate)
     limiter = SlidingWindowLimiter(r)
     result = PlanResult(rate_per_s=r.count / r.period)
     session = make_session()
     try:
-        creds = credentials_from_env(os.environ, iam_endpoint=os.environ.get("ORCHESTRATOR_IAM_ENDPOINT"),
-                                     session=session)
-        client = CloudClient(session, creds, timeout=timeout)
+        creds = credentials_from_env(
+            os.environ, iam_endpoint=os.environ.get("ORCHESTRATOR_IAM_ENDPOINT"), session=session
+        )
+        client = CloudClient(session, creds, timeout=call_timeout)
         entries = list(inv.entries())
         rows: list[PlanRow | None] = [None] * len(entries)
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -121,12 +122,18 @@ async def make_plan(
     return result
 
 
-async def _one(client: CloudClient, limiter: SlidingWindowLimiter, e: ProxyEntry, endpoint: str | None) -> PlanRow:
-    ref = ProxyRef(e.project_id, e.instance_id, e.proxy_id, endpoint or e.endpoint or "", e.region, e.x_language)
+async def _one(
+    client: CloudClient, limiter: SlidingWindowLimiter, e: ProxyEntry, endpoint: str | None
+) -> PlanRow:
+    ref = ProxyRef(
+        e.project_id, e.instance_id, e.proxy_id, endpoint or e.endpoint or "", e.region, e.x_language
+    )
     await limiter.acquire()
     info = await client.proxy_version(ref)
     if isinstance(info, HttpFailure):
-        return PlanRow(e, "unreachable", f"HTTP {info.http_status} {info.error_code or ''}: {info.error_msg or ''}")
+        return PlanRow(
+            e, "unreachable", f"HTTP {info.http_status} {info.error_code or ''}: {info.error_msg or ''}"
+        )
     if isinstance(info, TransportFailure):
         return PlanRow(e, "unreachable", f"{info.kind.value}: {info.detail}")
     j = judge(info, source_version=e.source_version, target_version=e.target_version)
@@ -141,8 +148,14 @@ def render_plan(result: PlanResult, out: Console) -> None:
     for col in ("proxy", "instance", "current", "target", "would", "why"):
         t.add_column(col, overflow="fold")
     for r in result.rows:
-        t.add_row(r.entry.name or r.entry.proxy_id, r.entry.instance_id, r.current_version or "?",
-                  r.entry.target_version, r.verdict, r.reason)
+        t.add_row(
+            r.entry.name or r.entry.proxy_id,
+            r.entry.instance_id,
+            r.current_version or "?",
+            r.entry.target_version,
+            r.verdict,
+            r.reason,
+        )
     out.print(t)
     est = result.estimate_s()
     out.print(

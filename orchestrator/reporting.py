@@ -57,7 +57,9 @@ class ReportRow:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
-async def report_rows(store: JobStore, run_id: int, statuses: Sequence[JobStatus] | None = None) -> list[ReportRow]:
+async def report_rows(
+    store: JobStore, run_id: int, statuses: Sequence[JobStatus] | None = None
+) -> list[ReportRow]:
     async with store.session() as s:
         q = select(Job).where(Job.run_id == run_id).order_by(Job.id)
         if statuses:

@@ -5,6 +5,7 @@ happened. The CLI stays a parser; everything here can be driven from tests witho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.limiter import SlidingWindowLimiter, parse_rate
 from orchestrator.observe import RunEvents
 from orchestrator.options import RunOptions
+from orchestrator.outcomes import HttpFailure
 from orchestrator.policy import parse_policy
 from orchestrator.runtime import Runtime
 from orchestrator.states import JobStatus, RunStatus
@@ -95,8 +97,13 @@ async def apply_diff(store: JobStore, run: RunRow, diff: InventoryDiff, say: Cal
         _target, status, job_id = existing[key]
         job = await store.get_job(job_id)
         if job and job.status is JobStatus.PENDING and job.attempt_count == 0:
-            await store.move(job_id, frm=[JobStatus.PENDING], to=JobStatus.SKIPPED, now=now,
-                             fields={"reason": "removed from the inventory before it was sent"})
+            await store.move(
+                job_id,
+                frm=[JobStatus.PENDING],
+                to=JobStatus.SKIPPED,
+                now=now,
+                fields={"reason": "removed from the inventory before it was sent"},
+            )
             say(f"  removed from the inventory, skipped (never sent): proxy {key[2]}")
         else:
             say(f"  removed from the inventory but already {status}: proxy {key[2]} is followed to its end")
@@ -173,8 +180,16 @@ async def drive(
         if store.is_postgres:
             from orchestrator.gate import SharedGate
 
-            rt.gate = SharedGate(store, run.id, worker_id, parse_rate(options.rate), options.concurrency,
-                                 lease_s=options.lease)
+            rt.gate = SharedGate(
+                store, run.id, worker_id, parse_rate(options.rate), options.concurrency, lease_s=options.lease
+            )
+        refused = await probe_credentials(rt)
+        if refused:
+            await store.leave(worker_id, utcnow())
+            await creds.aclose()
+            if role == "runner":
+                await store.set_run_status(run.id, RunStatus.STOPPED, utcnow(), refused)
+            return Outcome(EXIT_USAGE, run.id, refused)
         counts = await store.counts(run.id)
         total = sum(counts.values())
         done = sum(n for s, n in counts.items() if s.terminal)
@@ -188,10 +203,8 @@ async def drive(
                 result = await Engine(rt).run()
         finally:
             restore()
-            try:
+            with contextlib.suppress(Exception):  # closing credentials must not mask the run's outcome
                 await creds.aclose()
-            except Exception:  # closing a credential provider must not mask the run's outcome
-                pass
         await store.leave(worker_id, utcnow())
         counts = await store.counts(run.id)
         if result.finished:
@@ -205,6 +218,26 @@ async def drive(
         return Outcome(code, run.id, reason)
     finally:
         await session.close()
+
+
+async def probe_credentials(rt: Runtime) -> str | None:
+    """One read call before the pool starts: a refused credential stops the run after one call, not after
+    ``concurrency`` of them (the gateway locks a key after five bad signatures)."""
+    job = await rt.store.first_job(
+        rt.run_id, [JobStatus.PENDING, JobStatus.RETRY_WAIT, JobStatus.UNKNOWN, JobStatus.ACCEPTED]
+    )
+    if job is None:
+        return None
+    async with rt.permit():
+        res = await rt.client.proxy_version(rt.ref(job))
+    if isinstance(res, HttpFailure) and res.http_status in (401, 403):
+        what = "refused the credentials" if res.http_status == 401 else "denied permission"
+        return (
+            f"the cloud {what} ({res.error_code or res.http_status}: {res.error_msg or 'no message'}); "
+            "nothing was upgraded. Check the credentials (and the IAM permission "
+            "gaussdbformysql:proxy:upgrade), then resume"
+        )
+    return None
 
 
 def _install_signals(rt: Runtime, console: Console) -> Callable[[], None]:

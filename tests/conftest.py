@@ -42,7 +42,7 @@ class Sim:
     stdout: Path = field(default=Path("/dev/null"))
 
     def _get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.loads(r.read())
 
     def log(self) -> list[dict[str, Any]]:
@@ -62,7 +62,7 @@ class Sim:
             headers={"Content-Type": "application/json"},
             method="POST",
         )
-        with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
     def stop(self) -> None:
@@ -83,8 +83,20 @@ def start_sim(tmp: Path, scenario: dict[str, Any] | str, name: str = "sim") -> S
     out = tmp / f"{name}.out"
     with open(out, "wb") as fh:
         proc = subprocess.Popen(
-            [PY, "-m", "orchestrator", "simulator", "--port", "0", "--scenario", str(scen),
-             "--log-file", str(log), "--ready-file", str(ready)],
+            [
+                PY,
+                "-m",
+                "orchestrator",
+                "simulator",
+                "--port",
+                "0",
+                "--scenario",
+                str(scen),
+                "--log-file",
+                str(log),
+                "--ready-file",
+                str(ready),
+            ],
             stdout=fh,
             stderr=subprocess.STDOUT,
             cwd=tmp,
@@ -130,8 +142,13 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300,
-        input: str | None = None) -> Result:
+def cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    input: str | None = None,
+) -> Result:
     p = subprocess.run(
         [PY, "-m", "orchestrator", *args],
         cwd=cwd,
@@ -144,8 +161,9 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
     return Result(p.returncode, p.stdout, p.stderr)
 
 
-def cli_bg(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-           stdout: Path | None = None) -> subprocess.Popen[bytes]:
+def cli_bg(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, stdout: Path | None = None
+) -> subprocess.Popen[bytes]:
     fh = open(stdout, "ab") if stdout else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(
         [PY, "-m", "orchestrator", *args],
@@ -192,19 +210,34 @@ def pg_server() -> Iterator[str | None]:
         shutil.chown(base, "postgres")
         run_as = ["runuser", "-u", "postgres", "--"]
     port = _free_port()
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
     subprocess.run(
-        [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
-         f"-c listen_addresses=127.0.0.1 -p {port} -c fsync=off -c max_connections=200 "
-         f"-c unix_socket_directories={base}", "start"],
-        check=True, capture_output=True,
+        [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *run_as,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(base / "log"),
+            "-w",
+            "-o",
+            f"-c listen_addresses=127.0.0.1 -p {port} -c fsync=off -c max_connections=200 "
+            f"-c unix_socket_directories={base}",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
     )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
-        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -16,10 +16,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-DEFAULT_DB = "sqlite+aiosqlite:///orchestrator.db"
-
-
 from orchestrator.errors import UsageError
+
+DEFAULT_DB = "sqlite+aiosqlite:///orchestrator.db"
 
 
 class DatabaseUrlError(UsageError, ValueError):

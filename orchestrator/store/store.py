@@ -842,6 +842,18 @@ class JobStore:
             j = await s.get(Job, job_id)
             return JobRow.of(j) if j else None
 
+    async def first_job(self, run_id: int, statuses: Iterable[JobStatus]) -> JobRow | None:
+        async with self._sessions() as s:
+            j = (
+                await s.execute(
+                    select(Job)
+                    .where(Job.run_id == run_id, Job.status.in_([x.value for x in statuses]))
+                    .order_by(Job.id)
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+            return JobRow.of(j) if j else None
+
     async def jobs(self, run_id: int, statuses: Iterable[JobStatus] | None = None) -> list[JobRow]:
         async with self._sessions() as s:
             q = select(Job).where(Job.run_id == run_id).order_by(Job.id)
@@ -955,12 +967,16 @@ class JobStore:
             assert now is not None
             window_start = now - timedelta(seconds=period)
             starts = (
-                await s.execute(
-                    select(SendSlot.at)
-                    .where(SendSlot.run_id == run_id, SendSlot.at > window_start)
-                    .order_by(SendSlot.at)
+                (
+                    await s.execute(
+                        select(SendSlot.at)
+                        .where(SendSlot.run_id == run_id, SendSlot.at > window_start)
+                        .order_by(SendSlot.at)
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             if len(starts) >= count:
                 oldest = _aware(starts[len(starts) - count])
                 assert oldest is not None

@@ -46,8 +46,9 @@ def scenario(n: int, **extra: object) -> dict[str, object]:
 def test_every_proxy_once_every_workflow_recorded(sim_factory, tmp_path: Path, db_url: str) -> None:
     sim = sim_factory(scenario(60))
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
-    r = cli("run", str(inv), "--db", db_url, "--endpoint", sim.url, "--rate", "100/s",
-            "--concurrency", "8", *FAST)
+    r = cli(
+        "run", str(inv), "--db", db_url, "--endpoint", sim.url, "--rate", "100/s", "--concurrency", "8", *FAST
+    )
     assert r.code == 1, str(r)  # finished, with flagged jobs
     assert "flagged" in r.out
 
@@ -75,7 +76,8 @@ def test_every_proxy_once_every_workflow_recorded(sim_factory, tmp_path: Path, d
             assert p["current_version"] == "2.24.03.000"
 
     states = sorted(
-        s for (s,) in db_rows(
+        s
+        for (s,) in db_rows(
             db_url,
             f"SELECT w.state FROM workflows w JOIN jobs j ON j.id = w.job_id WHERE j.proxy_id = '{MIXED}'",
         )
@@ -116,7 +118,8 @@ def test_rate_and_concurrency_never_exceeded_at_the_simulator(sim_factory, tmp_p
 
 # unknown_region.yaml is only bad without an endpoint override (a region names no host then)
 BAD = sorted(
-    p for p in (Path(__file__).parent.parent / "unit" / "bad_inventories").iterdir()
+    p
+    for p in (Path(__file__).parent.parent / "unit" / "bad_inventories").iterdir()
     if p.name != "unknown_region.yaml"
 )
 
@@ -129,7 +132,9 @@ def idle_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
 
 
 @pytest.mark.parametrize("bad", BAD, ids=[p.name for p in BAD])
-def test_malformed_inventory_one_line_exit_2_nothing_written(bad: Path, tmp_path: Path, idle_sim: Sim) -> None:
+def test_malformed_inventory_one_line_exit_2_nothing_written(
+    bad: Path, tmp_path: Path, idle_sim: Sim
+) -> None:
     sim = idle_sim
     db = tmp_path / "jobs.db"
     r = cli("run", str(bad), "--db", str(db), "--endpoint", sim.url)
