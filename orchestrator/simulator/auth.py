@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.cloud.signer import SDK_DATE_FORMAT, compute_signature, parse_authorization
 from orchestrator.simulator.fleet import Reply, error_reply
-from orchestrator.simulator.scenario import AuthSpec
+from orchestrator.simulator.scenario import AuthSpec, KeySpec
 
 _PREFIX = "Incorrect IAM authentication information: "
 
@@ -135,13 +135,27 @@ class GatewayAuth:
             expected = ""
         if expected and _same(expected, signature):
             self._bad_in_a_row.pop(ak, None)
-            return None
+            return self._check_security_token(key, lower, signed_headers)
         count = self._bad_in_a_row.get(ak, 0) + 1
         self._bad_in_a_row[ak] = count
         if count >= self.spec.lock_after:
             self._locked_until[ak] = now + self.spec.lock_s
             self._bad_in_a_row.pop(ak, None)
         return Denial("bad_signature", "verify aksk signature fail")
+
+    @staticmethod
+    def _check_security_token(
+        key: KeySpec, lower: Mapping[str, str], signed_headers: list[str]
+    ) -> Denial | None:
+        """Temporary keys are only valid with their security token, and the token must be signed."""
+        if key.security_token is None:
+            return None
+        given = lower.get("x-security-token")
+        if given is None or "x-security-token" not in [h.lower() for h in signed_headers]:
+            return Denial("no_security_token", "temporary access keys need a signed X-Security-Token")
+        if not _same(key.security_token.get_secret_value(), given):
+            return Denial("bad_security_token", "the security token is invalid or expired")
+        return None
 
     # -- IAM ----------------------------------------------------------------------------------------
 

@@ -223,6 +223,8 @@ class UserSpec(_Model):
 class KeySpec(_Model):
     ak: str = Field(min_length=1)
     sk: SecretStr
+    # Temporary (STS) keys: the gateway also wants this X-Security-Token, signed with the request.
+    security_token: SecretStr | None = None
 
 
 class AuthSpec(_Model):

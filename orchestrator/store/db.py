@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy import event, pool
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from orchestrator.errors import UsageError
@@ -66,8 +67,23 @@ def create_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
 
 
+def create_sync_sqlite_engine(url: URL) -> Engine:
+    """The group-commit writer's own engine on the same SQLite file, with the same pragmas, driven from
+    one thread (the async engine keeps serving reads)."""
+    sync_url = url.set(drivername="sqlite+pysqlite")
+    engine = sa_create_engine(
+        sync_url, connect_args={"timeout": 30, "check_same_thread": False}, poolclass=pool.StaticPool
+    )
+    _configure_sqlite_sync(engine)
+    return engine
+
+
 def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+    _configure_sqlite_sync(engine.sync_engine)
+
+
+def _configure_sqlite_sync(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
         cur = dbapi_conn.cursor()
@@ -78,7 +94,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cur.execute("PRAGMA synchronous=FULL")
         cur.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 

@@ -8,23 +8,25 @@ go through the group-commit writer; reads use their own short sessions.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, exists, func, insert, or_, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from orchestrator.states import ACTIVE, JobStatus, RunStatus, check_move
 from orchestrator.store import db
 from orchestrator.store.models import Attempt, Job, Run, SendSlot, Worker, Workflow
-from orchestrator.store.writer import GroupCommitWriter
+from orchestrator.store.writer import GroupCommitWriter, Op
 
 
 def utcnow() -> datetime:
@@ -286,7 +288,27 @@ class JobStore:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-        self.writer = GroupCommitWriter(self._sessions)
+        self._sync_engine: Engine | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        if self.dialect == "sqlite":
+            self._sync_engine = db.create_sync_sqlite_engine(engine.url)
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self.writer = GroupCommitWriter(self._run_batch)
+
+    async def _run_batch(self, ops: Sequence[Op]) -> list[Any]:
+        def run_all(s: Session) -> list[Any]:
+            return [op(s) for op in ops]
+
+        if self._sync_engine is not None:
+            sync_engine = self._sync_engine
+
+            def in_thread() -> list[Any]:
+                with Session(sync_engine, expire_on_commit=False) as s, s.begin():
+                    return run_all(s)
+
+            return await asyncio.get_running_loop().run_in_executor(self._thread, in_thread)
+        async with self._sessions() as s, s.begin():
+            return await s.run_sync(run_all)
 
     @property
     def is_postgres(self) -> bool:
@@ -297,6 +319,10 @@ class JobStore:
 
     async def close(self) -> None:
         await self.writer.close()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
         await self.engine.dispose()
 
     # ---------------------------------------------------------------- runs
@@ -313,7 +339,7 @@ class JobStore:
     ) -> RunRow:
         """The run and all its jobs in one transaction: a bad row leaves nothing half-written."""
 
-        async def op(s: AsyncSession) -> RunRow:
+        def op(s: Session) -> RunRow:
             run = Run(
                 name=name,
                 inventory_path=inventory_path,
@@ -323,15 +349,15 @@ class JobStore:
                 options=dict(options),
             )
             s.add(run)
-            await s.flush()
+            s.flush()
             rows: list[dict[str, Any]] = []
             for j in jobs:
                 rows.append(_job_values(run.id, j, now))
                 if len(rows) >= batch:
-                    await s.execute(insert(Job), rows)
+                    s.execute(insert(Job), rows)
                     rows = []
             if rows:
-                await s.execute(insert(Job), rows)
+                s.execute(insert(Job), rows)
             return RunRow.of(run)
 
         return await self.writer.submit(op)
@@ -339,11 +365,11 @@ class JobStore:
     async def add_jobs(self, run_id: int, jobs: Iterable[NewJob], now: datetime) -> int:
         """Jobs added to an existing run (an inventory that grew before a resume); duplicates ignored."""
 
-        async def op(s: AsyncSession) -> int:
+        def op(s: Session) -> int:
             existing = {
                 (p, i, x)
                 for p, i, x in (
-                    await s.execute(
+                    s.execute(
                         select(Job.project_id, Job.instance_id, Job.proxy_id).where(Job.run_id == run_id)
                     )
                 ).all()
@@ -354,7 +380,7 @@ class JobStore:
                 if (j.project_id, j.instance_id, j.proxy_id) not in existing
             ]
             for i in range(0, len(rows), 500):
-                await s.execute(insert(Job), rows[i : i + 500])
+                s.execute(insert(Job), rows[i : i + 500])
             return len(rows)
 
         return await self.writer.submit(op)
@@ -362,20 +388,20 @@ class JobStore:
     async def set_run_status(
         self, run_id: int, status: RunStatus, now: datetime, reason: str | None = None
     ) -> None:
-        async def op(s: AsyncSession) -> None:
+        def op(s: Session) -> None:
             values: dict[str, Any] = {"status": status.value, "stop_reason": reason}
             if status is RunStatus.RUNNING:
                 values["started_at"] = func.coalesce(Run.started_at, now)
                 values["finished_at"] = None
             if status is RunStatus.FINISHED:
                 values["finished_at"] = now
-            await s.execute(update(Run).where(Run.id == run_id).values(**values))
+            s.execute(update(Run).where(Run.id == run_id).values(**values))
 
         await self.writer.submit(op)
 
     async def set_run_options(self, run_id: int, options: Mapping[str, Any]) -> None:
-        async def op(s: AsyncSession) -> None:
-            await s.execute(update(Run).where(Run.id == run_id).values(options=dict(options)))
+        def op(s: Session) -> None:
+            s.execute(update(Run).where(Run.id == run_id).values(options=dict(options)))
 
         await self.writer.submit(op)
 
@@ -429,9 +455,9 @@ class JobStore:
         once, so the jobs it held become claimable (its in-flight ones through reconciliation). Returns
         the ids of the dead workers taken over."""
 
-        async def op(s: AsyncSession) -> list[str]:
+        def op(s: Session) -> list[str]:
             others = (
-                (await s.execute(select(Worker).where(Worker.run_id == run_id, Worker.left_at.is_(None))))
+                (s.execute(select(Worker).where(Worker.run_id == run_id, Worker.left_at.is_(None))))
                 .scalars()
                 .all()
             )
@@ -443,9 +469,9 @@ class JobStore:
                 elif exclusive and w.role == "runner":
                     raise RunLocked(row)
             if dead:
-                await s.execute(update(Worker).where(Worker.id.in_(dead)).values(left_at=now))
-                await s.execute(update(Job).where(Job.claimed_by.in_(dead)).values(lease_expires_at=now))
-                await s.execute(
+                s.execute(update(Worker).where(Worker.id.in_(dead)).values(left_at=now))
+                s.execute(update(Job).where(Job.claimed_by.in_(dead)).values(lease_expires_at=now))
+                s.execute(
                     update(SendSlot)
                     .where(SendSlot.worker.in_(dead), SendSlot.done_at.is_(None))
                     .values(done_at=now)
@@ -472,15 +498,15 @@ class JobStore:
         process was presumed dead): the caller must stop at once."""
         until = now + timedelta(seconds=lease_s)
 
-        async def op(s: AsyncSession) -> bool:
-            res = await s.execute(
+        def op(s: Session) -> bool:
+            res = s.execute(
                 update(Worker)
                 .where(Worker.id == worker_id, Worker.left_at.is_(None))
                 .values(heartbeat_at=now, lease_expires_at=until)
             )
             if res.rowcount == 0:  # type: ignore[attr-defined]
                 return False
-            await s.execute(
+            s.execute(
                 update(Job)
                 .where(Job.claimed_by == worker_id, Job.lease_expires_at > now)
                 .values(lease_expires_at=until)
@@ -490,9 +516,9 @@ class JobStore:
         return await self.writer.submit(op)
 
     async def leave(self, worker_id: str, now: datetime) -> None:
-        async def op(s: AsyncSession) -> None:
-            await s.execute(update(Worker).where(Worker.id == worker_id).values(left_at=now))
-            await s.execute(
+        def op(s: Session) -> None:
+            s.execute(update(Worker).where(Worker.id == worker_id).values(left_at=now))
+            s.execute(
                 update(Job).where(Job.claimed_by == worker_id).values(claimed_by=None, lease_expires_at=None)
             )
 
@@ -547,8 +573,8 @@ class JobStore:
         S = JobStatus
         busy_states = [S.IN_FLIGHT.value, S.UNKNOWN.value] + ([S.ACCEPTED.value] if track else [])
 
-        async def op(s: AsyncSession) -> list[JobRow]:
-            await s.execute(
+        def op(s: Session) -> list[JobRow]:
+            s.execute(
                 update(Job)
                 .where(
                     Job.run_id == run_id,
@@ -596,7 +622,7 @@ class JobStore:
             )
             if self.is_postgres:
                 q = q.with_for_update(skip_locked=True, of=Job)
-            candidates = (await s.execute(q)).scalars().all()
+            candidates = (s.execute(q)).scalars().all()
             chosen: list[Job] = []
             instances: set[tuple[str, str]] = set()
             for j in candidates:
@@ -611,16 +637,14 @@ class JobStore:
             if not chosen:
                 return []
             ids = [j.id for j in chosen]
-            res = await s.execute(
+            res = s.execute(
                 update(Job)
                 .where(Job.id.in_(ids), or_(Job.claimed_by.is_(None), Job.lease_expires_at <= now))
                 .values(claimed_by=worker_id, lease_expires_at=until)
                 .returning(Job.id)
             )
             won = {r[0] for r in res.all()}
-            await s.execute(
-                update(Worker).where(Worker.id == worker_id).values(claimed=Worker.claimed + len(won))
-            )
+            s.execute(update(Worker).where(Worker.id == worker_id).values(claimed=Worker.claimed + len(won)))
             out = []
             for j in chosen:
                 if j.id in won:
@@ -631,8 +655,8 @@ class JobStore:
         return await self.writer.submit(op)
 
     async def release(self, job_id: int, worker_id: str) -> None:
-        async def op(s: AsyncSession) -> None:
-            await s.execute(
+        def op(s: Session) -> None:
+            s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.claimed_by == worker_id)
                 .values(claimed_by=None, lease_expires_at=None)
@@ -646,8 +670,8 @@ class JobStore:
         moved by someone else meanwhile (the guard lost), so the call must not be sent."""
         number = job.attempt_count + 1
 
-        async def op(s: AsyncSession) -> int | None:
-            res = await s.execute(
+        def op(s: Session) -> int | None:
+            res = s.execute(
                 update(Job)
                 .where(
                     Job.id == job.id,
@@ -668,7 +692,7 @@ class JobStore:
                 job_id=job.id, number=number, worker=worker_id, sent_at=now, outcome="in_flight"
             )
             s.add(attempt)
-            await s.flush()
+            s.flush()
             return attempt.id
 
         return await self.writer.submit(op)
@@ -676,11 +700,11 @@ class JobStore:
     async def cancel_intent(self, job_id: int, attempt_id: int, *, worker_id: str, now: datetime) -> bool:
         """A stop arrived between intent and send: the call never left, so the job is simply due again."""
 
-        async def op(s: AsyncSession) -> bool:
-            await s.execute(
+        def op(s: Session) -> bool:
+            s.execute(
                 update(Attempt).where(Attempt.id == attempt_id).values(outcome="not_sent", answered_at=now)
             )
-            return await _move(
+            return _move(
                 s,
                 job_id,
                 {JobStatus.IN_FLIGHT},
@@ -714,8 +738,8 @@ class JobStore:
         """The answer to an attempt, every update_result item, and the job's move, in one commit.
         ``sent_at`` corrects the intent's timestamp to when the call really left (after the limiter)."""
 
-        async def op(s: AsyncSession) -> bool:
-            await s.execute(
+        def op(s: Session) -> bool:
+            s.execute(
                 update(Attempt)
                 .where(Attempt.id == attempt_id)
                 .values(
@@ -743,7 +767,7 @@ class JobStore:
                         created_at=now,
                     )
                 )
-            return await _move(s, job_id, {JobStatus.IN_FLIGHT}, move_to, now, job_fields, release=worker_id)
+            return _move(s, job_id, {JobStatus.IN_FLIGHT}, move_to, now, job_fields, release=worker_id)
 
         return await self.writer.submit(op)
 
@@ -760,11 +784,11 @@ class JobStore:
         workflows: Sequence[NewWorkflow] = (),
         attempt_for_workflows: int | None = None,
     ) -> bool:
-        async def op(s: AsyncSession) -> bool:
-            ok = await _move(s, job_id, set(frm), to, now, fields, release=release)
+        def op(s: Session) -> bool:
+            ok = _move(s, job_id, set(frm), to, now, fields, release=release)
             if ok and attempt_update is not None:
                 aid, values = attempt_update
-                await s.execute(update(Attempt).where(Attempt.id == aid).values(**values))
+                s.execute(update(Attempt).where(Attempt.id == aid).values(**values))
             if ok:
                 for w in workflows:
                     s.add(
@@ -784,14 +808,14 @@ class JobStore:
         return await self.writer.submit(op)
 
     async def update_job_fields(self, job_id: int, fields: Mapping[str, Any], now: datetime) -> None:
-        async def op(s: AsyncSession) -> None:
-            await s.execute(update(Job).where(Job.id == job_id).values(updated_at=now, **fields))
+        def op(s: Session) -> None:
+            s.execute(update(Job).where(Job.id == job_id).values(updated_at=now, **fields))
 
         await self.writer.submit(op)
 
     async def update_workflow(self, row_id: int, fields: Mapping[str, Any]) -> None:
-        async def op(s: AsyncSession) -> None:
-            await s.execute(update(Workflow).where(Workflow.id == row_id).values(**fields))
+        def op(s: Session) -> None:
+            s.execute(update(Workflow).where(Workflow.id == row_id).values(**fields))
 
         await self.writer.submit(op)
 
@@ -809,11 +833,11 @@ class JobStore:
             check_move(st, JobStatus.PENDING)
         frm = [st.value for st in chosen]
 
-        async def op(s: AsyncSession) -> int:
+        def op(s: Session) -> int:
             q = update(Job).where(Job.run_id == run_id, Job.status.in_(frm))
             if proxy_ids:
                 q = q.where(Job.proxy_id.in_(list(proxy_ids)))
-            res = await s.execute(
+            res = s.execute(
                 q.values(
                     status=JobStatus.PENDING.value,
                     next_attempt_at=None,
@@ -827,7 +851,7 @@ class JobStore:
             )
             n = int(res.rowcount)  # type: ignore[attr-defined]
             if n:
-                await s.execute(
+                s.execute(
                     update(Run)
                     .where(Run.id == run_id, Run.status == RunStatus.FINISHED.value)
                     .values(status=RunStatus.STOPPED.value, finished_at=None, stop_reason="re-queued")
@@ -958,17 +982,17 @@ class JobStore:
         comes from the database server so that workers on hosts with drifting clocks share one window.
         """
 
-        async def op(s: AsyncSession) -> tuple[int | None, float]:
+        def op(s: Session) -> tuple[int | None, float]:
             if self.is_postgres:
-                await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": 0x6F72_0000 + run_id})
-                now = _aware((await s.execute(text("SELECT clock_timestamp()"))).scalar_one())
+                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": 0x6F72_0000 + run_id})
+                now = _aware((s.execute(text("SELECT clock_timestamp()"))).scalar_one())
             else:
                 now = utcnow()
             assert now is not None
             window_start = now - timedelta(seconds=period)
             starts = (
                 (
-                    await s.execute(
+                    s.execute(
                         select(SendSlot.at)
                         .where(SendSlot.run_id == run_id, SendSlot.at > window_start)
                         .order_by(SendSlot.at)
@@ -982,7 +1006,7 @@ class JobStore:
                 assert oldest is not None
                 return None, max(0.001, (oldest - window_start).total_seconds())
             in_flight = (
-                await s.execute(
+                s.execute(
                     select(func.count()).where(
                         SendSlot.run_id == run_id,
                         SendSlot.done_at.is_(None),
@@ -996,20 +1020,20 @@ class JobStore:
                 run_id=run_id, at=now, worker=worker_id, lease_expires_at=now + timedelta(seconds=lease_s)
             )
             s.add(slot)
-            await s.flush()
+            s.flush()
             return slot.id, 0.0
 
         return await self.writer.submit(op)
 
     async def release_send_slot(self, slot_id: int) -> None:
-        async def op(s: AsyncSession) -> None:
-            await s.execute(update(SendSlot).where(SendSlot.id == slot_id).values(done_at=utcnow()))
+        def op(s: Session) -> None:
+            s.execute(update(SendSlot).where(SendSlot.id == slot_id).values(done_at=utcnow()))
 
         await self.writer.submit(op)
 
     async def prune_send_log(self, run_id: int, before: datetime) -> None:
-        async def op(s: AsyncSession) -> None:
-            await s.execute(
+        def op(s: Session) -> None:
+            s.execute(
                 delete(SendSlot).where(
                     SendSlot.run_id == run_id, SendSlot.at < before, SendSlot.done_at.is_not(None)
                 )
@@ -1022,8 +1046,8 @@ class JobStore:
         return self._sessions()
 
 
-async def _move(
-    s: AsyncSession,
+def _move(
+    s: Session,
     job_id: int,
     frm: set[JobStatus],
     to: JobStatus,
@@ -1043,7 +1067,7 @@ async def _move(
     q = update(Job).where(Job.id == job_id, Job.status.in_([f.value for f in frm]))
     if release is not None:
         q = q.where(or_(Job.claimed_by == release, Job.claimed_by.is_(None)))
-    res = await s.execute(q.values(**values))
+    res = s.execute(q.values(**values))
     return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
 

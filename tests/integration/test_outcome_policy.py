@@ -14,7 +14,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.conftest import Sim, cli, cli_bg, db_rows, make_inventory
@@ -25,7 +24,7 @@ TERMINAL = {"succeeded", "skipped", "flagged", "failed"}
 LOST = {"reset", "hang"}  # http_status of a call whose answer never arrived
 
 # Fast hidden knobs: workflows are followed every 0.2 s, a lost answer is looked for after 1 s.
-FAST = ["--poll-initial", "0.2", "--poll-interval", "0.2", "--reconcile-grace", "1", "--seed", "7"]
+FAST = ["--poll-initial", "0.5", "--poll-interval", "0.2", "--reconcile-grace", "1", "--seed", "7"]
 # Short backoff so a chaos run's tail of retries stays within seconds (the rules stay the defaults).
 QUICK_POLICY = {"backoff": {"initial": 0.1, "max": 1.0, "multiplier": 2.0, "max_attempts": 12}}
 
@@ -74,8 +73,9 @@ def workflows_of(db: str) -> dict[str, str]:
     return {w: s for w, s in db_rows(db, "SELECT workflow_id, source FROM workflows") if w}
 
 
-def max_in_window(times: list[float], start: float = float("-inf"), end: float = float("inf"),
-                  width: float = 1.0) -> int:
+def max_in_window(
+    times: list[float], start: float = float("-inf"), end: float = float("inf"), width: float = 1.0
+) -> int:
     """The most calls that arrived in any sliding window of ``width`` seconds inside [start, end)."""
     ts = sorted(t for t in times if start <= t < end)
     worst = j = 0
@@ -122,7 +122,9 @@ def chaos_scenario(n: int) -> dict[str, Any]:
         "seed": 2024,
         "speed": 200,
         "latency_s": 0.005,
-        "workflow": {"pending_s": 2, "running_s": 6, "job_visible_after_s": 1},
+        # 0.05 s pending + 0.5 s running (real): a lost answer is usually reconciled while its workflow
+        # still runs, so the workflow must be found in immediate-jobs, not inferred from the version.
+        "workflow": {"pending_s": 10, "running_s": 100, "job_visible_after_s": 10},
         "faults": CHAOS_FAULTS,
         "fleet": {
             "generate": {
@@ -144,8 +146,24 @@ def test_chaos_every_job_ends_classified_and_nothing_is_upgraded_twice(
     sim: Sim = sim_factory(chaos_scenario(n))
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
     started = time.monotonic()
-    r = cli("run", str(inv), "--db", db_url, "--endpoint", sim.url, "--rate", "200/s", "--concurrency", "24",
-            "--timeout", "1", "--policy", str(write_policy(tmp_path)), *FAST, timeout=240)
+    r = cli(
+        "run",
+        str(inv),
+        "--db",
+        db_url,
+        "--endpoint",
+        sim.url,
+        "--rate",
+        "200/s",
+        "--concurrency",
+        "24",
+        "--timeout",
+        "1",
+        "--policy",
+        str(write_policy(tmp_path)),
+        *FAST,
+        timeout=240,
+    )
     took = time.monotonic() - started
     assert r.code == 1, str(r)  # finished, with flagged jobs (the rejecting proxies)
 
@@ -155,7 +173,10 @@ def test_chaos_every_job_ends_classified_and_nothing_is_upgraded_twice(
     assert len(fleet) == len(jobs) == n
     stats = sim.stats()
     print(f"chaos run took {took:.1f}s; faults {stats['faults']}; calls {stats['calls']}")
-    assert stats["faults"].keys() >= {k for k, v in CHAOS_FAULTS.items() if isinstance(v, float) and v > 0}
+    drawn = {
+        k for k, v in CHAOS_FAULTS.items() if k not in ("hang_s", "retry_after_s") and isinstance(v, float)
+    }
+    assert stats["faults"].keys() >= drawn, stats["faults"]
 
     # every job ends terminal (flagged included); nothing is left pending/unknown/in flight
     status = Counter(j["status"] for j in jobs.values())
@@ -168,23 +189,26 @@ def test_chaos_every_job_ends_classified_and_nothing_is_upgraded_twice(
     created = created_workflows(log)
     recorded = workflows_of(db_url)
     assert created and created <= set(recorded), sorted(created - set(recorded))[:5]
-    lost = [rec for rec in upgrades(log) if rec["effect"] == "applied" and (
-        rec["http_status"] in LOST or rec["fault"] == "malformed_after")]
+    lost = [
+        rec
+        for rec in upgrades(log)
+        if rec["effect"] == "applied" and (rec["http_status"] in LOST or rec["fault"] == "malformed_after")
+    ]
     assert lost, "the seed should lose some applied answers"
     for rec in lost:
         for w in rec["workflows"]:
             assert recorded[w] == "reconciled", (rec, recorded[w])
 
     # the fleet agrees: each proxy that could be upgraded was upgraded, the rejecting ones were flagged
-    for pid, p in fleet.items():
-        job = jobs[pid]
+    for proxy, p in fleet.items():
+        job = jobs[proxy]
         if p["reject"]:
-            assert job["status"] == "flagged", (pid, job)
-        elif p["accepted_calls"] or p["current_version"] == TARGET and job["status"] != "skipped":
-            assert job["status"] == "succeeded", (pid, job, p)
-            assert p["current_version"] == TARGET
-        if job["status"] == "skipped":
-            assert p["upgrade_calls"] == 0
+            assert job["status"] == "flagged", (proxy, job)
+        elif job["status"] == "skipped":  # already at the target before the run: never sent
+            assert p["upgrade_calls"] == 0 and p["current_version"] == TARGET, (proxy, job, p)
+        else:
+            assert job["status"] == "succeeded", (proxy, job, p)
+            assert p["current_version"] == TARGET, (proxy, p)
 
     # the report explains every non-success: a reason for flagged/failed, a hint for flagged
     rows = report_json("1", db_url)
@@ -195,3 +219,288 @@ def test_chaos_every_job_ends_classified_and_nothing_is_upgraded_twice(
             assert row["rule"], row
         if row["status"] == "flagged":
             assert row["hint"], row
+
+
+# -------------------------------------------------------------------------------------- 429 storm
+def test_429_storm_slows_the_send_rate_and_it_recovers_after(sim_factory: Any, tmp_path: Path) -> None:
+    rate = 50
+    scen = {
+        "seed": 3,
+        "speed": 200,
+        "latency_s": 0.005,
+        "workflow": {"pending_s": 1, "running_s": 2, "job_visible_after_s": 1},
+        "faults": {"routes": ["all"], "http_429": 0.6, "retry_after_s": 1},
+        "fleet": {"generate": {"proxies": 500, "proxies_per_instance": 1}},
+    }
+    sim: Sim = sim_factory(scen)
+    inv = make_inventory(sim, tmp_path / "fleet.yaml")
+    db = f"sqlite:///{tmp_path / 'jobs.db'}"
+    out = tmp_path / "run.out"
+    # only upgrade calls (no preflight, no tracking): every call the simulator sees is a send
+    proc = cli_bg(
+        "run",
+        str(inv),
+        "--db",
+        db,
+        "--endpoint",
+        sim.url,
+        "--rate",
+        f"{rate}/s",
+        "--concurrency",
+        "16",
+        "--timeout",
+        "2",
+        "--no-preflight",
+        "--no-wait",
+        "--policy",
+        str(write_policy(tmp_path)),
+        *FAST,
+        stdout=out,
+    )
+    try:
+        wait_until(lambda: len(sim.log()) > 0, 60, "the first call")
+        storm_from = min(r["received_at"] for r in sim.log())
+        # let the storm blow for 6 s of the simulator's time, then end it
+        wait_until(lambda: max(r["received_at"] for r in sim.log()) > storm_from + 6, 60, "6 s of storm")
+        sim.patch({"faults": {"http_429": 0}})
+        code = proc.wait(180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, out.read_text()[-3000:]
+
+    log = sim.log()
+    times = [r["received_at"] for r in log]
+    throttled = [r["received_at"] for r in log if r["http_status"] == 429]
+    assert len(throttled) > 10
+    storm_end = max(throttled)
+    end = max(times)
+    # the configured rate holds everywhere
+    assert max_in_window(times) <= rate
+    # during the storm (after the first second's burst) the run sends at a fraction of the rate
+    during = max_in_window(times, storm_from + 1.5, storm_end)
+    assert during <= rate * 0.3, during
+    # after it, the rate comes back near the configured one (the limiter adds 10% per quiet second)
+    after = max_in_window(times, storm_end + 0.5, end + 1)
+    assert after >= rate * 0.7, (after, end - storm_end)
+    print(
+        f"429 storm: {len(throttled)} throttled; max/s during {during}, after {after}, "
+        f"storm {storm_end - storm_from:.1f}s, after {end - storm_end:.1f}s"
+    )
+    # and every proxy got its upgrade exactly once (a 429 applies nothing)
+    fleet = sim.fleet()
+    assert all(p["accepted_calls"] == 1 for p in fleet)
+    applied = Counter(r["proxy_id"] for r in upgrades(log) if r["effect"] == "applied")
+    assert set(applied.values()) == {1} and len(applied) == len(fleet)
+
+
+# ------------------------------------------------------------------------------ retry --flagged
+MIXED = "0f46fc46396e4fb19a0cb52f578e9511po01"
+REJECTING = "1f46fc46396e4fb19a0cb52f578e9511po01"
+WF_FAILS = "2f46fc46396e4fb19a0cb52f578e9511po01"
+FAILS = "3f46fc46396e4fb19a0cb52f578e9511po01"  # an unclassified answer: failed, not flagged
+
+
+def test_retry_flagged_after_the_fix_upgrades_exactly_the_flagged_proxies(
+    sim_factory: Any, tmp_path: Path, db_url: str
+) -> None:
+    def inst(k: int, proxy: dict[str, Any]) -> dict[str, Any]:
+        return {"id": f"{k}17ea793ab91438cbfcd9c4b1c958b1ein07", "proxies": [proxy]}
+
+    scen = {
+        "seed": 8,
+        "speed": 100,
+        "latency_s": 0.005,
+        "workflow": {"pending_s": 2, "running_s": 5, "job_visible_after_s": 1},
+        "fleet": {
+            "instances": [
+                inst(0, {"id": MIXED, "nodes": 2, "reject": SUBNET, "reject_nodes": [1]}),
+                inst(1, {"id": REJECTING, "reject": SUBNET}),
+                inst(2, {"id": WF_FAILS, "workflow": "fail", "fail_reason": "node restart timed out"}),
+                inst(3, {"id": FAILS, "script": [{"http": 418, "error_code": "DBS.99999999"}]}),
+            ],
+            "generate": {"proxies": 30, "proxies_per_instance": 1, "reject_rate": 0.2, "at_target_rate": 0.1},
+        },
+    }
+    sim: Sim = sim_factory(scen)
+    inv = make_inventory(sim, tmp_path / "fleet.yaml")
+    common = ["--db", db_url, "--rate", "100/s", "--concurrency", "8", *FAST]
+    r = cli("run", str(inv), "--endpoint", sim.url, *common)
+    assert r.code == 1, str(r)
+
+    jobs = jobs_of(db_url)
+    flagged = {p for p, j in jobs.items() if j["status"] == "flagged"}
+    assert {MIXED, REJECTING, WF_FAILS} <= flagged
+    assert jobs[FAILS]["status"] == "failed", jobs[FAILS]
+    assert len(flagged) >= 5  # the generated rejecting ones too
+    before = {p["proxy_id"]: p for p in sim.fleet()}
+    seq_before = max(rec["seq"] for rec in sim.log())
+
+    # the operator fixes the subnet and whatever failed the workflow
+    fix = {p: {"reject": None, "reject_nodes": None} for p in flagged}
+    fix[WF_FAILS] = {"workflow": None}
+    sim.patch({"proxies": fix})
+
+    r = cli("retry", "1", "--flagged", "--db", db_url)
+    assert r.code == 0, str(r)
+    assert f"re-queued {len(flagged)} jobs" in r.out, r.out
+    r = cli("resume", "1", *common)
+    assert r.code == 1, str(r)  # the failed job is still there, untouched
+
+    new = [rec for rec in upgrades(sim.log()) if rec["seq"] > seq_before]
+    sent_to = Counter(rec["proxy_id"] for rec in new)
+    assert set(sent_to) == flagged, set(sent_to) ^ flagged
+    assert set(sent_to.values()) == {1}, sent_to
+    assert all(rec["effect"] == "applied" and rec["http_status"] == 200 for rec in new)
+
+    jobs = jobs_of(db_url)
+    fleet = {p["proxy_id"]: p for p in sim.fleet()}
+    for p in flagged:
+        assert jobs[p]["status"] == "succeeded", (p, jobs[p])
+        assert fleet[p]["current_version"] == TARGET
+    assert jobs[FAILS]["status"] == "failed"
+    assert fleet[FAILS]["upgrade_calls"] == before[FAILS]["upgrade_calls"]
+    for p, j in jobs.items():
+        if p not in flagged:
+            assert fleet[p]["upgrade_calls"] == before[p]["upgrade_calls"], p
+
+
+# -------------------------------------------------------------------------- lost answers
+def lost_answer_scenario(cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "seed": 5,
+        "speed": 10,
+        "latency_s": 0.005,
+        # real seconds: visible after 0.2 s, pending 0.2 s, running 2 s: the reconciler, looking within
+        # a second or two of the lost answer, finds the workflow still running (not yet at target)
+        "workflow": {"pending_s": 2, "running_s": 20, "job_visible_after_s": 2},
+        "faults": {"hang_s": 3},
+        "fleet": {
+            "instances": [
+                {"id": f"{k:02d}17ea793ab91438cbfcd9c4b1c958b1in07", "proxies": [{"id": pid, **spec}]}
+                for k, (pid, spec) in enumerate(cases.items())
+            ]
+        },
+    }
+
+
+def pid(tag: str) -> str:
+    return (tag * 32)[:32] + "po01"
+
+
+AFTER_CASES = {pid("a1"): "reset_after", pid("b2"): "timeout_after", pid("c3"): "malformed_after"}
+BEFORE_CASES = {pid("d4"): "reset_before", pid("e5"): "timeout", pid("f6"): "malformed_before"}
+
+
+def test_lost_answers_are_reconciled_never_blindly_resent(
+    sim_factory: Any, tmp_path: Path, db_url: str
+) -> None:
+    cases = {p: {"script": [{"fault": f}]} for p, f in {**AFTER_CASES, **BEFORE_CASES}.items()}
+    sim: Sim = sim_factory(lost_answer_scenario(cases))
+    inv = make_inventory(sim, tmp_path / "fleet.yaml")
+    r = cli(
+        "run",
+        str(inv),
+        "--db",
+        db_url,
+        "--endpoint",
+        sim.url,
+        "--rate",
+        "100/s",
+        "--concurrency",
+        "8",
+        "--timeout",
+        "1",
+        *FAST,
+    )
+    assert r.code == 0, str(r)
+
+    log = sorted(sim.log(), key=lambda rec: rec["seq"])
+    calls = by_proxy(log)
+    jobs = jobs_of(db_url)
+    recorded = workflows_of(db_url)
+    fleet = {p["proxy_id"]: p for p in sim.fleet()}
+
+    def reads_between(proxy: str, after: int, before: float = float("inf")) -> tuple[int, int]:
+        """proxy-version reads of this proxy and immediate-jobs reads between two seqs."""
+        versions = sum(
+            1
+            for x in log
+            if after < x["seq"] < before and x["route"] == "proxy_version" and x["proxy_id"] == proxy
+        )
+        recent = sum(1 for x in log if after < x["seq"] < before and x["route"] == "immediate_jobs")
+        return versions, recent
+
+    for proxy, fault in AFTER_CASES.items():
+        sent = calls[proxy]
+        # the upgrade took effect but its answer was lost: looked up, never sent again
+        assert [(c["fault"], c["effect"]) for c in sent] == [(fault, "applied")], sent
+        versions, recent = reads_between(proxy, sent[0]["seq"])
+        assert versions >= 1 and recent >= 1, (fault, versions, recent)
+        for w in sent[0]["workflows"]:
+            assert recorded.get(w) == "reconciled", (fault, w, recorded.get(w))
+        assert jobs[proxy]["status"] == "succeeded", (fault, jobs[proxy])
+        assert jobs[proxy]["attempts"] == 1
+        assert fleet[proxy]["current_version"] == TARGET
+        outcomes = db_rows(
+            db_url,
+            "SELECT a.outcome, a.transport FROM attempts a JOIN jobs j ON j.id = a.job_id "
+            f"WHERE j.proxy_id = '{proxy}'",
+        )
+        assert [o for o, _ in outcomes] == ["reconciled"], (fault, outcomes)
+
+    for proxy, fault in BEFORE_CASES.items():
+        sent = calls[proxy]
+        # nothing happened: the reconciler found nothing and the call was sent exactly once more
+        assert [(c["fault"], c["effect"]) for c in sent] == [(fault, "none"), (None, "applied")], sent
+        versions, recent = reads_between(proxy, sent[0]["seq"], sent[1]["seq"])
+        assert versions >= 1 and recent >= 1, (fault, versions, recent)
+        assert jobs[proxy]["status"] == "succeeded", (fault, jobs[proxy])
+        assert jobs[proxy]["attempts"] == 2
+        for w in sent[1]["workflows"]:
+            assert recorded.get(w) == "answer"
+        outcomes = db_rows(
+            db_url,
+            "SELECT a.outcome, a.rule FROM attempts a JOIN jobs j ON j.id = a.job_id "
+            f"WHERE j.proxy_id = '{proxy}' ORDER BY a.number",
+        )
+        assert outcomes == [("lost", "reconcile:nothing-started"), ("accepted", "default:accepted")], outcomes
+
+    assert created_workflows(log) <= set(recorded)
+    assert resent_after_applied(log) == {}
+
+
+MULTI = pid("77")
+
+
+def test_lost_answer_of_a_multi_node_proxy_records_every_node_workflow(
+    sim_factory: Any, tmp_path: Path, db_url: str
+) -> None:
+    """One upgrade call of a 2-node proxy creates two workflows (one per node); when its answer is lost,
+    both show up in immediate-jobs with the proxy's id. They are this call's workflows, not an ambiguity."""
+    sim: Sim = sim_factory(lost_answer_scenario({MULTI: {"nodes": 2, "script": [{"fault": "reset_after"}]}}))
+    inv = make_inventory(sim, tmp_path / "fleet.yaml")
+    r = cli(
+        "run",
+        str(inv),
+        "--db",
+        db_url,
+        "--endpoint",
+        sim.url,
+        "--rate",
+        "100/s",
+        "--concurrency",
+        "8",
+        "--timeout",
+        "1",
+        *FAST,
+    )
+    jobs = jobs_of(db_url)
+    sent = by_proxy(sim.log())[MULTI]
+    assert len(sent) == 1 and sent[0]["effect"] == "applied" and len(sent[0]["workflows"]) == 2
+    recorded = workflows_of(db_url)
+    assert {w: recorded.get(w) for w in sent[0]["workflows"]} == dict.fromkeys(
+        sent[0]["workflows"], "reconciled"
+    )
+    assert jobs[MULTI]["status"] == "succeeded", jobs[MULTI]
+    assert r.code == 0, str(r)

@@ -1,0 +1,293 @@
+"""Issue acceptance: several processes sharing one run on PostgreSQL.
+
+One `orchestrator run` (the runner) and N `orchestrator worker RUN` processes work the same job table,
+against one real simulator process. The simulator's own call log is the truth: every proxy upgraded
+exactly once, the run's rate and concurrency cap held for the sum of all processes, nothing sent twice
+and no workflow lost when a worker is SIGKILLed mid-run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Sim, cli, cli_bg, db_rows, make_inventory
+
+HOST = socket.gethostname()
+FAST = ["--poll-initial", "0.2", "--poll-interval", "0.2", "--reconcile-grace", "1", "--seed", "1"]
+
+
+# ------------------------------------------------------------------ helpers
+def fleet_scenario(n: int, *, per_instance: int = 1, **extra: Any) -> dict[str, Any]:
+    """A clean fleet: every proxy can and should be upgraded once (no rejects, no old versions)."""
+    base: dict[str, Any] = {
+        "seed": 23,
+        "speed": 200,
+        "latency_s": 0.01,
+        "workflow": {"pending_s": 2, "running_s": 4, "job_visible_after_s": 1},
+        "fleet": {"generate": {"proxies": n, "proxies_per_instance": per_instance, "multi_node_rate": 0.1}},
+    }
+    base.update(extra)
+    return base
+
+
+def wait_until(what: str, cond: Callable[[], Any], timeout: float, procs: list[subprocess.Popen[bytes]] = ()
+               ) -> Any:  # type: ignore[assignment]
+    """Poll ``cond`` until it returns something truthy (its value is returned); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):  # e.g. the tables do not exist yet
+            value = cond()
+            if value:
+                return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        for p in procs:
+            if p.poll() is not None and p.returncode != 0:
+                raise AssertionError(f"{what}: process {p.pid} exited {p.returncode} first")
+        time.sleep(0.1)
+
+
+def wait_for_run(db_url: str, runner: subprocess.Popen[bytes]) -> int:
+    """The run's id once `run` has created it with its jobs (the workers need it)."""
+    return int(
+        wait_until(
+            "the run to exist",
+            lambda: db_rows(db_url, "SELECT max(r.id) FROM runs r JOIN jobs j ON j.run_id = r.id")[0][0],
+            60,
+            [runner],
+        )
+    )
+
+
+def finish(procs: list[subprocess.Popen[bytes]], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            codes.append(-999)
+    return codes
+
+
+def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def max_in_window(times: list[float], width: float = 1.0) -> int:
+    """Most events in any half-open window [t, t + width)."""
+    times = sorted(times)
+    j = worst = 0
+    for i, t in enumerate(times):
+        while times[j] <= t - width:
+            j += 1
+        worst = max(worst, i - j + 1)
+    return worst
+
+
+def pid_of(worker_id: str) -> int:
+    """Worker ids are host:pid:random."""
+    return int(worker_id.rsplit(":", 2)[1])
+
+
+def upgrades_by_proxy(log: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rec in sorted(log, key=lambda r: r["seq"]):
+        if rec["route"] == "upgrade":
+            by[rec["proxy_id"]].append(rec)
+    return by
+
+
+def outputs(tmp: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(tmp.glob("*.out")))
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    kill_all(started)
+
+
+# ------------------------------------------------------------------- tests
+def test_one_run_three_workers_share_fleet_rate_and_cap(
+    sim_factory: Callable[..., Sim], tmp_path: Path, pg_url: str, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    n, rate, cap = 2000, 100, 16
+    sim = sim_factory(fleet_scenario(n, per_instance=2))
+    inv = make_inventory(sim, tmp_path / "fleet.yaml")
+    started = time.monotonic()
+    runner = cli_bg("run", str(inv), "--db", pg_url, "--endpoint", sim.url, "--rate", f"{rate}/s",
+                    "--concurrency", str(cap), *FAST, stdout=tmp_path / "runner.out")
+    procs.append(runner)
+    run_id = wait_for_run(pg_url, runner)
+    workers = [
+        cli_bg("worker", str(run_id), "--db", pg_url, stdout=tmp_path / f"worker{i}.out") for i in range(3)
+    ]
+    procs.extend(workers)
+    pids = {p.pid for p in [runner, *workers]}
+
+    # `status RUN` lists the live workers (host, pid, claimed) while they run
+    def all_listed() -> str | None:
+        st = cli("status", str(run_id), "--db", pg_url)
+        assert st.code == 0, str(st)
+        shown = {int(m) for m in re.findall(r"\b(\d{2,7})\b", st.out)}
+        return st.out if pids <= shown and "live workers" in st.out else None
+
+    status_out = wait_until("status to list all four processes", all_listed, 60, procs)
+    table = status_out[status_out.index("live workers"):]
+    rows = [ln for ln in table.splitlines() if any(str(p) in ln for p in pids)]
+    assert len(rows) == 4, table
+    assert all(HOST[:20] in ln for ln in rows), table
+    roles = sorted(m.group(1) for ln in rows if (m := re.search(r"\b(runner|worker)\b", ln)))
+    assert roles == ["runner", "worker", "worker", "worker"], table
+    assert "claimed" in table
+
+    codes = finish(procs, 240)
+    elapsed = time.monotonic() - started
+    assert codes == [0, 0, 0, 0], f"exit codes {codes}\n{outputs(tmp_path)}"
+
+    # the simulator's view: every proxy upgraded exactly once
+    log = sim.log()
+    fleet = sim.fleet()
+    assert len(fleet) == n
+    by_proxy = upgrades_by_proxy(log)
+    assert set(by_proxy) == {p["proxy_id"] for p in fleet}
+    twice = {p: len(recs) for p, recs in by_proxy.items() if len(recs) != 1}
+    assert not twice, f"{len(twice)} proxies got more than one upgrade call: {list(twice.items())[:5]}"
+    assert all(recs[0]["effect"] == "applied" for recs in by_proxy.values())
+    assert all(p["current_version"] == p["latest_version"] for p in fleet)
+
+    # the run's rate and concurrency cap hold for the sum of the four processes, as the cloud saw it
+    api = [rec["received_at"] for rec in log]
+    worst = max_in_window(api)
+    assert worst <= rate, f"{worst} calls in one second (rate {rate}/s)"
+    stats = sim.stats()
+    assert stats["max_concurrent"] <= cap, stats
+    # one upgrade per instance at a time holds across processes: the cloud never answered "busy"
+    assert not [r for r in log if r["http_status"] == 409], "409 busy: two processes upgraded one instance"
+
+    # the work was spread: every process sent upgrades; four registrations
+    senders = Counter(pid_of(w) for (w,) in db_rows(pg_url, f"SELECT a.worker FROM attempts a JOIN jobs j ON "
+                                                           f"j.id = a.job_id WHERE j.run_id = {run_id}"))
+    assert set(senders) == pids, (senders, pids)
+    assert sum(senders.values()) == n
+    regs = db_rows(pg_url, f"SELECT role, pid FROM workers WHERE run_id = {run_id}")
+    assert len(regs) == 4, regs
+    assert sorted(r for r, _ in regs) == ["runner", "worker", "worker", "worker"]
+    assert {pid for _, pid in regs} == pids
+
+    statuses = Counter(s for (s,) in db_rows(pg_url, f"SELECT status FROM jobs WHERE run_id = {run_id}"))
+    assert statuses == {"succeeded": n}, statuses
+    issued = {w for rec in log if rec["route"] == "upgrade" for w in rec.get("workflows") or []}
+    recorded = {w for (w,) in db_rows(pg_url, "SELECT workflow_id FROM workflows")}
+    assert issued <= recorded
+    print(f"\n{n} proxies, {len(api)} calls, 4 processes: {elapsed:.1f}s; busiest second {worst}; "
+          f"max concurrent {stats['max_concurrent']}; upgrades per process {dict(senders)}")
+
+
+def test_sigkilled_worker_is_taken_over_nothing_sent_twice_nothing_lost(
+    sim_factory: Callable[..., Sim], tmp_path: Path, pg_url: str, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """A worker dies (SIGKILL) while an upgrade it sent was applied by the cloud but not yet answered.
+    After its lease runs out the others take its jobs over: the lost answer is reconciled (the workflow
+    found, not resent) and every job ends succeeded."""
+    n = 300
+    # timeout_after: the cloud applies the upgrade, then never answers; the live processes give up after
+    # --timeout and reconcile, the victim is killed while waiting for such an answer.
+    sim = sim_factory(fleet_scenario(
+        n, per_instance=2, latency_s=0.05,
+        faults={"routes": ["upgrade"], "timeout_after": 0.06, "hang_s": 60},
+    ))
+    inv = make_inventory(sim, tmp_path / "fleet.yaml")
+    runner = cli_bg("run", str(inv), "--db", pg_url, "--endpoint", sim.url, "--rate", "60/s",
+                    "--concurrency", "8", "--timeout", "3", "--lease", "2", "--heartbeat", "0.5", *FAST,
+                    stdout=tmp_path / "runner.out")
+    procs.append(runner)
+    run_id = wait_for_run(pg_url, runner)
+    workers = [cli_bg("worker", str(run_id), "--db", pg_url, stdout=tmp_path / f"worker{i}.out")
+               for i in range(2)]
+    procs.extend(workers)
+    victim = workers[0]
+
+    def victim_id() -> str | None:
+        rows = db_rows(pg_url, f"SELECT id FROM workers WHERE run_id = {run_id} AND pid = {victim.pid}")
+        return rows[0][0] if rows else None
+
+    vid = wait_until("the victim to register", victim_id, 30, procs)
+
+    # wait until the victim holds an upgrade the cloud applied but did not answer
+    def victim_holds_lost_answer() -> set[str] | None:
+        hung = {r["proxy_id"] for r in sim.log() if r["route"] == "upgrade" and r["http_status"] == "hang"
+                and r["effect"] == "applied"}
+        mine = {p for (p,) in db_rows(pg_url, f"SELECT proxy_id FROM jobs WHERE run_id = {run_id} AND "
+                                              f"status = 'in_flight' AND claimed_by = '{vid}'")}
+        return (hung & mine) or None
+
+    lost = wait_until("the victim to hold an applied, unanswered upgrade", victim_holds_lost_answer, 60, procs)
+    held = {p for (p,) in db_rows(pg_url, f"SELECT proxy_id FROM jobs WHERE run_id = {run_id} AND "
+                                          f"claimed_by = '{vid}'")}
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(10) == -signal.SIGKILL
+
+    # while the others run: the dead worker is not listed, the live ones are
+    st = cli("status", str(run_id), "--db", pg_url)
+    assert st.code == 0, str(st)
+    if "live workers" in st.out:
+        table = st.out[st.out.index("live workers"):]
+        assert str(victim.pid) not in table, table
+
+    codes = finish([runner, workers[1]], 150)
+    assert codes == [0, 0], f"exit codes {codes}\n{outputs(tmp_path)}"
+
+    log = sim.log()
+    by_proxy = upgrades_by_proxy(log)
+    fleet = sim.fleet()
+    assert set(by_proxy) == {p["proxy_id"] for p in fleet}
+    # nothing sent twice: no upgrade call for a proxy after one the cloud applied
+    for proxy, recs in by_proxy.items():
+        applied = [i for i, r in enumerate(recs) if r["effect"] == "applied"]
+        assert applied == [len(recs) - 1], (proxy, [(r["seq"], r["effect"], r["http_status"]) for r in recs])
+    assert all(p["current_version"] == p["latest_version"] for p in fleet)
+
+    # no workflow lost: every id the cloud created is in the job table
+    created = {w for rec in log if rec["route"] == "upgrade" for w in rec.get("workflows") or []}
+    recorded = {w for (w,) in db_rows(pg_url, "SELECT workflow_id FROM workflows WHERE workflow_id IS NOT NULL")}
+    assert created, "the simulator created no workflow"
+    assert not created - recorded, f"workflows the cloud created but the job table lost: {created - recorded}"
+
+    # the victim's jobs were taken over and finished by the survivors
+    jobs = {p: s for p, s in db_rows(pg_url, f"SELECT proxy_id, status FROM jobs WHERE run_id = {run_id}")}
+    assert Counter(jobs.values()) == {"succeeded": n}
+    for proxy in lost:
+        rows = db_rows(
+            pg_url,
+            "SELECT w.source, w.workflow_id, a.outcome, a.worker FROM workflows w JOIN jobs j ON j.id = w.job_id "
+            f"LEFT JOIN attempts a ON a.id = w.attempt_id WHERE j.run_id = {run_id} AND j.proxy_id = '{proxy}'",
+        )
+        assert rows and all(src == "reconciled" for src, *_ in rows), (proxy, rows)
+        assert {wf for _, wf, _, _ in rows} == {w for r in by_proxy[proxy] for w in r.get("workflows") or []}
+        assert all(outcome == "reconciled" and worker == vid for *_, outcome, worker in rows), rows
+    survivors = {str(runner.pid), str(workers[1].pid)}
+    for proxy in held:
+        last = db_rows(pg_url, "SELECT max(a.number) FROM attempts a JOIN jobs j ON j.id = a.job_id "
+                               f"WHERE j.run_id = {run_id} AND j.proxy_id = '{proxy}'")[0][0]
+        assert last is not None, proxy  # every job the victim held got (or already had) its upgrade
+    after_kill = {pid_of(w) for (w,) in db_rows(pg_url, f"SELECT DISTINCT a.worker FROM attempts a JOIN jobs j "
+                                                        f"ON j.id = a.job_id WHERE j.run_id = {run_id}")}
+    assert {int(p) for p in survivors} <= after_kill
+    assert not [r for r in log if r["http_status"] == 409], "409 busy: two processes upgraded one instance"
