@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from orchestrator.states import JobStatus
 from orchestrator.store import NewJob, open_store
 from orchestrator.store.store import new_worker_id, utcnow
