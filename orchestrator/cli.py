@@ -7,6 +7,7 @@ usage, credentials or a run held by another process; 3 stopped before finishing 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -26,6 +27,8 @@ from orchestrator.states import JobStatus
 T = TypeVar("T")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+if not out.is_terminal and "COLUMNS" not in os.environ:
+    out.width = 160  # reports piped to a file or a pager: do not fold ids and reasons at 80 columns
 
 
 class Fail(Exception):

@@ -187,6 +187,7 @@ def run_watching_files(
                 snapshot += 1
                 out.snapshots += 1
             time.sleep(0.05)
+    print(f"TIMING {name} {time.monotonic() - deadline + 240:.1f}s")
     out.texts[f"{name} stdout"] = so.read_text(encoding="utf-8", errors="replace")
     out.texts[f"{name} stderr"] = se.read_text(encoding="utf-8", errors="replace")
     return int(proc.returncode)
@@ -266,7 +267,8 @@ def test_no_secret_in_any_output_or_in_the_sqlite_file(
     assert sum(stats["calls"].values()) > 60, stats
     assert "debug" in out.texts["run stderr"], out.texts["run stderr"][-2000:]
     if log == "debug-json":
-        assert out.texts["run stderr"].lstrip().startswith("{"), out.texts["run stderr"][:500]
+        lines = out.texts["run stderr"].splitlines()
+        assert sum(ln.startswith('{"') for ln in lines) > len(lines) / 2, lines[:5]
     if mode == "iam":
         assert len(s.issued) >= 2, "tokens expire every 3 s: the run should have seen a renewal"
     assert "jobs.db-wal" in out.files_seen and out.snapshots > 10, (out.files_seen, out.snapshots)
