@@ -186,13 +186,13 @@ class Engine:
             await rt.store.release(job.id, rt.worker_id)
             return
         number = job.attempt_count + 1
-        async with rt.permit():
+        async with rt.permit() as sent:
             if rt.stop_requested.is_set():
                 await rt.store.cancel_intent(job.id, attempt_id, worker_id=rt.worker_id, now=rt.now())
                 return
             sent_at = rt.now()
             rt.events.emit("upgrade.sent", job=job.id, proxy=job.proxy_id, attempt=number)
-            outcome = await rt.client.upgrade(rt.ref(job), source, job.target_version)
+            outcome = await rt.client.upgrade(rt.ref(job), source, job.target_version, on_sent=sent)
         decision = decide(outcome, attempt=number, policy=rt.policy, rng=rt.rng, stage=Stage.UPGRADE)
         workflows: tuple[NewWorkflow, ...] = ()
         values: dict[str, object] = {"outcome": decision.action.value, "rule": decision.rule}
@@ -265,8 +265,8 @@ class Engine:
         """Read the proxy's version. Returns the source version to send, or None when the job was
         finished (skipped/flagged) or rescheduled here."""
         rt = self.rt
-        async with rt.permit():
-            info = await rt.client.proxy_version(rt.ref(job))
+        async with rt.permit() as sent:
+            info = await rt.client.proxy_version(rt.ref(job), on_sent=sent)
         if isinstance(info, HttpFailure | TransportFailure):
             decision = decide(
                 info, attempt=job.attempt_count + 1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT

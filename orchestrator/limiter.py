@@ -15,6 +15,7 @@ that lets twice the limit through in the first window. The measurements are in `
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import re
 import time
@@ -26,7 +27,7 @@ from typing import Protocol
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
-DEFAULT_MARGIN_S = 0.02
+DEFAULT_MARGIN_S = 0.05
 """Extra seconds between the N-th previous start and the next one.
 
 Requests reach the gateway after a variable network delay; if that delay differs by up to ``d`` between
@@ -130,7 +131,7 @@ def parse_rate(text: str) -> Rate:
 class Limiter(Protocol):
     """What the engine needs: wait for a start permit; report that the gateway throttled us."""
 
-    async def acquire(self) -> None: ...
+    async def acquire(self) -> Start | None: ...
 
     def throttled(self, retry_after: float | None = None) -> None: ...
 
@@ -150,6 +151,20 @@ class LimiterStats:
 def _check_retry_after(retry_after: float | None) -> None:
     if retry_after is not None and not (math.isfinite(retry_after) and retry_after >= 0):
         raise ValueError(f"retry_after must be a finite number of seconds >= 0, got {retry_after!r}")
+
+
+class Start:
+    """One granted start. ``sent()`` moves it to when the request really left: the window is kept on
+    send times, so a burst that left late (a busy event loop) cannot time the next burst too early."""
+
+    __slots__ = ("_clock", "at")
+
+    def __init__(self, at: float, clock: Clock) -> None:
+        self.at = at
+        self._clock = clock
+
+    def sent(self) -> None:
+        self.at = max(self.at, self._clock())
 
 
 class SlidingWindowLimiter:
@@ -188,7 +203,7 @@ class SlidingWindowLimiter:
         self._margin = margin
         self._floor = max(1, math.floor(rate.count * min_fraction))
         self._step = rate.count * recover_fraction
-        self._starts: deque[float] = deque(maxlen=rate.count)
+        self._starts: deque[Start] = deque()
         self._lock = asyncio.Lock()  # FIFO: a free lock is never taken past a queued waiter
         self._paused_until = -math.inf
         self._base_limit = float(rate.count)  # effective limit just after the last throttle signal
@@ -207,8 +222,9 @@ class SlidingWindowLimiter:
     def margin(self) -> float:
         return self._margin
 
-    async def acquire(self) -> None:
-        """Return once this caller may start a call; callers are served in arrival order."""
+    async def acquire(self) -> Start:
+        """Return once this caller may start a call; callers are served in arrival order. Call
+        ``sent()`` on the result when the request leaves (optional: the grant time counts otherwise)."""
         requested = self._clock()
         waited = self._lock.locked()
         async with self._lock:
@@ -221,11 +237,13 @@ class SlidingWindowLimiter:
                 # A recovery step may raise the limit before ``permit_at``: wake then and look again.
                 wake_at = min(permit_at, self._next_step_at(now))
                 await self._sleep(max(wake_at - now, _MIN_SLEEP_S))
-            self._starts.append(now)
+            start = Start(now, self._clock)
+            self._starts.append(start)
             self._granted += 1
         if waited:
             self._waits += 1
         self._total_wait += max(0.0, now - requested)
+        return start
 
     def throttled(self, retry_after: float | None = None) -> None:
         """The gateway said "too many": pause all starts and slow down (see the class docstring)."""
@@ -267,8 +285,15 @@ class SlidingWindowLimiter:
         """Earliest time the head may start under the limit in force at ``now``."""
         limit = self._limit(now)
         at = self._paused_until
+        # starts older than a window can no longer hold anything back (they are mostly in order; one
+        # left behind only costs a little memory until the next start passes it)
+        horizon = now - self._rate.period - self._margin
+        while self._starts and self._starts[0].at <= horizon:
+            self._starts.popleft()
         if len(self._starts) >= limit:
-            at = max(at, self._starts[-limit] + self._rate.period + self._margin)
+            # the limit-th latest start (send times may have moved a start later than its grant)
+            kth = heapq.nlargest(limit, (st.at for st in self._starts))[-1]
+            at = max(at, kth + self._rate.period + self._margin)
         return at
 
     def _next_step_at(self, now: float) -> float:

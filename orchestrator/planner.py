@@ -23,12 +23,15 @@ from orchestrator.limiter import SlidingWindowLimiter, parse_rate
 from orchestrator.outcomes import HttpFailure, TransportFailure
 from orchestrator.preflight import Verdict, judge
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|sec|second|min|minute|h|hour)?", re.IGNORECASE)
+_DURATION = re.compile(
+    r"(\d+(?:\.\d+)?)(?:\s*(?:-|~|to)\s*(\d+(?:\.\d+)?))?\s*(s|sec|second|min|minute|h|hour)?", re.IGNORECASE
+)
 _UNIT = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
 
 
 def parse_duration(text: object) -> float | None:
-    """``upgrade_duration`` is free text in the API ("about 5 minutes", "300"): take the first number."""
+    """``upgrade_duration`` is free text in the API ("about 5 minutes", "2-5 minutes", "300"): the
+    first number, or the upper bound of a range, in the unit that follows it (seconds by default)."""
     if isinstance(text, int | float):
         return float(text)
     if not isinstance(text, str):
@@ -36,8 +39,9 @@ def parse_duration(text: object) -> float | None:
     m = _DURATION.search(text)
     if not m:
         return None
-    unit = (m.group(2) or "s").lower()
-    return float(m.group(1)) * _UNIT.get(unit, 1)
+    unit = (m.group(3) or "s").lower()
+    value = float(m.group(2) or m.group(1))
+    return value * _UNIT.get(unit, 1)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from orchestrator.inventory import version_key as inventory_version_key
 from orchestrator.outcomes import VersionInfo
 
 
@@ -28,17 +29,23 @@ class PreflightResult:
 
 
 def version_key(v: str) -> tuple[int, ...]:
+    """The inventory's numeric key (``2.24.3 == 2.24.03.000``); a version the cloud spells in a way we
+    cannot parse compares as itself only (empty key never equals a parsed one)."""
     try:
-        return tuple(int(p) for p in v.split("."))
+        return inventory_version_key(v)
     except ValueError:
         return ()
 
 
+def same_version(a: str, b: str) -> bool:
+    return a == b or (version_key(a) != () and version_key(a) == version_key(b))
+
+
 def judge(info: VersionInfo, *, source_version: str | None, target_version: str) -> PreflightResult:
     cur = info.current_version
-    if version_key(cur) == version_key(target_version) or cur == target_version:
+    if same_version(cur, target_version):
         return PreflightResult(Verdict.SKIP, f"already at target {target_version}")
-    if source_version is not None and cur != source_version:
+    if source_version is not None and not same_version(cur, source_version):
         return PreflightResult(
             Verdict.FLAG,
             f"source mismatch: inventory says {source_version}, proxy runs {cur}",
@@ -63,4 +70,5 @@ def judge(info: VersionInfo, *, source_version: str | None, target_version: str)
             f"target {target_version} is above the latest available version {info.latest_version}",
             "lower target_version to the latest available version",
         )
-    return PreflightResult(Verdict.UPGRADE, "preflight ok", source_version=source_version or cur)
+    # send the cloud's own spelling of the version it runs: it compares source_version as a string
+    return PreflightResult(Verdict.UPGRADE, "preflight ok", source_version=cur)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from orchestrator.cloud.client import RecentJobs
 from orchestrator.outcomes import HttpFailure, RecentJob, TransportFailure
 from orchestrator.policy import Action, Decision, Stage, decide
-from orchestrator.preflight import version_key
+from orchestrator.preflight import same_version
 from orchestrator.runtime import Runtime
 from orchestrator.states import JobStatus
 from orchestrator.store import JobRow, NewWorkflow
@@ -86,8 +86,8 @@ async def reconcile(rt: Runtime, job: JobRow) -> None:
     attempt = await rt.store.last_attempt(job.id)
     sent_at = attempt.sent_at if attempt else job.updated_at
     ref = rt.ref(job)
-    async with rt.permit():
-        info = await rt.client.proxy_version(ref)
+    async with rt.permit() as sent:
+        info = await rt.client.proxy_version(ref, on_sent=sent)
     if isinstance(info, HttpFailure | TransportFailure):
         await _read_failed(
             rt, job, decide(info, attempt=1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT)
@@ -108,7 +108,7 @@ async def reconcile(rt: Runtime, job: JobRow) -> None:
                 source="reconciled",
             ),
         )
-    at_target = version_key(info.current_version) == version_key(job.target_version)
+    at_target = same_version(info.current_version, job.target_version)
     if at_target:
         await rt.apply(
             job,
@@ -178,9 +178,9 @@ async def _find_workflow(rt: Runtime, job: JobRow, sent_at: datetime) -> Match |
     known = await rt.store.known_workflow_ids(job.run_id)
     seen: list[RecentJob] = []
     for page in range(MAX_PAGES):
-        async with rt.permit():
+        async with rt.permit() as sent:
             res = await rt.client.immediate_jobs(
-                ref, start_time=sent_at - CLOCK_SKEW, offset=page * 50, limit=50
+                ref, start_time=sent_at - CLOCK_SKEW, offset=page * 50, limit=50, on_sent=sent
             )
         if not isinstance(res, RecentJobs):
             d = decide(res, attempt=1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT)

@@ -78,15 +78,17 @@ class Runtime:
             self.stop_requested.set()
 
     @asynccontextmanager
-    async def permit(self) -> AsyncIterator[None]:
-        """One call's start permit: the run-wide gate when several workers share the run, else the
-        process's limiter (concurrency is then bounded by the worker pool)."""
-        await self.limiter.acquire()  # carries the run's throttle slowdown in either case
+    async def permit(self) -> AsyncIterator[Callable[[], None] | None]:
+        """One call's start permit: the process's limiter (which also carries the run's throttle
+        slowdown) and, when several workers share the run, the run-wide gate. Yields the hook the cloud
+        client calls when the request really leaves, so the window is kept on send times."""
+        start = await self.limiter.acquire()
+        on_sent = start.sent if start is not None else None
         if self.gate is not None:
             async with self.gate.slot():
-                yield
+                yield on_sent
             return
-        yield
+        yield on_sent
 
     def ref(self, job: JobRow) -> ProxyRef:
         return ProxyRef(

@@ -228,8 +228,8 @@ async def probe_credentials(rt: Runtime) -> str | None:
     )
     if job is None:
         return None
-    async with rt.permit():
-        res = await rt.client.proxy_version(rt.ref(job))
+    async with rt.permit() as sent:
+        res = await rt.client.proxy_version(rt.ref(job), on_sent=sent)
     if isinstance(res, HttpFailure) and res.http_status in (401, 403):
         what = "refused the credentials" if res.http_status == 401 else "denied permission"
         return (

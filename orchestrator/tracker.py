@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from orchestrator.outcomes import HttpFailure, TransportFailure, WorkflowInfo
 from orchestrator.policy import Action, Decision, Stage, decide, decide_workflow
-from orchestrator.preflight import version_key
+from orchestrator.preflight import same_version
 from orchestrator.reconcile import parse_cloud_time
 from orchestrator.runtime import Runtime
 from orchestrator.states import JobStatus
@@ -51,8 +51,8 @@ async def track(rt: Runtime, job: JobRow) -> None:
         if rt.stop_requested.is_set():
             break
         assert w.workflow_id is not None
-        async with rt.permit():
-            info = await rt.client.job(ref, w.workflow_id)
+        async with rt.permit() as sent:
+            info = await rt.client.job(ref, w.workflow_id, on_sent=sent)
         if isinstance(info, WorkflowInfo):
             ended = parse_cloud_time(info.ended) if info.is_final else None
             await rt.store.update_workflow(
@@ -112,8 +112,8 @@ async def track(rt: Runtime, job: JobRow) -> None:
 
 
 async def _postflight(rt: Runtime, job: JobRow, accepted_at: object) -> None:
-    async with rt.permit():
-        info = await rt.client.proxy_version(rt.ref(job))
+    async with rt.permit() as sent:
+        info = await rt.client.proxy_version(rt.ref(job), on_sent=sent)
     if isinstance(info, HttpFailure | TransportFailure):
         d = decide(info, attempt=1, policy=rt.policy, rng=rt.rng, stage=Stage.TRACK)
         if d.action is Action.STOP_RUN or d.throttle:
@@ -121,7 +121,7 @@ async def _postflight(rt: Runtime, job: JobRow, accepted_at: object) -> None:
         await _reschedule(rt, job, d.delay if d.delay is not None else rt.options.poll_interval)
         return
     facts = {"current_version": info.current_version, "latest_version": info.latest_version}
-    if version_key(info.current_version) == version_key(job.target_version):
+    if same_version(info.current_version, job.target_version):
         await rt.store.move(
             job.id,
             frm=[JobStatus.ACCEPTED],

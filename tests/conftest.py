@@ -107,7 +107,9 @@ def start_sim(tmp: Path, scenario: dict[str, Any] | str, name: str = "sim") -> S
             proc.kill()
             raise RuntimeError(f"simulator did not start: {out.read_text()}")
         time.sleep(0.05)
-    return Sim(ready.read_text().strip(), proc, log, scen, out)
+    sim = Sim(ready.read_text().strip(), proc, log, scen, out)
+    sim.stats()  # a long-running gateway is warm: the first request of a new process is not typical
+    return sim
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -69,6 +69,7 @@ class RecentJobs:
 
 
 Failure = HttpFailure | TransportFailure
+OnSent = Callable[[], None] | None  # called when a request's headers left (the limiter's send time)
 
 
 def one_line(text: str | None, limit: int = MAX_TEXT) -> str | None:
@@ -138,13 +139,15 @@ class CloudClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
 
     # -------------------------------------------------------------- calls
-    async def upgrade(self, ref: ProxyRef, source_version: str, target_version: str) -> Answered | Failure:
+    async def upgrade(
+        self, ref: ProxyRef, source_version: str, target_version: str, *, on_sent: OnSent = None
+    ) -> Answered | Failure:
         path = (
             f"/v3/{_seg(ref.project_id)}/instances/{_seg(ref.instance_id)}"
             f"/proxy/{_seg(ref.proxy_id)}/upgrade-version"
         )
         body = {"source_version": source_version, "target_version": target_version}
-        res = await self._call("POST", ref, path, body=body)
+        res = await self._call("POST", ref, path, body=body, on_sent=on_sent)
         if isinstance(res, HttpFailure | TransportFailure):
             return res
         status, data, request_id = res
@@ -159,12 +162,12 @@ class CloudClient:
             )
         return Answered(http_status=status, items=items, request_id=request_id)
 
-    async def proxy_version(self, ref: ProxyRef) -> VersionInfo | Failure:
+    async def proxy_version(self, ref: ProxyRef, *, on_sent: OnSent = None) -> VersionInfo | Failure:
         path = (
             f"/v3/{_seg(ref.project_id)}/instances/{_seg(ref.instance_id)}"
             f"/proxy/{_seg(ref.proxy_id)}/taurusproxy/proxy-version"
         )
-        res = await self._call("GET", ref, path)
+        res = await self._call("GET", ref, path, on_sent=on_sent)
         if isinstance(res, HttpFailure | TransportFailure):
             return res
         status, data, request_id = res
@@ -180,9 +183,9 @@ class CloudClient:
             risk=risk if isinstance(risk, dict) else {},
         )
 
-    async def job(self, ref: ProxyRef, workflow_id: str) -> WorkflowInfo | Failure:
+    async def job(self, ref: ProxyRef, workflow_id: str, *, on_sent: OnSent = None) -> WorkflowInfo | Failure:
         path = f"/v3/{_seg(ref.project_id)}/jobs"
-        res = await self._call("GET", ref, path, query=[("id", workflow_id)])
+        res = await self._call("GET", ref, path, query=[("id", workflow_id)], on_sent=on_sent)
         if isinstance(res, HttpFailure | TransportFailure):
             return res
         status, data, request_id = res
@@ -199,7 +202,13 @@ class CloudClient:
         )
 
     async def immediate_jobs(
-        self, ref: ProxyRef, *, start_time: datetime, offset: int = 0, limit: int = 50
+        self,
+        ref: ProxyRef,
+        *,
+        start_time: datetime,
+        offset: int = 0,
+        limit: int = 50,
+        on_sent: OnSent = None,
     ) -> RecentJobs | Failure:
         path = f"/v3/{_seg(ref.project_id)}/immediate-jobs"
         query = [
@@ -207,7 +216,7 @@ class CloudClient:
             ("limit", str(limit)),
             ("start_time", start_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")),
         ]
-        res = await self._call("GET", ref, path, query=query)
+        res = await self._call("GET", ref, path, query=query, on_sent=on_sent)
         if isinstance(res, HttpFailure | TransportFailure):
             return res
         status, data, request_id = res
@@ -238,6 +247,7 @@ class CloudClient:
         *,
         query: list[tuple[str, str]] | None = None,
         body: Mapping[str, Any] | None = None,
+        on_sent: OnSent = None,
     ) -> tuple[int, Any, str | None] | Failure:
         url = ref.endpoint.rstrip("/") + path + (("?" + canonical_query(query)) if query else "")
         payload = json.dumps(body).encode() if body is not None else b""
@@ -251,7 +261,7 @@ class CloudClient:
                 return TransportFailure(TransportKind.CONNECT, sent=False, detail=f"IAM unavailable: {exc}")
             except AuthError as exc:
                 return HttpFailure(http_status=401, error_code="IAM.AUTH", error_msg=one_line(str(exc)))
-            res = await self._send(method, url, headers, payload)
+            res = await self._send(method, url, headers, payload, on_sent)
             if (
                 isinstance(res, HttpFailure)
                 and res.http_status == 401
@@ -265,9 +275,9 @@ class CloudClient:
             return res
 
     async def _send(
-        self, method: str, url: str, headers: dict[str, str], payload: bytes
+        self, method: str, url: str, headers: dict[str, str], payload: bytes, on_sent: OnSent
     ) -> tuple[int, Any, str | None] | Failure:
-        ctx = SimpleNamespace(sent=False)
+        ctx = SimpleNamespace(sent=False, on_sent=on_sent)
         try:
             async with self._session.request(
                 method,

@@ -29,6 +29,12 @@ from orchestrator.store.models import Attempt, Job, Run, SendSlot, Worker, Workf
 from orchestrator.store.writer import GroupCommitWriter, Op
 
 
+def _update(model: type[Any]) -> Any:
+    """A bulk UPDATE that does not try to mirror itself onto loaded objects: the store never reuses
+    them, and the "evaluate" strategy compares SQLite's naive datetimes with aware ones in Python."""
+    return update(model).execution_options(synchronize_session=False)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -395,13 +401,13 @@ class JobStore:
                 values["finished_at"] = None
             if status is RunStatus.FINISHED:
                 values["finished_at"] = now
-            s.execute(update(Run).where(Run.id == run_id).values(**values))
+            s.execute(_update(Run).where(Run.id == run_id).values(**values))
 
         await self.writer.submit(op)
 
     async def set_run_options(self, run_id: int, options: Mapping[str, Any]) -> None:
         def op(s: Session) -> None:
-            s.execute(update(Run).where(Run.id == run_id).values(options=dict(options)))
+            s.execute(_update(Run).where(Run.id == run_id).values(options=dict(options)))
 
         await self.writer.submit(op)
 
@@ -469,10 +475,10 @@ class JobStore:
                 elif exclusive and w.role == "runner":
                     raise RunLocked(row)
             if dead:
-                s.execute(update(Worker).where(Worker.id.in_(dead)).values(left_at=now))
-                s.execute(update(Job).where(Job.claimed_by.in_(dead)).values(lease_expires_at=now))
+                s.execute(_update(Worker).where(Worker.id.in_(dead)).values(left_at=now))
+                s.execute(_update(Job).where(Job.claimed_by.in_(dead)).values(lease_expires_at=now))
                 s.execute(
-                    update(SendSlot)
+                    _update(SendSlot)
                     .where(SendSlot.worker.in_(dead), SendSlot.done_at.is_(None))
                     .values(done_at=now)
                 )
@@ -500,14 +506,14 @@ class JobStore:
 
         def op(s: Session) -> bool:
             res = s.execute(
-                update(Worker)
+                _update(Worker)
                 .where(Worker.id == worker_id, Worker.left_at.is_(None))
                 .values(heartbeat_at=now, lease_expires_at=until)
             )
             if res.rowcount == 0:  # type: ignore[attr-defined]
                 return False
             s.execute(
-                update(Job)
+                _update(Job)
                 .where(Job.claimed_by == worker_id, Job.lease_expires_at > now)
                 .values(lease_expires_at=until)
             )
@@ -517,9 +523,9 @@ class JobStore:
 
     async def leave(self, worker_id: str, now: datetime) -> None:
         def op(s: Session) -> None:
-            s.execute(update(Worker).where(Worker.id == worker_id).values(left_at=now))
+            s.execute(_update(Worker).where(Worker.id == worker_id).values(left_at=now))
             s.execute(
-                update(Job).where(Job.claimed_by == worker_id).values(claimed_by=None, lease_expires_at=None)
+                _update(Job).where(Job.claimed_by == worker_id).values(claimed_by=None, lease_expires_at=None)
             )
 
         await self.writer.submit(op)
@@ -575,7 +581,7 @@ class JobStore:
 
         def op(s: Session) -> list[JobRow]:
             s.execute(
-                update(Job)
+                _update(Job)
                 .where(
                     Job.run_id == run_id,
                     Job.status == S.IN_FLIGHT.value,
@@ -638,13 +644,13 @@ class JobStore:
                 return []
             ids = [j.id for j in chosen]
             res = s.execute(
-                update(Job)
+                _update(Job)
                 .where(Job.id.in_(ids), or_(Job.claimed_by.is_(None), Job.lease_expires_at <= now))
                 .values(claimed_by=worker_id, lease_expires_at=until)
                 .returning(Job.id)
             )
             won = {r[0] for r in res.all()}
-            s.execute(update(Worker).where(Worker.id == worker_id).values(claimed=Worker.claimed + len(won)))
+            s.execute(_update(Worker).where(Worker.id == worker_id).values(claimed=Worker.claimed + len(won)))
             out = []
             for j in chosen:
                 if j.id in won:
@@ -657,7 +663,7 @@ class JobStore:
     async def release(self, job_id: int, worker_id: str) -> None:
         def op(s: Session) -> None:
             s.execute(
-                update(Job)
+                _update(Job)
                 .where(Job.id == job_id, Job.claimed_by == worker_id)
                 .values(claimed_by=None, lease_expires_at=None)
             )
@@ -672,7 +678,7 @@ class JobStore:
 
         def op(s: Session) -> int | None:
             res = s.execute(
-                update(Job)
+                _update(Job)
                 .where(
                     Job.id == job.id,
                     Job.status.in_(_SENDABLE),
@@ -702,7 +708,7 @@ class JobStore:
 
         def op(s: Session) -> bool:
             s.execute(
-                update(Attempt).where(Attempt.id == attempt_id).values(outcome="not_sent", answered_at=now)
+                _update(Attempt).where(Attempt.id == attempt_id).values(outcome="not_sent", answered_at=now)
             )
             return _move(
                 s,
@@ -740,7 +746,7 @@ class JobStore:
 
         def op(s: Session) -> bool:
             s.execute(
-                update(Attempt)
+                _update(Attempt)
                 .where(Attempt.id == attempt_id)
                 .values(
                     answered_at=now,
@@ -788,7 +794,7 @@ class JobStore:
             ok = _move(s, job_id, set(frm), to, now, fields, release=release)
             if ok and attempt_update is not None:
                 aid, values = attempt_update
-                s.execute(update(Attempt).where(Attempt.id == aid).values(**values))
+                s.execute(_update(Attempt).where(Attempt.id == aid).values(**values))
             if ok:
                 for w in workflows:
                     s.add(
@@ -809,13 +815,13 @@ class JobStore:
 
     async def update_job_fields(self, job_id: int, fields: Mapping[str, Any], now: datetime) -> None:
         def op(s: Session) -> None:
-            s.execute(update(Job).where(Job.id == job_id).values(updated_at=now, **fields))
+            s.execute(_update(Job).where(Job.id == job_id).values(updated_at=now, **fields))
 
         await self.writer.submit(op)
 
     async def update_workflow(self, row_id: int, fields: Mapping[str, Any]) -> None:
         def op(s: Session) -> None:
-            s.execute(update(Workflow).where(Workflow.id == row_id).values(**fields))
+            s.execute(_update(Workflow).where(Workflow.id == row_id).values(**fields))
 
         await self.writer.submit(op)
 
@@ -834,7 +840,7 @@ class JobStore:
         frm = [st.value for st in chosen]
 
         def op(s: Session) -> int:
-            q = update(Job).where(Job.run_id == run_id, Job.status.in_(frm))
+            q = _update(Job).where(Job.run_id == run_id, Job.status.in_(frm))
             if proxy_ids:
                 q = q.where(Job.proxy_id.in_(list(proxy_ids)))
             res = s.execute(
@@ -852,7 +858,7 @@ class JobStore:
             n = int(res.rowcount)  # type: ignore[attr-defined]
             if n:
                 s.execute(
-                    update(Run)
+                    _update(Run)
                     .where(Run.id == run_id, Run.status == RunStatus.FINISHED.value)
                     .values(status=RunStatus.STOPPED.value, finished_at=None, stop_reason="re-queued")
                 )
@@ -1027,7 +1033,7 @@ class JobStore:
 
     async def release_send_slot(self, slot_id: int) -> None:
         def op(s: Session) -> None:
-            s.execute(update(SendSlot).where(SendSlot.id == slot_id).values(done_at=utcnow()))
+            s.execute(_update(SendSlot).where(SendSlot.id == slot_id).values(done_at=utcnow()))
 
         await self.writer.submit(op)
 
@@ -1064,7 +1070,7 @@ def _move(
     if release is not None:
         values.setdefault("claimed_by", None)
         values.setdefault("lease_expires_at", None)
-    q = update(Job).where(Job.id == job_id, Job.status.in_([f.value for f in frm]))
+    q = _update(Job).where(Job.id == job_id, Job.status.in_([f.value for f in frm]))
     if release is not None:
         q = q.where(or_(Job.claimed_by == release, Job.claimed_by.is_(None)))
     res = s.execute(q.values(**values))

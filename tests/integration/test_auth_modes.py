@@ -132,18 +132,48 @@ class IamRelay:
     """A pass-through in front of the simulator's ``POST /v3/auth/tokens`` (give its URL as
     ORCHESTRATOR_IAM_ENDPOINT). It records every issued token (the simulator never reveals them) and can
     stretch the ``expires_at`` it reports, so the orchestrator believes a token lives longer than the
-    gateway honours it: what a token revoked early at the cloud looks like to a client."""
+    gateway honours it: what a token revoked early at the cloud looks like to a client.
 
-    def __init__(self, target: str, *, report_lifetime_s: float | None = None) -> None:
+    Faults of its own, by request number (1-based): ``unavailable_every=k`` answers every k-th request
+    503 without forwarding it (IAM down for a moment); ``garble={i, ...}`` forwards request i (the
+    simulator issues a token) but hands back a 201 whose body is a proxy's HTML page."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        report_lifetime_s: float | None = None,
+        unavailable_every: int | None = None,
+        garble: frozenset[int] = frozenset(),
+    ) -> None:
         self.target = target.rstrip("/")
         self.report_lifetime_s = report_lifetime_s
         self.tokens: list[str] = []
         self.statuses: list[int] = []
+        self.requests = 0
         relay = self
+        lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
+            def reply(self, status: int, content_type: str, data: bytes, subject: str | None = None) -> None:
+                relay.statuses.append(status)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                if subject:
+                    self.send_header("X-Subject-Token", subject)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    relay.requests += 1
+                    number = relay.requests
+                if unavailable_every and number % unavailable_every == 0:
+                    error = {"error": {"code": 503, "title": "Service Unavailable", "message": "IAM is busy"}}
+                    self.reply(503, "application/json", json.dumps(error).encode())
+                    return
                 req = urllib.request.Request(
                     relay.target + self.path,
                     data=body,
@@ -163,14 +193,11 @@ class IamRelay:
                     later = datetime.fromtimestamp(time.time() + relay.report_lifetime_s, UTC)
                     parsed["token"]["expires_at"] = later.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
                     data = json.dumps(parsed).encode()
-                relay.statuses.append(status)
-                self.send_response(status)
-                self.send_header("Content-Type", headers.get("Content-Type") or "application/json")
-                if subject:
-                    self.send_header("X-Subject-Token", subject)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                if number in garble:
+                    page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+                    self.reply(201, "text/html", page)
+                    return
+                self.reply(status, headers.get("Content-Type") or "application/json", data, subject)
 
             def log_message(self, format: str, *args: Any) -> None:
                 return
@@ -293,6 +320,21 @@ def test_token_refused_early_is_renewed_once_and_the_call_resent(sim_factory, tm
     assert not [x for x in reasons if "401" in x or "credential" in x.lower()], reasons
 
 
+def test_iam_briefly_unavailable_or_garbled_at_renewal_does_not_stop_the_run(
+    sim_factory, tmp_path: Path
+) -> None:
+    """IAM answering 503 now and then, and once a 201 whose body is a proxy's HTML page (the credentials
+    were accepted; the answer was lost on the way): neither says the credentials are wrong, so neither
+    may stop the run as if they were. The renewal is retried and every proxy is upgraded."""
+    n, lifetime = 20, 3.0
+    sim = sim_factory(scenario(n, iam_auth(lifetime)))
+    with IamRelay(sim.url, unavailable_every=4, garble=frozenset({2})) as relay:
+        r, db = run_fleet(sim, tmp_path, iam_env(relay.url, tmp_path), rate="20/s")
+    assert r.code == 0, str(r)
+    assert relay.requests >= 4, relay.statuses  # the garbled renewal and an unavailable IAM were both met
+    assert_every_proxy_upgraded_once(sim, db, n)
+
+
 # ------------------------------------------------------------------ precedence of credential sources
 def test_complete_higher_source_wins(sim_factory, tmp_path: Path) -> None:
     # AK/SK beats IAM and a static token: the simulator accepts only signatures; IAM is never asked.
@@ -373,6 +415,26 @@ def test_bad_key_or_token_stops_the_run_at_once(
     assert not [rec for rec in log if rec["route"] == "upgrade"]
     assert sim.stats()["auth_failures"] == len(log)
     assert not [rec for rec in log if rec.get("auth") == "locked_ak"]
+
+
+def test_after_a_wrong_sk_the_corrected_resume_finishes(sim_factory, tmp_path: Path) -> None:
+    """Two tries with a wrong SK spend two of the five bad signatures the gateway tolerates, so the key
+    is not locked and the operator's resume with the right SK upgrades everything."""
+    n = 6
+    sim = sim_factory(scenario(n, aksk_auth()))
+    wrong = {"HUAWEICLOUD_SDK_AK": AK, "HUAWEICLOUD_SDK_SK": "sk-WRONG-4hT9xQ2mZ7"}
+    r, db = run_fleet(sim, tmp_path, wrong)
+    assert r.code == 2, str(r)
+    again = cli("resume", "--db", db, *FAST, env=wrong, timeout=120)
+    assert again.code == 2, str(again)
+    assert len(error_lines(again)) == 1, str(again)
+    fixed = cli(
+        "resume", "--db", db, *FAST, env={"HUAWEICLOUD_SDK_AK": AK, "HUAWEICLOUD_SDK_SK": SK}, timeout=180
+    )
+    assert fixed.code == 0, str(fixed)
+    assert_every_proxy_upgraded_once(sim, db, n)
+    refused = [rec.get("auth") for rec in sim.log() if rec["http_status"] == 401]
+    assert refused == ["bad_signature", "bad_signature"], refused
 
 
 @pytest.mark.parametrize(

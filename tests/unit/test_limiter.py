@@ -537,3 +537,25 @@ def _typed(limiter: Limiter) -> Callable[[], Awaitable[None]]:
 def test_both_implementations_satisfy_the_protocol() -> None:
     assert callable(_typed(SlidingWindowLimiter(Rate(1, 1.0))))
     assert callable(_typed(ThrottleAdapter(Rate(1, 1.0))))
+
+
+async def test_window_is_kept_on_send_times_not_grant_times() -> None:
+    """A start whose request left late pushes the next permit out by as much (fake clock)."""
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(d: float) -> None:
+        slept.append(d)
+        now[0] += d
+
+    lim = SlidingWindowLimiter(Rate(2, 1.0), clock=lambda: now[0], sleep=sleep, margin=0.0)
+    first = await lim.acquire()
+    await lim.acquire()
+    now[0] = 0.4
+    first.sent()  # the first request only left at 0.4
+    await lim.acquire()
+    # without the send time the third start would be allowed at 1.0; with it, not before 1.0 (second
+    # start, granted at 0.0) ... and the fourth not before 1.4 (the first one's real send time)
+    assert now[0] == pytest.approx(1.0)
+    await lim.acquire()
+    assert now[0] == pytest.approx(1.4)
