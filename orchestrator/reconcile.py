@@ -23,13 +23,17 @@ from orchestrator.states import JobStatus
 from orchestrator.store import JobRow, NewWorkflow
 
 CLOCK_SKEW = timedelta(minutes=2)  # the cloud's clock vs ours, and its whole-second timestamps
-MAX_PAGES = 10
+PAGE = 50  # the API allows 10, 20 or 50
+MAX_PAGES = 40  # 2,000 jobs in one call's time window: beyond that, ask a person
 _PROXY_ID = re.compile(r"[0-9a-zA-Z]{32}po\d\d")
 
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    job: RecentJob | None
+    """The cloud jobs that are our lost upgrade: one per node of the proxy (a multi-node proxy answers one
+    workflow per node, each naming the proxy); or candidates we cannot tell apart (``ambiguous``)."""
+
+    jobs: tuple[RecentJob, ...] = ()
     ambiguous: tuple[RecentJob, ...] = ()
 
 
@@ -72,14 +76,16 @@ def match_recent(
             continue  # explicitly about another proxy
         candidates.append(j)
     by_id = [j for j in candidates if proxy_id in (j.extend_fields or "")]
-    if len(by_id) == 1:
-        return Match(by_id[0])
+    if by_id:
+        # every job naming our proxy since the call left is a node workflow of that call (one upgrade
+        # per instance is under way at a time, and earlier attempts' workflows are already recorded)
+        return Match(tuple(by_id))
     by_name = [j for j in candidates if "proxy" in (j.job_name or "").lower()]
-    if len(by_id) == 0 and len(by_name) == 1:
-        return Match(by_name[0])
+    if len(by_name) == 1:
+        return Match((by_name[0],))
     if candidates:
-        return Match(None, tuple(candidates))
-    return Match(None)
+        return Match((), tuple(candidates))
+    return Match()
 
 
 async def reconcile(rt: Runtime, job: JobRow) -> None:
@@ -98,16 +104,10 @@ async def reconcile(rt: Runtime, job: JobRow) -> None:
         return  # rescheduled
     match = found
     attempt_id = attempt.id if attempt else None
-    wf: tuple[NewWorkflow, ...] = ()
-    if match.job is not None:
-        wf = (
-            NewWorkflow(
-                workflow_id=match.job.job_id,
-                state="ACCEPT",
-                instance_id=match.job.instance_id,
-                source="reconciled",
-            ),
-        )
+    wf = tuple(
+        NewWorkflow(workflow_id=j.job_id, state="ACCEPT", instance_id=j.instance_id, source="reconciled")
+        for j in match.jobs
+    )
     at_target = same_version(info.current_version, job.target_version)
     if at_target:
         await rt.apply(
@@ -124,7 +124,8 @@ async def reconcile(rt: Runtime, job: JobRow) -> None:
             },
         )
         return
-    if match.job is not None:
+    if match.jobs:
+        found_ids = ", ".join(j.job_id for j in match.jobs)
         await rt.apply(
             job,
             Decision(Action.ACCEPTED, "", "reconcile:found-workflow"),
@@ -133,7 +134,7 @@ async def reconcile(rt: Runtime, job: JobRow) -> None:
             attempt_id=attempt_id,
             attempt_values={"outcome": "reconciled", "rule": "reconcile:found-workflow"},
             extra={
-                "reason": f"answer was lost; found workflow {match.job.job_id} in the cloud's recent jobs",
+                "reason": f"answer was lost; found workflow {found_ids} in the cloud's recent jobs",
                 "next_attempt_at": rt.now(),
             },
         )
@@ -174,21 +175,42 @@ async def reconcile(rt: Runtime, job: JobRow) -> None:
 
 
 async def _find_workflow(rt: Runtime, job: JobRow, sent_at: datetime) -> Match | None:
+    """Page through the project's jobs created between the call's departure (minus clock skew) and its
+    timeout (plus skew). None: the caller was rescheduled (a read failed, or the listing could not be
+    read to its end): never conclude "nothing started" from a partial listing."""
     ref = rt.ref(job)
     known = await rt.store.known_workflow_ids(job.run_id)
+    start = sent_at - CLOCK_SKEW
+    end = sent_at + timedelta(seconds=rt.options.timeout) + CLOCK_SKEW
     seen: list[RecentJob] = []
-    for page in range(MAX_PAGES):
+    page = 0
+    while True:
         async with rt.permit() as sent:
             res = await rt.client.immediate_jobs(
-                ref, start_time=sent_at - CLOCK_SKEW, offset=page * 50, limit=50, on_sent=sent
+                ref, start_time=start, end_time=end, offset=page * PAGE, limit=PAGE, on_sent=sent
             )
         if not isinstance(res, RecentJobs):
             d = decide(res, attempt=1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT)
             await _read_failed(rt, job, d)
             return None
         seen.extend(res.jobs)
-        if len(res.jobs) < 50 or len(seen) >= res.total_count:
+        page += 1
+        if len(res.jobs) < PAGE or len(seen) >= res.total_count:
             break
+        if page >= MAX_PAGES:
+            await _read_failed(
+                rt,
+                job,
+                Decision(
+                    Action.FLAG,
+                    f"answer was lost and the project lists over {len(seen)} jobs in the call's time window: "
+                    "cannot tell whether the upgrade started",
+                    "reconcile:listing-too-long",
+                    "check the proxy's version and recent jobs in the console; if nothing started: "
+                    "orchestrator retry RUN --flagged",
+                ),
+            )
+            return None
     return match_recent(
         seen, instance_id=job.instance_id, proxy_id=job.proxy_id, sent_at=sent_at, known=known
     )

@@ -206,6 +206,7 @@ class CloudClient:
         ref: ProxyRef,
         *,
         start_time: datetime,
+        end_time: datetime | None = None,
         offset: int = 0,
         limit: int = 50,
         on_sent: OnSent = None,
@@ -216,6 +217,8 @@ class CloudClient:
             ("limit", str(limit)),
             ("start_time", start_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")),
         ]
+        if end_time is not None:
+            query.append(("end_time", end_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
         res = await self._call("GET", ref, path, query=query, on_sent=on_sent)
         if isinstance(res, HttpFailure | TransportFailure):
             return res

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, insert, or_, select, text, update
+from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, aliased
@@ -623,7 +623,14 @@ class JobStore:
                     or_(Job.claimed_by.is_(None), Job.lease_expires_at <= now),
                     or_(Job.status.not_in(_SENDABLE), ~sibling_busy),
                 )
-                .order_by(Job.next_attempt_at.is_not(None), Job.next_attempt_at, Job.id)
+                .order_by(
+                    # lost answers and running workflows first: their timing matters (reconcile grace,
+                    # poll interval); fresh jobs wait their turn behind them
+                    case((Job.status.in_([S.UNKNOWN.value, S.ACCEPTED.value]), 0), else_=1),
+                    Job.next_attempt_at.is_not(None),
+                    Job.next_attempt_at,
+                    Job.id,
+                )
                 .limit(limit * 4)
             )
             if self.is_postgres:

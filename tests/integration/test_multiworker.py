@@ -24,6 +24,9 @@ import pytest
 from tests.conftest import Sim, cli, cli_bg, db_rows, make_inventory
 
 HOST = socket.gethostname()
+# The shared-run acceptance: at least 2,000 proxies at 100 calls/s and 16 at once for the whole run. Each
+# proxy takes about four calls (preflight, upgrade, one workflow poll, postflight): ~85 s at the rate.
+FLEET, RATE, CAP, DEADLINE_S = 2000, 100, 16, 240
 FAST = ["--poll-initial", "0.2", "--poll-interval", "0.2", "--reconcile-grace", "1", "--seed", "1"]
 
 
@@ -151,7 +154,7 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 def test_one_run_three_workers_share_fleet_rate_and_cap(
     sim_factory: Callable[..., Sim], tmp_path: Path, pg_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    n, rate, cap = 2000, 100, 16
+    n, rate, cap = FLEET, RATE, CAP
     sim = sim_factory(fleet_scenario(n, per_instance=2))
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
     started = time.monotonic()
@@ -193,29 +196,47 @@ def test_one_run_three_workers_share_fleet_rate_and_cap(
     assert roles == ["runner", "worker", "worker", "worker"], table
     assert "claimed" in table
 
-    codes = finish(procs, 240)
+    codes = finish(procs, DEADLINE_S)
     elapsed = time.monotonic() - started
     assert codes == [0, 0, 0, 0], not_finished(codes, sim, pg_url, run_id, started, tmp_path)
 
-    # the simulator's view: every proxy upgraded exactly once
+    problems: list[str] = []
     log = sim.log()
     fleet = sim.fleet()
     assert len(fleet) == n
+    assert all(p["current_version"] == p["latest_version"] for p in fleet)
+
+    # the simulator's view: every proxy upgraded exactly once, and in this fault-free fleet with one
+    # upgrade per instance at a time, with exactly one call
     by_proxy = upgrades_by_proxy(log)
     assert set(by_proxy) == {p["proxy_id"] for p in fleet}
-    twice = {p: len(recs) for p, recs in by_proxy.items() if len(recs) != 1}
-    assert not twice, f"{len(twice)} proxies got more than one upgrade call: {list(twice.items())[:5]}"
-    assert all(recs[0]["effect"] == "applied" for recs in by_proxy.values())
-    assert all(p["current_version"] == p["latest_version"] for p in fleet)
+    applied = Counter(p for p, recs in by_proxy.items() for r in recs if r["effect"] == "applied")
+    if set(applied.values()) != {1} or len(applied) != n:
+        problems.append(
+            f"proxies not applied exactly once: {[(p, k) for p, k in applied.items() if k != 1][:5]}"
+        )
+    extra = {
+        p: [(r["seq"], r["http_status"], r["error_code"]) for r in recs]
+        for p, recs in by_proxy.items()
+        if len(recs) != 1
+    }
+    if extra:
+        problems.append(f"{len(extra)} proxies got more than one upgrade call: {list(extra.items())[:3]}")
+    # one upgrade per instance at a time holds across processes: the cloud never answered "busy"
+    busy = [(r["seq"], r["instance_id"], r["proxy_id"]) for r in log if r["http_status"] == 409]
+    if busy:
+        problems.append(
+            f"{len(busy)} calls answered 409 busy (two upgrades on one instance at once): {busy[:3]}"
+        )
 
     # the run's rate and concurrency cap hold for the sum of the four processes, as the cloud saw it
     api = [rec["received_at"] for rec in log]
     worst = max_in_window(api)
-    assert worst <= rate, f"{worst} calls in one second (rate {rate}/s)"
+    if worst > rate:
+        problems.append(f"{worst} calls in one second (rate {rate}/s)")
     stats = sim.stats()
-    assert stats["max_concurrent"] <= cap, stats
-    # one upgrade per instance at a time holds across processes: the cloud never answered "busy"
-    assert not [r for r in log if r["http_status"] == 409], "409 busy: two processes upgraded one instance"
+    if stats["max_concurrent"] > cap:
+        problems.append(f"{stats['max_concurrent']} calls at once (cap {cap})")
 
     # the work was spread: every process sent upgrades; four registrations
     senders = Counter(
@@ -225,18 +246,26 @@ def test_one_run_three_workers_share_fleet_rate_and_cap(
             f"SELECT a.worker FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.run_id = {run_id}",
         )
     )
-    assert set(senders) == pids, (senders, pids)
-    assert sum(senders.values()) == n
+    if set(senders) != pids:
+        problems.append(f"upgrades per process {dict(senders)}, processes {pids}")
     regs = db_rows(pg_url, f"SELECT role, pid FROM workers WHERE run_id = {run_id}")
-    assert len(regs) == 4, regs
-    assert sorted(r for r, _ in regs) == ["runner", "worker", "worker", "worker"]
-    assert {pid for _, pid in regs} == pids
+    if sorted(regs) != sorted([("runner", runner.pid)] + [("worker", w.pid) for w in workers]):
+        problems.append(f"workers table {regs}")
 
     statuses = Counter(s for (s,) in db_rows(pg_url, f"SELECT status FROM jobs WHERE run_id = {run_id}"))
-    assert statuses == {"succeeded": n}, statuses
+    if statuses != {"succeeded": n}:
+        problems.append(f"job statuses {statuses}")
     issued = {w for rec in log if rec["route"] == "upgrade" for w in rec.get("workflows") or []}
-    recorded = {w for (w,) in db_rows(pg_url, "SELECT workflow_id FROM workflows")}
-    assert issued <= recorded
+    recorded = {
+        w
+        for (w,) in db_rows(
+            pg_url,
+            f"SELECT w.workflow_id FROM workflows w JOIN jobs j ON j.id = w.job_id WHERE j.run_id = {run_id}",
+        )
+    }
+    if issued - recorded:
+        problems.append(f"workflows lost: {sorted(issued - recorded)[:5]}")
+    assert not problems, "\n".join(problems)
     print(
         f"\n{n} proxies, {len(api)} calls, 4 processes: {elapsed:.1f}s; busiest second {worst}; "
         f"max concurrent {stats['max_concurrent']}; upgrades per process {dict(senders)}"
@@ -330,7 +359,7 @@ def test_sigkilled_worker_is_taken_over_nothing_sent_twice_nothing_lost(
     assert st.code == 0, str(st)
     assert str(victim.pid) not in st.out, st.out
 
-    codes = finish([runner, workers[1]], 150)
+    codes = finish([runner, workers[1]], 180)
     assert codes == [0, 0], not_finished(codes, sim, pg_url, run_id, started, tmp_path)
 
     problems: list[str] = []

@@ -4,6 +4,19 @@ anything is resent.
 
 The real CLI runs as a subprocess against the real simulator process on 127.0.0.1; the simulator's call
 log and fleet are the truth the job table is checked against.
+
+- chaos: 500 proxies under 10% 5xx, 5% 429, 5% busy, 3% timeouts, 2% resets, 1% garbled bodies (half of
+  the lost answers after the upgrade took effect): every job ends terminal, nothing is upgraded twice,
+  every workflow the cloud created is recorded, the report explains every non-success;
+- a 429 storm slows the send rate seen at the simulator, and the rate recovers after it;
+- ``retry --flagged`` after the fix sends exactly the flagged proxies again, nothing else;
+- lost answers (reset/timeout/garbled, before and after the effect) are reconciled through proxy-version
+  and immediate-jobs: found -> recorded as 'reconciled', never resent; not found -> resent exactly once;
+  also for a multi-node proxy and in a project busy with other people's jobs.
+
+Only the lost-answer test runs on both job-table backends: the rest exercises the policy and the
+reconciler, which are the same code on SQLite and PostgreSQL (and the chaos run takes minutes on
+PostgreSQL, where every call also takes a run-wide permit).
 """
 
 from __future__ import annotations
@@ -319,8 +332,10 @@ FAILS = "3f46fc46396e4fb19a0cb52f578e9511po01"  # an unclassified answer: failed
 
 
 def test_retry_flagged_after_the_fix_upgrades_exactly_the_flagged_proxies(
-    sim_factory: Any, tmp_path: Path, db_url: str
+    sim_factory: Any, tmp_path: Path
 ) -> None:
+    db_url = f"sqlite:///{tmp_path / 'jobs.db'}"  # re-queue is the same SQL on both backends
+
     def inst(k: int, proxy: dict[str, Any]) -> dict[str, Any]:
         return {"id": f"{k}17ea793ab91438cbfcd9c4b1c958b1ein07", "proxies": [proxy]}
 

@@ -257,66 +257,67 @@ class TestMatchRecent:
     def test_our_proxy_id_in_the_fields(self) -> None:
         ours = job("ours")
         m = match([job("other-inst", instance=OTHER_INST), ours, job("other-proxy", proxy=OTHER_PROXY)])
-        assert m == Match(ours)
+        assert m == Match((ours,))
 
     def test_nothing_new(self) -> None:
-        assert match([]) == Match(None)
-        assert match([job("x", instance=OTHER_INST), job("y", proxy=OTHER_PROXY)]) == Match(None)
+        assert match([]) == Match()
+        assert match([job("x", instance=OTHER_INST), job("y", proxy=OTHER_PROXY)]) == Match()
 
     def test_known_workflows_are_not_candidates(self) -> None:
         # a workflow already recorded for some job (this one's earlier attempt, or a sibling) is not new
-        assert match([job("old")], known={"old"}) == Match(None)
+        assert match([job("old")], known={"old"}) == Match()
         fresh = job("fresh")
-        assert match([job("old"), fresh], known={"old"}) == Match(fresh)
+        assert match([job("old"), fresh], known={"old"}) == Match((fresh,))
 
     def test_jobs_from_before_the_send_are_ignored(self) -> None:
         too_old = (SENT - CLOCK_SKEW - timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%S+0000")
-        assert match([job("before", created=too_old)]) == Match(None)
+        assert match([job("before", created=too_old)]) == Match()
 
     def test_whole_second_timestamps_before_the_send_still_match(self) -> None:
         # the cloud truncates to the second: a job created at 10:00:00.9, after the send at 10:00:00.6,
         # shows as 10:00:00, i.e. before the send
         same_second = job("same", created="2024-03-01T10:00:00+0000")
-        assert match([same_second]) == Match(same_second)
+        assert match([same_second]) == Match((same_second,))
 
     def test_unreadable_creation_time_is_not_a_match(self) -> None:
-        assert match([job("x", created=None)]) == Match(None)
-        assert match([job("y", created="soon")]) == Match(None)
+        assert match([job("x", created=None)]) == Match()
+        assert match([job("y", created="soon")]) == Match()
 
     def test_by_name_when_no_fields(self) -> None:
         named = job("named", proxy=None)
-        assert match([named]) == Match(named)
+        assert match([named]) == Match((named,))
 
     def test_by_name_ignores_unrelated_jobs_on_the_instance(self) -> None:
         named = job("named", proxy=None)
         unrelated = job("restart", proxy=None, name="Restart instance")
         m = match([unrelated, named])
-        assert m.job == named
+        assert m.jobs == (named,)
 
-    def test_two_with_our_id_is_ambiguous(self) -> None:
+    def test_every_node_workflow_naming_our_proxy_is_ours(self) -> None:
+        # a 2-node proxy answers one workflow per node, both naming the proxy: record both
         a, b = job("a"), job("b")
         m = match([a, b])
-        assert m.job is None and set(m.ambiguous) == {a, b}
+        assert set(m.jobs) == {a, b} and m.ambiguous == ()
 
     def test_two_by_name_is_ambiguous(self) -> None:
         a, b = job("a", proxy=None), job("b", proxy=None)
         m = match([a, b])
-        assert m.job is None and set(m.ambiguous) == {a, b}
+        assert m.jobs == () and set(m.ambiguous) == {a, b}
 
     def test_an_unnamed_job_on_the_instance_is_ambiguous_not_ignored(self) -> None:
         # we cannot tell it is not our upgrade: flag rather than resend
         odd = job("odd", proxy=None, name="Some operation")
         m = match([odd])
-        assert m.job is None and m.ambiguous == (odd,)
+        assert m.jobs == () and m.ambiguous == (odd,)
 
     def test_our_id_wins_over_name_only_candidates(self) -> None:
         ours = job("ours")
         m = match([job("named", proxy=None), ours])
-        assert m.job == ours
+        assert m.jobs == (ours,)
 
     def test_another_proxys_job_is_never_ours(self) -> None:
         m = match([job("theirs", proxy=OTHER_PROXY, name="Upgrade proxy version")])
-        assert m == Match(None)
+        assert m == Match()
 
 
 # -------------------------------------------------------------------------------------- parse_duration
