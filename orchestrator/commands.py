@@ -76,6 +76,7 @@ async def run_inventory(
     options = _build(RunOptions(), kw)
     inv = service.load(inventory, options.endpoint_override)
     options = service.options_with_policy(options, inv, policy_file)
+    service.check_credentials_config(os.environ)  # a half-configured credential creates no run
     async with opened(db) as store:
         existing = await store.latest_run(unfinished=True, inventory_path=_abs(inventory))
         if existing is not None and resume_mode != "new":

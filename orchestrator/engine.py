@@ -26,6 +26,8 @@ from orchestrator.states import JobStatus
 from orchestrator.store import JobRow, NewWorkflow
 from orchestrator.tracker import track
 
+ERROR_BACKOFF_S = 10.0  # an unexpected error on a job: look at it again after this long
+
 
 @dataclass(frozen=True, slots=True)
 class EngineResult:
@@ -135,9 +137,14 @@ class Engine:
                 else:
                     await rt.store.release(job.id, rt.worker_id)
             except Exception as exc:
-                # A bug or a lost database must not kill the pool. The job keeps its status; an
-                # in-flight one is reconciled once released, never blindly resent.
+                # A bug or a lost database must not kill the pool. The job keeps its status (an
+                # in-flight one is reconciled once released, never blindly resent) and waits a while,
+                # so a job that trips over the same error does not spin.
                 rt.events.emit("job.error", job=job.id, proxy=job.proxy_id, error=repr(exc))
+                with contextlib.suppress(Exception):
+                    await rt.store.update_job_fields(
+                        job.id, {"next_attempt_at": rt.after(ERROR_BACKOFF_S)}, rt.now()
+                    )
                 with contextlib.suppress(Exception):
                     await rt.store.release(job.id, rt.worker_id)
             finally:

@@ -132,6 +132,14 @@ def exit_code_for(counts: Mapping[JobStatus, int], finished: bool) -> int:
     return EXIT_OK
 
 
+def check_credentials_config(env: Mapping[str, str]) -> None:
+    """Refuse half-configured credentials (AK without SK...) before anything is written."""
+    try:
+        credentials_from_env(env)
+    except AuthError as exc:
+        raise UsageError(f"credentials: {exc}") from None
+
+
 def _iam_endpoint(options: RunOptions, env: Mapping[str, str]) -> str | None:
     return env.get("ORCHESTRATOR_IAM_ENDPOINT") or None
 

@@ -406,12 +406,14 @@ class IamPassword:
         raise AuthError(f"IAM answered HTTP {status} for {who} (project {project_id}): {message}")
 
     def _accept(self, raw: bytes, subject: str | None, iam: str, project_id: str, reason: str) -> _Token:
+        # A 201 that lost its token on the way (a proxy page, a truncated body) says the credentials were
+        # accepted: that is a transient fault to retry, not a refusal that should stop the run.
         if not subject:
-            raise AuthError(f"IAM at {iam} answered without an {_SUBJECT_TOKEN_HEADER} header")
+            raise IamUnavailable(f"IAM at {iam} answered without an {_SUBJECT_TOKEN_HEADER} header")
         try:
             expires_at = parse_expires_at(json.loads(raw)["token"]["expires_at"])
         except (ValueError, KeyError, TypeError):
-            raise AuthError(f"IAM at {iam} answered without a readable token.expires_at") from None
+            raise IamUnavailable(f"IAM at {iam} answered without a readable token.expires_at") from None
         issued_at = self._clock()
         if expires_at <= issued_at:
             raise AuthError(
