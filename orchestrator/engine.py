@@ -276,14 +276,15 @@ class Engine:
             info = await rt.client.proxy_version(rt.ref(job), on_sent=sent)
         if isinstance(info, HttpFailure | TransportFailure):
             decision = decide(
-                info, attempt=job.attempt_count + 1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT
+                info, attempt=job.read_failures + 1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT
             )
-            await rt.apply(job, decision, frm=job.status)
+            await rt.apply(job, decision, frm=job.status, extra={"read_failures": job.read_failures + 1})
             return None
         facts = {
             "current_version": info.current_version,
             "latest_version": info.latest_version,
             "risk": info.risk or None,
+            "read_failures": 0,
         }
         result = preflight.judge(info, source_version=job.source_version, target_version=job.target_version)
         rt.events.emit(

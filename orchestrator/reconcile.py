@@ -96,7 +96,9 @@ async def reconcile(rt: Runtime, job: JobRow) -> None:
         info = await rt.client.proxy_version(ref, on_sent=sent)
     if isinstance(info, HttpFailure | TransportFailure):
         await _read_failed(
-            rt, job, decide(info, attempt=1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT)
+            rt,
+            job,
+            decide(info, attempt=job.read_failures + 1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT),
         )
         return
     found = await _find_workflow(rt, job, sent_at)
@@ -190,7 +192,9 @@ async def _find_workflow(rt: Runtime, job: JobRow, sent_at: datetime) -> Match |
                 ref, start_time=start, end_time=end, offset=page * PAGE, limit=PAGE, on_sent=sent
             )
         if not isinstance(res, RecentJobs):
-            d = decide(res, attempt=1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT)
+            d = decide(
+                res, attempt=job.read_failures + 1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT
+            )
             await _read_failed(rt, job, d)
             return None
         seen.extend(res.jobs)
@@ -217,7 +221,8 @@ async def _find_workflow(rt: Runtime, job: JobRow, sent_at: datetime) -> Match |
 
 
 async def _read_failed(rt: Runtime, job: JobRow, decision: Decision) -> None:
-    """A read failed while reconciling: never resend on that basis; look again later (or stop/flag)."""
+    """A read failed while reconciling: never resend on that basis; look again later, or, when the reads
+    keep failing, hand the job to an operator (whether the lost call started an upgrade is unknown)."""
     if decision.action in (Action.RETRY, Action.RECONCILE, Action.STOP_RUN):
         rt.plan(decision)  # run-wide effects (throttle, stop)
         await _reschedule(
@@ -225,13 +230,26 @@ async def _read_failed(rt: Runtime, job: JobRow, decision: Decision) -> None:
             job,
             decision.delay if decision.delay is not None else 2.0,
             reason=f"checking a lost answer: {decision.reason}",
+            read_failures=job.read_failures + 1,
         )
         return
+    if decision.action is Action.FAIL:
+        decision = Decision(
+            Action.FLAG,
+            f"answer was lost and checking what the cloud did keeps failing: {decision.reason}",
+            decision.rule,
+            "check the proxy's version and recent jobs in the console; if nothing started: "
+            "orchestrator retry RUN --flagged",
+        )
     await rt.apply(job, decision, frm=JobStatus.UNKNOWN)
 
 
-async def _reschedule(rt: Runtime, job: JobRow, delay: float, reason: str | None = None) -> None:
+async def _reschedule(
+    rt: Runtime, job: JobRow, delay: float, reason: str | None = None, read_failures: int | None = None
+) -> None:
     fields: dict[str, object] = {"next_attempt_at": rt.after(delay)}
+    if read_failures is not None:
+        fields["read_failures"] = read_failures
     if reason:
         fields["reason"] = reason
     await rt.store.update_job_fields(job.id, fields, rt.now())

@@ -115,10 +115,22 @@ async def _postflight(rt: Runtime, job: JobRow, accepted_at: object) -> None:
     async with rt.permit() as sent:
         info = await rt.client.proxy_version(rt.ref(job), on_sent=sent)
     if isinstance(info, HttpFailure | TransportFailure):
-        d = decide(info, attempt=1, policy=rt.policy, rng=rt.rng, stage=Stage.TRACK)
-        if d.action is Action.STOP_RUN or d.throttle:
+        d = decide(info, attempt=job.read_failures + 1, policy=rt.policy, rng=rt.rng, stage=Stage.TRACK)
+        if d.action in (Action.RETRY, Action.STOP_RUN) or d.throttle:
             rt.plan(d)
-        await _reschedule(rt, job, d.delay if d.delay is not None else rt.options.poll_interval)
+            await rt.store.update_job_fields(job.id, {"read_failures": job.read_failures + 1}, rt.now())
+            await _reschedule(rt, job, d.delay if d.delay is not None else rt.options.poll_interval)
+            return
+        await rt.apply(
+            job,
+            Decision(
+                Action.FLAG,
+                f"the workflows completed but reading the proxy's version keeps failing: {d.reason}",
+                d.rule,
+                "check the proxy's version in the console",
+            ),
+            frm=JobStatus.ACCEPTED,
+        )
         return
     facts = {"current_version": info.current_version, "latest_version": info.latest_version}
     if same_version(info.current_version, job.target_version):

@@ -55,6 +55,7 @@ def upgrade() -> None:
         sa.Column("inventory_line", sa.Integer(), nullable=True),
         sa.Column("status", sa.String(length=20), nullable=False),
         sa.Column("attempt_count", sa.Integer(), nullable=False),
+        sa.Column("read_failures", sa.Integer(), server_default="0", nullable=False),
         sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("hint", sa.Text(), nullable=True),

@@ -78,6 +78,9 @@ class Job(Base):
     inventory_line: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(20))
     attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    # consecutive failed reads (preflight, reconcile, postflight): bounds retries of reads like
+    # attempt_count bounds upgrade calls
+    read_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime | None] = mapped_column(TS)
     reason: Mapped[str | None] = mapped_column(Text)
     hint: Mapped[str | None] = mapped_column(Text)

@@ -106,6 +106,7 @@ class JobRow:
     target_version: str
     status: JobStatus
     attempt_count: int
+    read_failures: int
     next_attempt_at: datetime | None
     reason: str | None
     hint: str | None
@@ -133,6 +134,7 @@ class JobRow:
             target_version=j.target_version,
             status=JobStatus(j.status),
             attempt_count=j.attempt_count,
+            read_failures=j.read_failures or 0,
             next_attempt_at=_aware(j.next_attempt_at),
             reason=j.reason,
             hint=j.hint,
@@ -1099,6 +1101,7 @@ def _job_values(run_id: int, j: NewJob, now: datetime) -> dict[str, Any]:
         "inventory_line": j.line,
         "status": JobStatus.PENDING.value,
         "attempt_count": 0,
+        "read_failures": 0,
         "created_at": now,
         "updated_at": now,
     }

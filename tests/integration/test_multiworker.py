@@ -33,14 +33,22 @@ FAST = ["--poll-initial", "0.2", "--poll-interval", "0.2", "--reconcile-grace", 
 
 
 # ------------------------------------------------------------------ helpers
-def fleet_scenario(n: int, *, per_instance: int = 1, **extra: Any) -> dict[str, Any]:
+def fleet_scenario(
+    n: int, *, per_instance: int = 1, multi_node_rate: float = 0.1, **extra: Any
+) -> dict[str, Any]:
     """A clean fleet: every proxy can and should be upgraded once (no rejects, no old versions)."""
     base: dict[str, Any] = {
         "seed": 23,
         "speed": 200,
         "latency_s": 0.01,
         "workflow": {"pending_s": 2, "running_s": 4, "job_visible_after_s": 1},
-        "fleet": {"generate": {"proxies": n, "proxies_per_instance": per_instance, "multi_node_rate": 0.1}},
+        "fleet": {
+            "generate": {
+                "proxies": n,
+                "proxies_per_instance": per_instance,
+                "multi_node_rate": multi_node_rate,
+            }
+        },
     }
     base.update(extra)
     return base
@@ -302,6 +310,7 @@ def test_sigkilled_worker_is_taken_over_nothing_sent_twice_nothing_lost(
         fleet_scenario(
             n,
             per_instance=2,
+            multi_node_rate=0.3,  # a lost answer of a multi-node proxy hides several workflows
             latency_s=0.05,
             faults={"routes": ["upgrade"], "timeout_after": 0.06, "hang_s": 60},
         )
