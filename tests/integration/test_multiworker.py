@@ -27,8 +27,9 @@ HOST = socket.gethostname()
 # The shared-run acceptance: at least 2,000 proxies at 100 calls/s and 16 at once for the whole run.
 # --no-preflight: three calls per proxy (upgrade, one workflow poll, postflight) instead of four, ~61 s
 # at the rate; each call costs ~25-30 ms of CPU (orchestrator + simulator), so on a 2-CPU machine the
-# run is CPU-bound at about 90-100 s. DEADLINE_S only catches a run that does not finish.
-FLEET, RATE, CAP, DEADLINE_S = 2000, 100, 16, 300
+# run is CPU-bound at about 90-100 s, longer on a shared machine. DEADLINE_S only catches a run that
+# does not finish (the time taken is printed, not asserted).
+FLEET, RATE, CAP, DEADLINE_S = 2000, 100, 16, 600
 FAST = ["--poll-initial", "0.2", "--poll-interval", "0.2", "--reconcile-grace", "1", "--seed", "1"]
 
 

@@ -213,7 +213,9 @@ def test_accept_with_an_error_message_is_a_rejection() -> None:
     assert "(state ACCEPT)" in d.reason
 
 
-@pytest.mark.parametrize(("low", "high"), list(itertools.combinations(sorted(TOKENS, key=SEVERITY.__getitem__), 2)))
+@pytest.mark.parametrize(
+    ("low", "high"), list(itertools.combinations(sorted(TOKENS, key=SEVERITY.__getitem__), 2))
+)
 def test_mixed_rejections_take_the_most_severe(low: Action, high: Action) -> None:
     for order in ((low, high), (high, low)):
         answer = items(*(("REJECT", f"because {TOKENS[a]}") for a in order))

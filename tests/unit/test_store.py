@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -32,7 +31,11 @@ def fleet(n: int, per_instance: int = 1) -> list[NewJob]:
 async def make(tmp_path: Path, n: int = 10, per_instance: int = 1) -> tuple[JobStore, int]:
     store = await open_store(f"sqlite:///{tmp_path / 'jobs.db'}")
     run = await store.create_run(
-        name="t", inventory_path="-", inventory_sha256="0" * 64, options={}, jobs=fleet(n, per_instance),
+        name="t",
+        inventory_path="-",
+        inventory_sha256="0" * 64,
+        options={},
+        jobs=fleet(n, per_instance),
         now=utcnow(),
     )
     return store, run.id
@@ -75,8 +78,9 @@ async def test_one_upgrade_per_instance_at_a_time(tmp_path: Path) -> None:
     assert await store.claim(run, worker_id=w, limit=10, now=now, lease_s=30, track=True) == []
     aid = await store.record_intent(first[0], worker_id=w, now=now)
     assert aid is not None
-    await store.record_answer(job_id=first[0].id, attempt_id=aid, now=now, outcome="flag",
-                              move_to=JobStatus.FLAGGED, worker_id=w)
+    await store.record_answer(
+        job_id=first[0].id, attempt_id=aid, now=now, outcome="flag", move_to=JobStatus.FLAGGED, worker_id=w
+    )
     nxt = await store.claim(run, worker_id=w, limit=10, now=now, lease_s=30, track=True)
     assert [j.instance_id for j in nxt] == [first[0].instance_id]
     await store.close()
@@ -93,15 +97,21 @@ async def test_intent_guard_and_answer_are_atomic(tmp_path: Path) -> None:
     # the same (stale) job row cannot produce a second intent: no second call can leave
     assert await store.record_intent(job, worker_id=w, now=now) is None
     ok = await store.record_answer(
-        job_id=job.id, attempt_id=aid, now=now, outcome="accepted", http_status=200,
+        job_id=job.id,
+        attempt_id=aid,
+        now=now,
+        outcome="accepted",
+        http_status=200,
         workflows=[NewWorkflow("w1", "ACCEPT"), NewWorkflow("w2", "REJECT", "insufficient subnet ip")],
-        move_to=JobStatus.ACCEPTED, worker_id=w,
+        move_to=JobStatus.ACCEPTED,
+        worker_id=w,
     )
     assert ok
     assert [w.state for w in await store.workflows_of(job.id)] == ["ACCEPT", "REJECT"]
     # a second answer to the same attempt loses the guard (job no longer in flight)
-    again = await store.record_answer(job_id=job.id, attempt_id=aid, now=now, outcome="fail",
-                                      move_to=JobStatus.FAILED, worker_id=w)
+    again = await store.record_answer(
+        job_id=job.id, attempt_id=aid, now=now, outcome="fail", move_to=JobStatus.FAILED, worker_id=w
+    )
     assert not again
     assert (await store.get_job(job.id)).status is JobStatus.ACCEPTED  # type: ignore[union-attr]
     await store.close()
@@ -127,14 +137,17 @@ async def test_runner_lock_refuses_live_holder_takes_over_dead_one(tmp_path: Pat
     holder = new_worker_id()
     await store.register(run, worker_id=holder, role="runner", now=now, lease_s=30, exclusive=True)
     with pytest.raises(RunLocked) as exc:
-        await store.register(run, worker_id=new_worker_id(), role="runner", now=now, lease_s=30, exclusive=True)
+        await store.register(
+            run, worker_id=new_worker_id(), role="runner", now=now, lease_s=30, exclusive=True
+        )
     assert "held by pid" in str(exc.value)
     # a joined worker is not refused
     await store.register(run, worker_id=new_worker_id(), role="worker", now=now, lease_s=30, exclusive=False)
     # once the lease ran out the lock is taken over and the holder learns it at its next heartbeat
     later = now + timedelta(seconds=31)
-    taken = await store.register(run, worker_id=new_worker_id(), role="runner", now=later, lease_s=30,
-                                 exclusive=True)
+    taken = await store.register(
+        run, worker_id=new_worker_id(), role="runner", now=later, lease_s=30, exclusive=True
+    )
     assert holder in taken
     assert not await store.heartbeat(holder, later, 30)
     await store.close()
@@ -143,23 +156,34 @@ async def test_runner_lock_refuses_live_holder_takes_over_dead_one(tmp_path: Pat
 async def test_dead_pid_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
     store, run = await make(tmp_path, 1)
     now = utcnow()
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
+    p = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await p.wait()  # a pid that existed on this host and is gone now
     import socket
 
     from orchestrator.store.models import Worker
 
     async def op_insert() -> None:
         def op(s):  # type: ignore[no-untyped-def]
-            s.add(Worker(id="ghost", run_id=run, role="runner", host=socket.gethostname(), pid=p.pid,
-                         started_at=now, heartbeat_at=now, lease_expires_at=now + timedelta(hours=1),
-                         claimed=0))
+            s.add(
+                Worker(
+                    id="ghost",
+                    run_id=run,
+                    role="runner",
+                    host=socket.gethostname(),
+                    pid=p.pid,
+                    started_at=now,
+                    heartbeat_at=now,
+                    lease_expires_at=now + timedelta(hours=1),
+                    claimed=0,
+                )
+            )
 
         await store.writer.submit(op)
 
     await op_insert()
-    taken = await store.register(run, worker_id=new_worker_id(), role="runner", now=now, lease_s=30,
-                                 exclusive=True)
+    taken = await store.register(
+        run, worker_id=new_worker_id(), role="runner", now=now, lease_s=30, exclusive=True
+    )
     assert taken == ["ghost"]
     await store.close()
 
