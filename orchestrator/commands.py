@@ -136,11 +136,13 @@ async def _resume(
         out.print(reporting.counts_table(run, counts))
         return service.exit_code_for(counts, True)
     options = _build(RunOptions.from_dict(run.options), kw)
+    path = inventory or run.inventory_path
+    inv = service.load(path, options.endpoint_override) if os.path.exists(path) else None
+    # the runner lock first: a refused resume must not touch a run another process is working on
+    worker_id = await service.register(store, run, options, role="runner", console=err)
     if options != RunOptions.from_dict(run.options):
         await store.set_run_options(run.id, options.to_dict())
-    path = inventory or run.inventory_path
-    if os.path.exists(path):
-        inv = service.load(path, options.endpoint_override)
+    if inv is not None:
         if inv.sha256 != run.inventory_sha256:
             diff = await service.diff_inventory(store, run, inv)
             err.print(
@@ -149,11 +151,12 @@ async def _resume(
                 f"{len(diff.retargeted)} with a new target):"
             )
             await service.apply_diff(store, run, diff, lambda s: err.print(s, markup=False))
+            await store.set_run_inventory(run.id, _abs(path), inv.sha256)
     else:
         err.print(f"note: the run's inventory {path} is gone; resuming from the job table alone")
     left = sum(n for s, n in counts.items() if not s.terminal)
     err.print(f"resuming run {run.id} ({run.name}): {left} jobs not finished")
-    return await _drive_and_summarize(store, run, options, "runner", out, err)
+    return await _drive_and_summarize(store, run, options, "runner", out, err, worker_id=worker_id)
 
 
 async def join_run(run_ref: str | None, db: str | None, out: Console, err: Console) -> int:
@@ -168,9 +171,16 @@ async def join_run(run_ref: str | None, db: str | None, out: Console, err: Conso
 
 
 async def _drive_and_summarize(
-    store: JobStore, run: RunRow, options: RunOptions, role: str, out: Console, err: Console
+    store: JobStore,
+    run: RunRow,
+    options: RunOptions,
+    role: str,
+    out: Console,
+    err: Console,
+    *,
+    worker_id: str | None = None,
 ) -> int:
-    result = await service.drive(store, run, options, role=role, console=err)
+    result = await service.drive(store, run, options, role=role, console=err, worker_id=worker_id)
     fresh = await store.get_run(run.id) or run
     counts = await store.counts(run.id)
     if result.message and result.exit_code == EXIT_USAGE:

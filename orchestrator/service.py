@@ -144,6 +144,26 @@ def _iam_endpoint(options: RunOptions, env: Mapping[str, str]) -> str | None:
     return env.get("ORCHESTRATOR_IAM_ENDPOINT") or None
 
 
+async def register(store: JobStore, run: RunRow, options: RunOptions, *, role: str, console: Console) -> str:
+    """Join ``run`` as its runner (exclusive: refused with UsageError naming a live holder) or as a
+    worker. A dead holder is taken over, its claims released."""
+    worker_id = new_worker_id()
+    try:
+        taken = await store.register(
+            run.id,
+            worker_id=worker_id,
+            role=role,
+            now=utcnow(),
+            lease_s=options.lease,
+            exclusive=role == "runner",
+        )
+    except RunLocked as exc:
+        raise UsageError(f"refused: {exc}; wait for it to finish or stop it first") from None
+    for dead in taken:
+        console.print(f"took over from a dead process: {dead.rsplit(':', 1)[0]}")
+    return worker_id
+
+
 async def drive(
     store: JobStore,
     run: RunRow,
@@ -154,19 +174,16 @@ async def drive(
     env: Mapping[str, str] | None = None,
     progress: bool | None = None,
     install_signals: bool = True,
+    worker_id: str | None = None,
 ) -> Outcome:
-    """Work on ``run`` in this process until it is finished or stopped."""
+    """Work on ``run`` in this process until it is finished or stopped. ``worker_id``: this process is
+    already registered (a resume takes the runner lock before it touches the run)."""
     env = os.environ if env is None else env
-    worker_id = new_worker_id()
-    now = utcnow()
-    try:
-        taken = await store.register(
-            run.id, worker_id=worker_id, role=role, now=now, lease_s=options.lease, exclusive=role == "runner"
-        )
-    except RunLocked as exc:
-        return Outcome(EXIT_USAGE, run.id, f"refused: {exc}; wait for it to finish or stop it first")
-    for dead in taken:
-        console.print(f"took over from a dead process: {dead.rsplit(':', 1)[0]}")
+    if worker_id is None:
+        try:
+            worker_id = await register(store, run, options, role=role, console=console)
+        except UsageError as exc:
+            return Outcome(EXIT_USAGE, run.id, str(exc))
     session = make_session(ca_bundle=options.ca_bundle)
     try:
         try:

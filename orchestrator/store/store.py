@@ -413,6 +413,16 @@ class JobStore:
 
         await self.writer.submit(op)
 
+    async def set_run_inventory(self, run_id: int, path: str, sha256: str) -> None:
+        """After a resume applied a changed inventory: later resumes compare against this version."""
+
+        def op(s: Session) -> None:
+            s.execute(
+                _update(Run).where(Run.id == run_id).values(inventory_path=path, inventory_sha256=sha256)
+            )
+
+        await self.writer.submit(op)
+
     async def get_run(self, run_id: int) -> RunRow | None:
         async with self._sessions() as s:
             run = await s.get(Run, run_id)

@@ -15,11 +15,12 @@ import socket
 import subprocess
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import Sim, cli, cli_bg, db_rows, make_inventory
 
@@ -56,12 +57,13 @@ def fleet_scenario(
 
 
 def wait_until(
-    what: str, cond: Callable[[], Any], timeout: float, procs: list[subprocess.Popen[bytes]] = ()
-) -> Any:  # type: ignore[assignment]
-    """Poll ``cond`` until it returns something truthy (its value is returned); fail after ``timeout``."""
+    what: str, cond: Callable[[], Any], timeout: float, procs: Sequence[subprocess.Popen[bytes]] = ()
+) -> Any:
+    """Poll ``cond`` until it returns something truthy (its value is returned); fail after ``timeout``
+    or as soon as one of ``procs`` exits with an error."""
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(Exception):  # e.g. the tables do not exist yet
+        with contextlib.suppress(DBAPIError, OSError):  # the tables do not exist yet, ...
             value = cond()
             if value:
                 return value
