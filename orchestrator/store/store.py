@@ -287,6 +287,10 @@ def holder_is_dead(holder: WorkerRow, now: datetime) -> bool:
     return holder.host == socket.gethostname() and not _pid_alive(holder.pid)
 
 
+# One per-run advisory lock on PostgreSQL serialises claims and send permits. One key, not two: a
+# group-commit batch may hold a claim and a permit in either order, and two keys would deadlock.
+RUN_LOCK = 0x6F72_0000_0000
+
 # Upgrade calls may start only from these statuses (the guard of record_intent).
 _SENDABLE = (JobStatus.PENDING.value, JobStatus.RETRY_WAIT.value)
 
@@ -592,6 +596,10 @@ class JobStore:
         busy_states = [S.IN_FLIGHT.value, S.UNKNOWN.value] + ([S.ACCEPTED.value] if track else [])
 
         def op(s: Session) -> list[JobRow]:
+            if self.is_postgres:
+                # Claims of one run are serialised: under READ COMMITTED two concurrent claimers would
+                # each miss the other's uncommitted sibling claim and upgrade one instance twice at once.
+                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": RUN_LOCK + run_id})
             s.execute(
                 _update(Job)
                 .where(
@@ -1009,7 +1017,7 @@ class JobStore:
 
         def op(s: Session) -> tuple[int | None, float]:
             if self.is_postgres:
-                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": 0x6F72_0000 + run_id})
+                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": RUN_LOCK + run_id})
                 now = _aware((s.execute(text("SELECT clock_timestamp()"))).scalar_one())
             else:
                 now = utcnow()
