@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -330,6 +328,3 @@ async def plan(
     else:
         render_plan(result, out)
     return EXIT_OK if not result.unreachable else 1
-
-
-_ = (asyncio, Sequence)

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore, RunRow
-from orchestrator.store.models import Attempt, Job, Workflow
+from orchestrator.store.models import Job, Workflow
 
 ORDER = [
     JobStatus.SUCCEEDED,
@@ -137,19 +137,6 @@ def render_report(rows: list[ReportRow], fmt: str, console: Console) -> None:
             why += f"\n[dim]hint: {r.hint}[/dim]"
         t.add_row(r.name or r.proxy_id, r.instance_id, r.status, str(r.attempts), versions, why)
     console.print(t)
-
-
-async def attempts_total(store: JobStore, run_id: int) -> int:
-    from sqlalchemy import func
-
-    async with store.session() as s:
-        return int(
-            (
-                await s.execute(
-                    select(func.count()).select_from(Attempt).join(Job).where(Job.run_id == run_id)
-                )
-            ).scalar_one()
-        )
 
 
 AUDIT_QUERIES = [
