@@ -14,8 +14,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from orchestrator.errors import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, UsageError
-from orchestrator.inventory import InventoryError, summarize
+from orchestrator.errors import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, InputErrors, UsageError
 from orchestrator.limiter import parse_rate
 from orchestrator.observe import configure_logging
 from orchestrator.options import RunOptions
@@ -50,7 +49,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 async def _guard(coro_fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return await coro_fn()
-    except InventoryError as exc:
+    except InputErrors as exc:
         for problem in exc.errors:
             err.print(f"error: {problem}", markup=False)
         raise Fail("", EXIT_USAGE) from None
@@ -161,7 +160,7 @@ def validate(inventory: str, endpoint: str | None) -> None:
     """Check an inventory file; print a summary or every error (exit 2)."""
 
     async def go() -> None:
-        from orchestrator.inventory import load_inventory
+        from orchestrator.inventory import load_inventory, summarize
 
         inv = load_inventory(inventory, endpoint_override=endpoint)
         out.print(summarize(inv), markup=False)

@@ -13,13 +13,16 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import reporting, service
+from orchestrator import reporting
+from orchestrator.errors import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, UsageError
 from orchestrator.options import RunOptions
-from orchestrator.service import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, UsageError
 from orchestrator.states import JobStatus, RunStatus
 from orchestrator.store import JobStore, RunRow, open_store
 from orchestrator.store import db as dbmod
-from orchestrator.store.store import describe_url
+from orchestrator.store.store import describe_url, utcnow
+
+# ``service`` (the engine, aiohttp, the cloud client, pydantic inventories) is imported by the commands
+# that send calls: status, report, flagged and retry answer without loading it.
 
 
 @asynccontextmanager
@@ -69,6 +72,7 @@ async def run_inventory(
     out: Console,
     err: Console,
 ) -> int:
+    from orchestrator import service
     from orchestrator.cli import _build
 
     options = _build(RunOptions(), kw)
@@ -97,7 +101,7 @@ async def run_inventory(
             inventory_sha256=inv.sha256,
             options=options.to_dict(),
             jobs=service.entries_as_jobs(inv),
-            now=service.utcnow(),
+            now=utcnow(),
         )
         err.print(
             f"run {run.id} ({run.name}): {inv.count} proxies, rate {options.rate}, "
@@ -117,6 +121,7 @@ async def resume_run(
 async def _resume(
     store: JobStore, run: RunRow, kw: dict[str, Any], out: Console, err: Console, *, inventory: str | None
 ) -> int:
+    from orchestrator import service
     from orchestrator.cli import _build
 
     counts = await store.counts(run.id)
@@ -178,6 +183,8 @@ async def _drive_and_summarize(
     *,
     worker_id: str | None = None,
 ) -> int:
+    from orchestrator import service
+
     result = await service.drive(store, run, options, role=role, console=err, worker_id=worker_id)
     fresh = await store.get_run(run.id) or run
     counts = await store.counts(run.id)
@@ -226,7 +233,7 @@ async def show_status(run_ref: str | None, db: str | None, out: Console) -> None
         out.print(reporting.counts_table(run, await store.counts(run.id)))
         if run.stop_reason:
             out.print(f"last stop: {run.stop_reason}")
-        workers = await store.live_workers(run.id, service.utcnow())
+        workers = await store.live_workers(run.id, utcnow())
         claimed = await store.claimed_counts(run.id)
         if workers:
             t = Table(title="live workers")
@@ -284,7 +291,7 @@ async def requeue(
             statuses.append(JobStatus.FLAGGED)
         if want_failed or not want_flagged:
             statuses.append(JobStatus.FAILED)
-        n = await store.requeue(run.id, statuses=statuses, proxy_ids=proxies or None, now=service.utcnow())
+        n = await store.requeue(run.id, statuses=statuses, proxy_ids=proxies or None, now=utcnow())
         if proxies:
             known = {j.proxy_id for j in await store.jobs(run.id)}
             missing = [p for p in proxies if p not in known]
@@ -317,6 +324,7 @@ async def plan(
     fmt: str,
     out: Console,
 ) -> int:
+    from orchestrator import service
     from orchestrator.planner import make_plan, render_plan
 
     inv = service.load(inventory, endpoint)

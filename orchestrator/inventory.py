@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from orchestrator.cloud.endpoints import REGION_HOSTS, endpoint_for_region
+from orchestrator.errors import InputErrors
 
 __all__ = [
     "ENTRY_FIELDS",
@@ -82,7 +83,7 @@ def _echo(value: object) -> str:
     return text if len(text) <= _ECHO_MAX else text[: _ECHO_MAX - 3] + "..."
 
 
-class InventoryError(Exception):
+class InventoryError(InputErrors):
     """One problem in an inventory; ``str()`` is a single ``path:line: field: message`` line."""
 
     def __init__(self, path: str, line: int | None, field: str | None, message: str) -> None:

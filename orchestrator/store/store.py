@@ -1130,7 +1130,7 @@ async def open_store(url: str | None = None, *, migrate: bool = True) -> JobStor
     full = db.normalize_url(url)
     engine = db.create_engine(full)
     if migrate:
-        await db.upgrade(engine)
+        await db.ensure_current(engine)
     store = JobStore(engine)
     await store.start()
     return store

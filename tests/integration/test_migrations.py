@@ -110,3 +110,50 @@ def test_upgrade_is_idempotent_and_leaves_data(db_url: str) -> None:
     rev, n = asyncio.run(go())
     assert rev == _head()
     assert n == 1
+
+
+def test_head_constant_is_alembic_head() -> None:
+    """Start-up compares the table's revision with HEAD_REVISION: a new migration must move it."""
+    assert _head() == db.HEAD_REVISION
+
+
+def test_ensure_current_migrates_an_empty_or_old_table_and_leaves_a_current_one(db_url: str) -> None:
+    """Alembic runs when the table is missing or behind, and not at all when it is at head (a command's
+    start-up then costs one query instead of loading Alembic)."""
+
+    async def go() -> dict[str, Any]:
+        engine = db.create_engine(db_url)
+        seen: dict[str, Any] = {}
+        try:
+            seen["empty"] = await db.stored_revisions(engine)
+            await db.ensure_current(engine)
+            seen["after_empty"] = await db.stored_revisions(engine)
+            await db.downgrade(engine, "base")  # behind: an empty version table, no job tables
+            seen["behind"] = await db.stored_revisions(engine)
+            await db.ensure_current(engine)
+            seen["after_behind"] = await db.stored_revisions(engine)
+            seen["tables"] = await _run_sync(engine, _tables)
+            calls: list[str] = []
+            real = db.upgrade
+
+            async def counting(*a: Any, **k: Any) -> None:
+                calls.append("upgrade")
+                await real(*a, **k)
+
+            db.upgrade = counting  # type: ignore[assignment]
+            try:
+                await db.ensure_current(engine)
+            finally:
+                db.upgrade = real  # type: ignore[assignment]
+            seen["calls_at_head"] = calls
+        finally:
+            await engine.dispose()
+        return seen
+
+    seen = asyncio.run(go())
+    head = {db.HEAD_REVISION}
+    assert seen["empty"] is None
+    assert seen["after_empty"] == head and seen["after_behind"] == head
+    assert seen["behind"] == set()
+    assert {"runs", "jobs", "attempts", "workflows"} <= seen["tables"]
+    assert seen["calls_at_head"] == []
