@@ -16,7 +16,7 @@ from rich.console import Console
 
 from orchestrator.errors import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, InputErrors, UsageError
 from orchestrator.limiter import parse_rate
-from orchestrator.observe import configure_logging
+from orchestrator.observe import NoticeConsole, configure_logging
 from orchestrator.options import RunOptions
 from orchestrator.states import JobStatus
 
@@ -25,7 +25,7 @@ from orchestrator.states import JobStatus
 
 T = TypeVar("T")
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = NoticeConsole(stderr=True, highlight=False, soft_wrap=True)
 if not out.is_terminal and "COLUMNS" not in os.environ:
     out.width = 160  # reports piped to a file or a pager: do not fold ids and reasons at 80 columns
 
@@ -151,6 +151,7 @@ def _build(base: RunOptions, kw: dict[str, Any]) -> RunOptions:
 def main_group(log_format: str, log_level: str) -> None:
     """Upgrade fleets of GaussDB(for MySQL) proxies, safely and with an audit trail."""
     configure_logging(fmt=log_format, level=log_level)
+    err.json_lines = log_format == "json"
 
 
 @main_group.command()

@@ -55,6 +55,33 @@ def configure_logging(*, fmt: str = "console", level: str = "info", stream: Text
     )
 
 
+class NoticeConsole(Console):
+    """stderr for the operator's notices: the run banner, what a resume will do, ``error:`` lines.
+
+    With ``--log-format json`` a log shipper reads stderr line by line and every line must parse, so
+    then each notice becomes one log event (``notice``, or ``error`` for an ``error:`` line) instead of
+    free text. Set ``json_lines`` once logging is configured."""
+
+    json_lines = False
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if not self.json_lines:
+            super().print(*objects, **kwargs)
+            return
+        if all(isinstance(o, str) for o in objects):
+            text = " ".join(objects)
+        else:
+            with self.capture() as captured:
+                super().print(*objects, **kwargs)
+            text = captured.get()
+        text = text.strip()
+        log = structlog.get_logger("orchestrator")
+        if text.startswith("error:"):
+            log.error("error", message=text.removeprefix("error:").strip())
+        elif text:
+            log.info("notice", message=text)
+
+
 class RunEvents:
     """Events -> log lines (+ a progress bar on a terminal). ``total`` jobs; done = terminal statuses."""
 
