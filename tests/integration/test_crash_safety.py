@@ -21,7 +21,7 @@ import socket
 import sqlite3
 import subprocess
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +32,13 @@ import yaml
 
 from orchestrator.preflight import version_key
 from tests.conftest import Result, Sim, cli, cli_bg, db_rows, make_inventory
+from tests.simlog import (
+    applied_per_proxy,
+    created_workflow_ids,
+    sent_after_applied,
+    upgrade_calls,
+    upgrades_per_proxy,
+)
 
 HOST = socket.gethostname()
 CURRENT = "2.23.12.000"
@@ -116,31 +123,17 @@ def wait_until(
         time.sleep(0.05)
 
 
-def upgrade_calls(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted((r for r in log if r["route"] == "upgrade"), key=lambda r: r["seq"])
-
-
 def calls_after_applied(log: list[dict[str, Any]]) -> dict[str, list[tuple[Any, ...]]]:
-    """Proxies that got any upgrade call after their first call whose effect was 'applied'."""
-    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for rec in upgrade_calls(log):
-        by[rec["proxy_id"]].append(rec)
-    bad = {}
-    for proxy, recs in by.items():
-        first = next((i for i, r in enumerate(recs) if r["effect"] == "applied"), None)
-        if first is not None and first < len(recs) - 1:
-            bad[proxy] = [
-                (r["seq"], r["http_status"], r["error_code"], r["effect"], r["workflows"]) for r in recs
-            ]
-    return bad
+    """Proxies that got any upgrade call after their first call whose effect was 'applied', with each
+    of their calls as (seq, http_status, error_code, effect, workflows) for the message."""
+    return {
+        proxy: [(r["seq"], r["http_status"], r["error_code"], r["effect"], r["workflows"]) for r in recs]
+        for proxy, recs in sent_after_applied(log).items()
+    }
 
 
 def recorded_workflow_ids(db: str) -> set[str]:
     return {w for (w,) in db_rows(db, "SELECT workflow_id FROM workflows WHERE workflow_id IS NOT NULL")}
-
-
-def created_workflow_ids(log: list[dict[str, Any]]) -> set[str]:
-    return {w for r in upgrade_calls(log) for w in r.get("workflows") or []}
 
 
 def jobs_of(db: str, run_id: int = 1) -> dict[str, tuple[str, str, str | None, int]]:
@@ -180,12 +173,12 @@ def assert_crash_safe(
     )
 
     # every upgrade call the cloud saw was preceded by an intent row of its job (intent before effect)
-    sent = Counter(r["proxy_id"] for r in upgrade_calls(log))
+    sent = upgrades_per_proxy(log)
     over = {p: (n, jobs[p][3]) for p, n in sent.items() if p in jobs and n > jobs[p][3]}
     assert not over, f"upgrade calls without an attempt row (calls, attempt_count): {over}"
 
     # 3. the job table agrees with the fleet
-    applied = Counter(r["proxy_id"] for r in upgrade_calls(log) if r["effect"] == "applied")
+    applied = applied_per_proxy(log)
     wrong = []
     for proxy, (status, target, reason, _n) in jobs.items():
         at_target = version_key(fleet[proxy]["current_version"]) == version_key(target)
@@ -229,6 +222,17 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def n_upgrades(sim: Sim) -> int:
     return sum(1 for r in sim.log() if r["route"] == "upgrade")
+
+
+def run_until_upgrades(
+    k: int, sim: Sim, inv: Path, db: str, out: Path, procs: list[subprocess.Popen[bytes]], *flags: str
+) -> subprocess.Popen[bytes]:
+    """A background `run` of ``inv`` with ``flags`` and the fast test flags (output in ``out``, killed at
+    the test's end through ``procs``), returned once the simulator has seen ``k`` upgrade calls."""
+    p = cli_bg("run", str(inv), "--db", db, "--endpoint", sim.url, *flags, *fast(), stdout=out)
+    procs.append(p)
+    wait_until("a few upgrade calls", lambda: n_upgrades(sim) >= k, 120, (p,), lambda: text_of(out))
+    return p
 
 
 def parse_ts(value: Any) -> datetime:
@@ -374,22 +378,7 @@ def test_sigint_stops_with_exit_3_nothing_lost_and_resume_completes(
     sim = sim_factory(scenario(40, per_instance=1, latency_s=0.3, reject_rate=0.1))
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
     out = tmp_path / "run.out"
-    p = cli_bg(
-        "run",
-        str(inv),
-        "--db",
-        db_url,
-        "--endpoint",
-        sim.url,
-        "--rate",
-        "10/s",
-        "--concurrency",
-        "4",
-        *fast(),
-        stdout=out,
-    )
-    procs.append(p)
-    wait_until("a few upgrade calls", lambda: n_upgrades(sim) >= 6, 120, (p,), lambda: text_of(out))
+    p = run_until_upgrades(6, sim, inv, db_url, out, procs, "--rate", "10/s", "--concurrency", "4")
     p.send_signal(signal.SIGINT)
     code = p.wait(60)
     text = text_of(out)
@@ -624,9 +613,7 @@ def test_run_refuses_an_inventory_whose_last_run_is_unfinished(
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
     db = f"sqlite:///{tmp_path / 'jobs.db'}"
     out = tmp_path / "run.out"
-    p = cli_bg("run", str(inv), "--db", db, "--endpoint", sim.url, "--rate", "5/s", *fast(), stdout=out)
-    procs.append(p)
-    wait_until("a few upgrade calls", lambda: n_upgrades(sim) >= 3, 120, (p,), lambda: text_of(out))
+    p = run_until_upgrades(3, sim, inv, db, out, procs, "--rate", "5/s")
     p.kill()
     p.wait(10)
     calls = len(sim.log())
@@ -674,22 +661,7 @@ def test_inventory_changed_before_resume_is_reported_and_applied(
     inv.write_text(yaml.safe_dump({**exported, "proxies": everyone[:-1]}, sort_keys=False))
 
     out = tmp_path / "run.out"
-    p = cli_bg(
-        "run",
-        str(inv),
-        "--db",
-        db_url,
-        "--endpoint",
-        sim.url,
-        "--rate",
-        "4/s",
-        "--concurrency",
-        "2",
-        *fast(),
-        stdout=out,
-    )
-    procs.append(p)
-    wait_until("a few upgrade calls", lambda: n_upgrades(sim) >= 3, 120, (p,), lambda: text_of(out))
+    p = run_until_upgrades(3, sim, inv, db_url, out, procs, "--rate", "4/s", "--concurrency", "2")
     p.send_signal(signal.SIGINT)
     assert p.wait(60) == 3, text_of(out)
 
