@@ -16,8 +16,9 @@ from contextlib import asynccontextmanager
 from orchestrator.limiter import Rate
 from orchestrator.store import JobStore
 
-# Added to each computed wait: the permit is taken before the commit and the send, and the jitter of
-# those must not squeeze N+1 arrivals into one window as the cloud sees it.
+# Added to the window the permits are counted over (as the in-process limiter adds its margin): a permit
+# is stamped before the commit and the send, and the jitter of those must not squeeze N+1 arrivals into
+# one window as the cloud sees it. Also the least pause between two refused attempts.
 SAFETY_S = 0.05
 SAFETY_FRACTION = 0.05
 
@@ -44,6 +45,7 @@ class SharedGate:
     async def _acquire(self) -> int:
         # No process-wide lock: concurrent attempts of this process's workers ride in one group-commit
         # batch, serialised by the database's per-run advisory lock, instead of one round trip each.
+        margin = max(SAFETY_S, SAFETY_FRACTION * self._rate.period)
         while True:
             slot_id, wait = await self._store.try_send_slot(
                 self._run_id,
@@ -52,7 +54,8 @@ class SharedGate:
                 period=self._rate.period,
                 cap=self._cap,
                 lease_s=self._lease,
+                margin=margin,
             )
             if slot_id is not None:
                 return slot_id
-            await asyncio.sleep(wait + max(SAFETY_S, SAFETY_FRACTION * self._rate.period))
+            await asyncio.sleep(wait + margin)

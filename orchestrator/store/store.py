@@ -1006,13 +1006,23 @@ class JobStore:
             )
 
     async def try_send_slot(
-        self, run_id: int, *, worker_id: str, count: int, period: float, cap: int, lease_s: float
+        self,
+        run_id: int,
+        *,
+        worker_id: str,
+        count: int,
+        period: float,
+        cap: int,
+        lease_s: float,
+        margin: float = 0.0,
     ) -> tuple[int | None, float]:
         """One attempt at a run-wide send permit: (slot id, 0) or (None, seconds to wait).
 
         The window log and the in-flight slots live in ``send_log``; a per-run advisory lock on
         PostgreSQL (BEGIN IMMEDIATE on SQLite) serialises the check-and-insert across processes. Time
         comes from the database server so that workers on hosts with drifting clocks share one window.
+        The window spans ``period + margin``: a permit is stamped before its commit and its send, and
+        the margin absorbs how much later one send leaves than another.
         """
 
         def op(s: Session) -> tuple[int | None, float]:
@@ -1022,7 +1032,7 @@ class JobStore:
             else:
                 now = utcnow()
             assert now is not None
-            window_start = now - timedelta(seconds=period)
+            window_start = now - timedelta(seconds=period + margin)
             starts = (
                 (
                     s.execute(

@@ -215,3 +215,35 @@ async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
     # 200 durable intents in far fewer transactions than writes
     assert store.writer.stats.batches - before < 50
     await store.close()
+
+
+async def test_send_permits_keep_the_window_with_its_margin_and_the_cap(tmp_path: Path) -> None:
+    """The run-wide gate's check-and-insert: ``count`` starts per ``period + margin``, at most ``cap``
+    held, and a permit whose holder died (lease run out) no longer counts against the cap."""
+    store, run = await make(tmp_path, 1)
+    w = new_worker_id()
+    try:
+        window = {"count": 3, "period": 1.0, "cap": 10, "lease_s": 30, "margin": 0.05}
+        granted = [await store.try_send_slot(run, worker_id=w, **window) for _ in range(3)]
+        assert all(slot is not None and wait == 0 for slot, wait in granted), granted
+        slot, wait = await store.try_send_slot(run, worker_id=w, **window)
+        assert slot is None
+        # the oldest start leaves the window 1.05 s after it was granted, a few ms ago
+        assert 0.8 < wait <= 1.05, wait
+        without_margin = await store.try_send_slot(run, worker_id=w, **(window | {"margin": 0.0}))
+        assert without_margin[0] is None and without_margin[1] < wait
+
+        capped = {"count": 100, "period": 1.0, "cap": 5, "lease_s": 30}
+        held = [(await store.try_send_slot(run, worker_id=w, **capped))[0] for _ in range(2)]
+        assert None not in held  # 3 + 2 = 5 held: the cap
+        assert await store.try_send_slot(run, worker_id=w, **capped) == (None, 0.02)
+        assert held[0] is not None
+        await store.release_send_slot(held[0])
+        assert (await store.try_send_slot(run, worker_id=w, **capped))[0] is not None
+
+        # a holder that died: its lease ran out, so its permit is not "held" any more
+        dead = {"count": 100, "period": 1.0, "cap": 6, "lease_s": 0.0}
+        assert (await store.try_send_slot(run, worker_id=w, **dead))[0] is not None
+        assert (await store.try_send_slot(run, worker_id=w, **(dead | {"lease_s": 30})))[0] is not None
+    finally:
+        await store.close()
