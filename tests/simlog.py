@@ -36,9 +36,9 @@ together land within milliseconds of each other, well inside the shortened windo
 (``tests/unit/test_simlog.py`` shows both sides). What the shortened window does not see is a limiter
 that is steadily a little too fast (by up to about a sixth); that is the unit test's job.
 
-(Several processes sharing a run on PostgreSQL are held to the rate by run-wide permits, taken before
-the commit and the send, ``orchestrator/gate.py``: the argument above is about the in-process limiter,
-the same tolerance is applied to both.)
+Several processes sharing a run on PostgreSQL are held to the rate by run-wide permits
+(``orchestrator/gate.py``), counted over the period plus the same kind of margin on the database's
+clock; the same tolerance applies to them.
 """
 
 

@@ -24,6 +24,7 @@ import pytest
 from orchestrator.cloud.auth import IamPassword, Scope
 from orchestrator.inventory import InventoryError, load_inventory
 from tests.conftest import Result, Sim, cli, db_rows, make_inventory
+from tests.simlog import applied_per_proxy
 
 FAST = ["--poll-initial", "0.2", "--poll-interval", "0.2", "--reconcile-grace", "1", "--seed", "1"]
 
@@ -123,9 +124,7 @@ def assert_every_proxy_upgraded_once(sim: Sim, db: str, n: int) -> None:
     fleet = sim.fleet()
     assert len(fleet) == n
     assert all(p["current_version"] == "2.24.03.000" for p in fleet), fleet
-    applied = Counter(
-        rec["proxy_id"] for rec in sim.log() if rec["route"] == "upgrade" and rec["effect"] == "applied"
-    )
+    applied = applied_per_proxy(sim.log())
     assert set(applied) == {p["proxy_id"] for p in fleet}
     assert max(applied.values()) == 1, applied.most_common(3)
     assert job_statuses(db) == Counter({"succeeded": n})
