@@ -70,5 +70,7 @@ def sources_of(new: JobStatus) -> frozenset[JobStatus]:
 class RunStatus(enum.StrEnum):
     CREATED = "created"
     RUNNING = "running"
-    STOPPED = "stopped"  # interrupted (signal, crash detected on resume, auth failure); resumable
+    STOPPED = "stopped"  # interrupted (signal, crash detected on resume, auth failure, lost database)
+    PAUSED = "paused"  # the maintenance window closed; `resume` in the next window continues
+    HALTED = "halted"  # the failure breaker tripped or a wave awaits confirmation: a person must decide
     FINISHED = "finished"

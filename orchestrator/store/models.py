@@ -11,7 +11,10 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
+    CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -21,6 +24,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from orchestrator.states import JobStatus, RunStatus
 
 # Stable constraint names so Alembic migrations are the same on SQLite and PostgreSQL.
 NAMING = {
@@ -40,8 +45,18 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+def _one_of(column: str, values: list[str]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+# The database itself refuses a status the code does not know (migration 0002).
+JOB_STATUS_CHECK = _one_of("status", [s.value for s in JobStatus])
+RUN_STATUS_CHECK = _one_of("status", [s.value for s in RunStatus])
+
+
 class Run(Base):
     __tablename__ = "runs"
+    __table_args__ = (CheckConstraint(RUN_STATUS_CHECK, name="status"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -54,6 +69,10 @@ class Run(Base):
     # RunOptions as JSON (rate, concurrency, endpoint override, policy, ...): a resume keeps them.
     options: Mapped[dict[str, object]] = mapped_column(JSON)
     stop_reason: Mapped[str | None] = mapped_column(Text)
+    # waves (migration 0004): upgrades of jobs with wave <= wave_open may start
+    wave_open: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # failure breaker: failures acknowledged by an operator (`resume --ack`) no longer count
+    failures_acked: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Job(Base):
@@ -62,6 +81,11 @@ class Job(Base):
         UniqueConstraint("run_id", "project_id", "instance_id", "proxy_id"),
         Index("ix_jobs_run_status_due", "run_id", "status", "next_attempt_at"),
         Index("ix_jobs_run_instance", "run_id", "instance_id"),
+        # which live run holds a proxy (migration 0003): the overlap check joins on the proxy's key
+        Index("ix_jobs_proxy", "project_id", "instance_id", "proxy_id"),
+        # claiming pending jobs wave by wave in inventory order without a scan (migration 0004)
+        Index("ix_jobs_run_status_wave", "run_id", "status", "wave", "id"),
+        CheckConstraint(JOB_STATUS_CHECK, name="status"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -92,6 +116,12 @@ class Job(Base):
     # the worker that holds the job and until when (multi-worker leases)
     claimed_by: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(TS)
+    # fencing (migration 0003): after this moment the process that recorded the latest intent will never
+    # send it; a takeover concludes "nothing started" only after it (plus the call timeout and the grace)
+    intent_deadline: Mapped[datetime | None] = mapped_column(TS)
+    # waves and the failure breaker (migration 0004)
+    wave: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    counts_failure: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(TS)
     updated_at: Mapped[datetime] = mapped_column(TS)
 
@@ -116,6 +146,8 @@ class Attempt(Base):
     outcome: Mapped[str] = mapped_column(String(20))
     rule: Mapped[str | None] = mapped_column(String(200))
     transport: Mapped[str | None] = mapped_column(String(20))
+    # the sender's measured offset to the cloud's clock (cloud = sent_at + offset), for reconcile (0003)
+    cloud_offset_s: Mapped[float | None] = mapped_column(Float)
 
 
 class Workflow(Base):
@@ -170,3 +202,29 @@ class SendSlot(Base):
     worker: Mapped[str] = mapped_column(String(200))
     done_at: Mapped[datetime | None] = mapped_column(TS)
     lease_expires_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class Event(Base):
+    """The append-only log (migration 0005): every job status move and every operator action, with who
+    (OS user, host, pid) and when. ``jobs.reason`` is overwritten by later moves; this table is not."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_run_at", "run_id", "at"),
+        Index("ix_events_job", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(TS)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # move | retry | resume | ack | run (a run status change) | hold (a refused overlap) ...
+    kind: Mapped[str] = mapped_column(String(20))
+    from_status: Mapped[str | None] = mapped_column(String(20))
+    to_status: Mapped[str | None] = mapped_column(String(20))
+    rule: Mapped[str | None] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text)
+    os_user: Mapped[str | None] = mapped_column(String(64))
+    host: Mapped[str | None] = mapped_column(String(200))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[dict[str, object] | None] = mapped_column(JSON)
