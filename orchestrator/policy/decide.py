@@ -57,6 +57,7 @@ class Decision:
     delay: float | None = None  # seconds until the next attempt (RETRY only), Retry-After already folded in
     throttle: bool = False  # the answer says the gateway is throttling: slow the whole run down
     retry_after: float | None = None  # the server's Retry-After, for the run-wide limiter
+    counts_failure: bool = False  # a FLAG/FAIL the failure breaker counts (the rule's ``counts``)
 
 
 def decide(

@@ -114,6 +114,9 @@ class Rule:
     hint: str | None = None
     backoff: Backoff | None = None  # per-rule override (already merged over the policy's backoff)
     throttle: bool = False  # the gateway is throttling: the run-wide limiter should slow down
+    # the failure breaker counts a job this rule flags or fails (YAML key ``counts``): a sign the build
+    # or the cloud is bad, not a precondition of one proxy (docs/policy.md)
+    counts_failure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
