@@ -18,6 +18,7 @@ class TransportKind(enum.StrEnum):
     TIMEOUT = "timeout"  # no (complete) answer within the request timeout after the request was sent
     RESET = "reset"  # the connection dropped after the request was sent
     MALFORMED = "malformed"  # an answer arrived but its body is not the documented shape
+    TLS = "tls"  # the server's certificate failed verification: a configuration error, nothing was sent
 
 
 @dataclass(frozen=True, slots=True)
