@@ -9,12 +9,12 @@ through ``run_sync`` (Alembic's async template would call ``asyncio.run`` and fa
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine as sa_create_engine
-from sqlalchemy import event, inspect, pool, text
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from orchestrator.errors import UsageError
@@ -55,27 +55,93 @@ def safe_url(url: str) -> str:
         return "<unparseable database URL>"
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite job table URL (None for PostgreSQL or an in-memory database)."""
+    parsed = make_url(normalize_url(url))
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return parsed.database
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The libpq-style DSN asyncpg takes, from a ``postgresql[+driver]://`` URL."""
+    return make_url(normalize_url(url)).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_target(url: str | None, *, create: bool) -> None:
+    """Say plainly what is wrong with a job table location before any driver does it cryptically.
+
+    ``create``: the command may create the table (run, demo, db upgrade); read-only commands
+    (status, report, history...) refuse a SQLite file that does not exist, naming it, instead of
+    creating an empty one. Raises ``DatabaseUrlError`` (a UsageError: one line, exit 2)."""
+    full = normalize_url(url)
+    path = sqlite_path(full)
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise DatabaseUrlError(f"job table {path}: is a directory, not a SQLite database file")
+    if p.exists():
+        try:
+            with p.open("rb") as fh:
+                head = fh.read(16)
+        except OSError as exc:
+            raise DatabaseUrlError(f"job table {path}: cannot read it: {exc.strerror}") from None
+        if head and head != SQLITE_MAGIC:
+            raise DatabaseUrlError(f"job table {path}: not a SQLite database")
+        return
+    if not create:
+        raise DatabaseUrlError(f"no job table at {path} (nothing has run with it yet; check --db)")
+    parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise DatabaseUrlError(f"job table {path}: {parent} is not a directory")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise DatabaseUrlError(f"job table {path}: directory {parent} is not writable")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseUrlError(f"job table {path}: cannot create directory {parent}: {exc.strerror}") from None
+    try:
+        # created owner-only: the job table holds the fleet's layout and the audit trail
+        fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DatabaseUrlError(f"job table {path}: cannot create it: {exc.strerror}") from None
+
+
+def explain_connect_error(url: str, exc: BaseException) -> str:
+    """One line for an operator: what failed opening the job table (no password, no traceback)."""
+    full = normalize_url(url)
+    parsed = make_url(full)
+    if parsed.get_backend_name() == "sqlite":
+        return f"cannot open the job table {parsed.database}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+    if isinstance(exc, ConnectionRefusedError | socket.gaierror) or "refused" in str(exc).lower():
+        return f"cannot open the job table: connection refused at {where}"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "://" in text:
+        text = safe_url(text)
+    return f"cannot open the job table at {where}: {type(exc).__name__}: {text}"
+
+
 def create_engine(url: str) -> AsyncEngine:
+    """SQLAlchemy's async engine on the job table: migrations and report queries (not the hot path)."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": 30})
         _configure_sqlite(engine)
         return engine
-    return create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+    from orchestrator.store.sql import PG_SETTINGS
 
-
-def create_sync_sqlite_engine(url: URL) -> Engine:
-    """The group-commit writer's own engine on the same SQLite file, with the same pragmas, driven from
-    one thread (the async engine keeps serving reads)."""
-    sync_url = url.set(drivername="sqlite+pysqlite")
-    engine = sa_create_engine(
-        sync_url, connect_args={"timeout": 30, "check_same_thread": False}, poolclass=pool.StaticPool
+    return create_async_engine(
+        url, pool_size=3, max_overflow=5, connect_args={"server_settings": PG_SETTINGS, "timeout": 10}
     )
-    _configure_sqlite_sync(engine)
-    return engine
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -87,8 +153,8 @@ def _configure_sqlite_sync(engine: Engine) -> None:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
         # FULL: a committed intent survives a power cut of the jump host, not only a killed process.
         cur.execute("PRAGMA synchronous=FULL")

@@ -1,29 +1,31 @@
-"""Group commit: every write of the process goes through one task that commits in batches.
+"""Group commit: every store operation of the process goes through one task that commits in batches.
 
-SQLite allows one writer at a time; hundreds of workers each committing their own row collapse to a few
-hundred rows per second and start failing with "database is locked". Funnelling writes through one task
-that applies whatever is queued in a single transaction keeps the durability of a commit per answer (the
-caller's await returns only after its batch committed) at a fraction of the cost. No transaction is ever
-open across a network call: operations are short synchronous functions of a session.
+SQLite allows one writer at a time: hundreds of workers each committing their own row collapse to a few
+hundred rows a second and start failing with "database is locked". One task that applies whatever is
+queued in a single transaction keeps the durability of a commit per answer (a caller's await returns only
+after its batch committed) at a fraction of the cost. No transaction is ever open across a network call:
+an op is a short coroutine of a transaction.
 
-The batch itself runs where the dialect makes it cheapest (see ``JobStore``): on SQLite in one dedicated
-thread with the synchronous driver, so a batch costs one thread hand-off instead of one per statement
-(which on a loaded machine is milliseconds each); on PostgreSQL through the async session's ``run_sync``.
+Outages: when the database cannot be used (``DatabaseDown``), the batch is kept and retried with capped
+backoff for up to ``outage_timeout`` seconds; callers just wait. If it comes back the run goes on; if not,
+every waiting and later operation fails with ``DatabaseUnavailable`` naming the cause, and the engine
+stops cleanly. One failing op (a bug, a constraint) must not fail its neighbours: the batch is then
+replayed op by op.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy.orm import Session
+from orchestrator.store.sql import Backend, DatabaseDown, DatabaseUnavailable, Op
 
 T = TypeVar("T")
-Op = Callable[[Session], Any]
-BatchRunner = Callable[[Sequence[Op]], Awaitable[list[Any]]]
+OutageHook = Callable[[str, str], None]  # (event, cause): "db.down" / "db.recovered"
 
 
 @dataclass
@@ -32,28 +34,46 @@ class WriterStats:
     ops: int = 0
     max_batch: int = 0
     retried_alone: int = 0
+    outages: int = 0
 
 
 @dataclass
 class _Item:
-    op: Op
+    op: Op[Any]
     future: asyncio.Future[Any] = field(repr=False)
 
 
 class GroupCommitWriter:
-    def __init__(self, run_batch: BatchRunner, *, max_batch: int = 200) -> None:
-        self._run_batch = run_batch
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch: int = 256,
+        outage_timeout: float = 60.0,
+        on_outage: OutageHook | None = None,
+    ) -> None:
+        self._backend = backend
         self._max_batch = max_batch
+        self.outage_timeout = outage_timeout
+        self._on_outage = on_outage
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._dead: DatabaseUnavailable | None = None
         self.stats = WriterStats()
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="store-writer")
 
-    async def submit(self, op: Callable[[Session], T]) -> T:
-        """Queue ``op`` and wait until the batch holding it has committed; returns what ``op`` returned."""
+    def set_outage_hook(self, hook: OutageHook | None) -> None:
+        self._on_outage = hook
+
+    async def submit(self, op: Op[T]) -> T:
+        """Queue ``op`` and wait until the batch holding it committed; returns what ``op`` returned.
+
+        Raises ``DatabaseUnavailable`` once an outage outlasted the budget, and whatever ``op`` raised."""
+        if self._dead is not None:
+            raise self._dead
         if self._task is None or self._task.done():
             raise RuntimeError("the store writer is not running")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -88,17 +108,27 @@ class GroupCommitWriter:
             await self._apply(batch)
 
     async def _apply(self, batch: list[_Item]) -> None:
+        if self._dead is not None:
+            for item in batch:
+                _fail(item, self._dead)
+            return
         try:
-            results = await self._run_batch([item.op for item in batch])
+            results = await self._with_outage_retry([item.op for item in batch])
+        except DatabaseUnavailable as dead:
+            self._dead = dead
+            for item in batch:
+                _fail(item, dead)
+            self._drain(dead)
+            return
         except Exception as exc:
-            # One bad op must not fail its neighbours: replay each alone to find it.
             if len(batch) == 1:
                 _fail(batch[0], exc)
                 return
+            # ops are replay-safe (pure functions of the transaction): run each alone to find the bad one
             self.stats.retried_alone += len(batch)
             for item in batch:
                 try:
-                    (result,) = await self._run_batch([item.op])
+                    (result,) = await self._with_outage_retry([item.op])
                 except Exception as exc_one:
                     _fail(item, exc_one)
                 else:
@@ -111,6 +141,45 @@ class GroupCommitWriter:
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
+
+    async def _with_outage_retry(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        started: float | None = None
+        delay = 0.1
+        while True:
+            try:
+                results = await self._backend.run_batch(ops)
+            except DatabaseDown as down:
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                    self.stats.outages += 1
+                    self._hook("db.down", str(down))
+                if now - started >= self.outage_timeout:
+                    raise DatabaseUnavailable(
+                        f"the job table is unreachable for {now - started:.0f}s: {down}"
+                    ) from down
+                await asyncio.sleep(min(delay, max(0.0, self.outage_timeout - (now - started))))
+                delay = min(delay * 2, 5.0)
+                continue
+            if started is not None:
+                self._hook("db.recovered", f"after {time.monotonic() - started:.1f}s")
+            return results
+
+    def _hook(self, event: str, cause: str) -> None:
+        if self._on_outage is not None:
+            with contextlib.suppress(Exception):
+                self._on_outage(event, cause)
+
+    def _drain(self, dead: DatabaseUnavailable) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if item is None:
+                self._queue.put_nowait(None)
+                return
+            _fail(item, dead)
 
 
 def _fail(item: _Item, exc: BaseException) -> None:

@@ -1,0 +1,714 @@
+"""Jobs: the queue. Claims, intents, answers and the one guarded move, plus the named field updates the
+steps need (reschedule, preflight facts, workflow status) and the operator's re-queue.
+
+Every status move is ``UPDATE ... WHERE id = :id AND status = :frm`` checked by row count (and, for a
+process's own work, ``claimed_by`` = that process), so two processes can never both win the same move;
+every move appends an event in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from orchestrator.states import ACTIVE, TERMINAL, JobStatus, check_move
+from orchestrator.store import events
+from orchestrator.store.decode import (
+    ATTEMPT_COLS,
+    JOB_COLS,
+    WORKFLOW_COLS,
+    attempt_row,
+    job_row,
+    workflow_row,
+)
+from orchestrator.store.rows import (
+    MOVE_FIELDS,
+    AttemptAnswer,
+    AttemptRow,
+    Claimed,
+    Intent,
+    JobRow,
+    Move,
+    NewWorkflow,
+    WorkflowRow,
+)
+from orchestrator.store.sql import Tx, aware, in_clause
+
+# Claims and permits of one run are serialised on PostgreSQL by one advisory lock: under READ COMMITTED
+# two claimers would each miss the other's uncommitted sibling claim (per-instance guard).
+RUN_LOCK = 0x6F72_0000_0000
+FINAL_WORKFLOW = ("Completed", "Failed", "Canceled", "Unauthorized")
+_SENDABLE = (JobStatus.PENDING.value, JobStatus.RETRY_WAIT.value)
+
+
+class UnknownProxies(ValueError):
+    """``retry --proxy`` named proxies that are not in the run (nothing was changed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    """What ``retry`` did: jobs moved back to pending, and jobs left alone because a workflow of theirs
+    still runs (proxy id, workflow id, last status seen, when it was seen)."""
+
+    moved: int
+    running: list[tuple[str, str, str, datetime | None]]
+
+
+def _move_values(tx: Tx, move: Move) -> tuple[str, dict[str, Any]]:
+    sets = ["status = :to", "updated_at = :now"]
+    params: dict[str, Any] = {}
+    for key, value in move.fields.items():
+        if key not in MOVE_FIELDS:
+            raise ValueError(f"a move may not set jobs.{key}")
+        if isinstance(value, datetime):
+            value = tx.ts(value)
+        elif key == "risk":
+            value = tx.json(value)
+        sets.append(f"{key} = :f_{key}")
+        params[f"f_{key}"] = value
+    if move.release:
+        sets.append("claimed_by = NULL")
+        sets.append("lease_expires_at = NULL")
+    return ", ".join(sets), params
+
+
+async def insert_workflows(
+    tx: Tx, job_id: int, attempt_id: int | None, workflows: Sequence[NewWorkflow]
+) -> None:
+    if not workflows:
+        return
+    now = tx.ts(tx.now)
+    await tx.executemany(
+        "INSERT INTO workflows (job_id, attempt_id, workflow_id, instance_id, state, error_message, source,"
+        " created_at) VALUES (:job, :att, :wid, :inst, :state, :msg, :src, :now)",
+        [
+            {
+                "job": job_id,
+                "att": attempt_id,
+                "wid": w.workflow_id,
+                "inst": w.instance_id,
+                "state": w.state,
+                "msg": w.error_message,
+                "src": w.source,
+                "now": now,
+            }
+            for w in workflows
+        ],
+    )
+
+
+async def complete_attempt(tx: Tx, attempt_id: int, answer: AttemptAnswer) -> None:
+    await tx.execute(
+        "UPDATE attempts SET answered_at = :now, sent_at = COALESCE(:sent, sent_at), outcome = :outcome,"
+        " http_status = :hs, error_code = :ec, error_msg = :em, request_id = :rid, rule = :rule,"
+        " transport = :tr WHERE id = :id",
+        {
+            "now": tx.ts(tx.now),
+            "sent": tx.ts(answer.sent_at),
+            "outcome": answer.outcome,
+            "hs": answer.http_status,
+            "ec": answer.error_code,
+            "em": answer.error_msg,
+            "rid": answer.request_id,
+            "rule": answer.rule,
+            "tr": answer.transport,
+            "id": attempt_id,
+        },
+    )
+
+
+async def apply_move(tx: Tx, job: JobRow, move: Move, worker_id: str | None) -> bool:
+    """The one guarded move (see the module docstring); returns whether it won."""
+    check_move(move.frm, move.to)
+    sets, params = _move_values(tx, move)
+    guard = ""
+    if worker_id is not None:
+        guard = " AND (claimed_by = :me OR claimed_by IS NULL)"
+        params["me"] = worker_id
+    n = await tx.execute(
+        f"UPDATE jobs SET {sets} WHERE id = :id AND status = :frm{guard}",
+        {**params, "to": move.to.value, "now": tx.ts(tx.now), "id": job.id, "frm": move.frm.value},
+    )
+    if n != 1:
+        return False
+    if move.attempt_id is not None and move.attempt_answer is not None:
+        await complete_attempt(tx, move.attempt_id, move.attempt_answer)
+    await insert_workflows(tx, job.id, move.attempt_id, move.workflows)
+    await events.append(
+        tx,
+        run_id=job.run_id,
+        job_id=job.id,
+        kind="move",
+        from_status=move.frm.value,
+        to_status=move.to.value,
+        rule=move.fields.get("rule"),
+        reason=move.event_reason or move.fields.get("reason"),
+    )
+    return True
+
+
+class JobOps:
+    """Mixin of ``JobStore``: the queue."""
+
+    async def _submit(self, op: Any) -> Any:  # provided by JobStore
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- claims
+    async def claim(
+        self,
+        run_id: int,
+        *,
+        worker_id: str,
+        limit: int,
+        lease_s: float,
+        track: bool,
+        allow_new: bool = True,
+        open_wave: int = 1_000_000,
+        per_instance: int = 1,
+    ) -> Claimed:
+        """Claim up to ``limit`` due jobs for ``worker_id`` (leased ``lease_s`` seconds, database clock).
+
+        Order: lost answers and running workflows first (their timing matters), then due retries, then
+        pending jobs of open waves in inventory order. Upgrades (pending/retry_wait) are claimed only when
+        ``allow_new`` (the window is open and the breaker has not tripped), and only while fewer than
+        ``per_instance`` proxies of the instance are being upgraded (from the call until the workflow
+        ends when tracking). In-flight jobs whose holder is gone (lease expired or released) become
+        ``unknown`` first, keeping the holder's last lease as the intent's send deadline."""
+        S = JobStatus
+
+        async def op(tx: Tx) -> Claimed:
+            now = tx.now
+            nts = tx.ts(now)
+            if tx.dialect == "postgresql":
+                await tx.execute("SELECT pg_advisory_xact_lock(:k)", {"k": RUN_LOCK + run_id})
+            expired = (
+                "run_id = :run AND status = 'in_flight' AND (claimed_by IS NULL OR"
+                " (claimed_by != :me AND lease_expires_at <= :now))"
+            )
+            a = events.this_actor()
+            n = await tx.execute(
+                events.insert_from_jobs_sql(expired),
+                {
+                    "run": run_id,
+                    "me": worker_id,
+                    "now": nts,
+                    "at": nts,
+                    "kind": "move",
+                    "to_status": S.UNKNOWN.value,
+                    "rule": "claim:holder-gone",
+                    "reason": "the process that sent this upgrade stopped: checking what the cloud did",
+                    "os_user": a.os_user,
+                    "host": a.host,
+                    "pid": a.pid,
+                },
+            )
+            if n:
+                await tx.execute(
+                    "UPDATE jobs SET status = 'unknown', intent_deadline = COALESCE(lease_expires_at, :now),"
+                    " claimed_by = NULL, lease_expires_at = NULL, next_attempt_at = :now, updated_at = :now,"
+                    " reason = 'the process that sent this upgrade stopped: checking what the cloud did'"
+                    f" WHERE {expired}",
+                    {"run": run_id, "me": worker_id, "now": nts},
+                )
+            free = "(claimed_by IS NULL OR lease_expires_at <= :now)"
+            due = "(next_attempt_at IS NULL OR next_attempt_at <= :now)"
+            follow = [S.UNKNOWN.value] + ([S.ACCEPTED.value] if track else [])
+            fsql, fparams = in_clause("fs", follow)
+            chosen = [
+                job_row(r)
+                for r in await tx.fetch(
+                    f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status IN {fsql} AND {due}"
+                    f" AND {free} ORDER BY next_attempt_at LIMIT :lim",
+                    {"run": run_id, "now": nts, "lim": limit, **fparams},
+                )
+            ]
+            room = limit - len(chosen)
+            if allow_new and room > 0:
+                cands = [
+                    job_row(r)
+                    for r in await tx.fetch(
+                        f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status = 'retry_wait'"
+                        f" AND next_attempt_at <= :now AND {free} ORDER BY next_attempt_at LIMIT :lim",
+                        {"run": run_id, "now": nts, "lim": room * 4},
+                    )
+                ]
+                cands += [
+                    job_row(r)
+                    for r in await tx.fetch(
+                        f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status = 'pending'"
+                        f" AND wave <= :open AND {due} AND {free} ORDER BY wave, id LIMIT :lim",
+                        {"run": run_id, "now": nts, "lim": room * 4, "open": open_wave},
+                    )
+                ]
+                if cands:
+                    busy = await _busy_instances(tx, run_id, cands, track)
+                    for j in cands:
+                        key = (j.project_id, j.instance_id)
+                        if busy.get(key, 0) >= per_instance:
+                            continue
+                        busy[key] = busy.get(key, 0) + 1
+                        chosen.append(j)
+                        if len(chosen) >= limit:
+                            break
+            if not chosen:
+                return Claimed([], now)
+            until = tx.ts(now + timedelta(seconds=lease_s))
+            ids_sql, ids = in_clause("j", [j.id for j in chosen])
+            won = {
+                int(r[0])
+                for r in await tx.fetch(
+                    f"UPDATE jobs SET claimed_by = :me, lease_expires_at = :until WHERE id IN {ids_sql}"
+                    f" AND {free} RETURNING id",
+                    {"me": worker_id, "until": until, "now": nts, **ids},
+                )
+            }
+            await tx.execute(
+                "UPDATE workers SET claimed = claimed + :n WHERE id = :me", {"n": len(won), "me": worker_id}
+            )
+            lease = now + timedelta(seconds=lease_s)
+            out = [_claimed(j, worker_id, lease) for j in chosen if j.id in won]
+            return Claimed(out, now)
+
+        result: Claimed = await self._submit(op)
+        return result
+
+    async def release(self, job_id: int, worker_id: str) -> None:
+        async def op(tx: Tx) -> None:
+            await tx.execute(
+                "UPDATE jobs SET claimed_by = NULL, lease_expires_at = NULL WHERE id = :id AND claimed_by = :me",
+                {"id": job_id, "me": worker_id},
+            )
+
+        await self._submit(op)
+
+    # --------------------------------------------------------------------------------------- upgrade
+    async def record_intent(
+        self, job: JobRow, *, worker_id: str, cloud_offset_s: float | None
+    ) -> Intent | None:
+        """Durably record that an upgrade call is about to leave, before it leaves. None: the job was moved
+        or its claim lapsed meanwhile (the guard lost), so the call must not be sent."""
+        number = job.attempt_count + 1
+
+        async def op(tx: Tx) -> Intent | None:
+            nts = tx.ts(tx.now)
+            n = await tx.execute(
+                "UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"
+                " next_attempt_at = NULL, intent_deadline = lease_expires_at WHERE id = :id"
+                " AND status IN ('pending', 'retry_wait') AND claimed_by = :me AND attempt_count = :prev"
+                " AND lease_expires_at > :now",
+                {"n": number, "now": nts, "id": job.id, "me": worker_id, "prev": job.attempt_count},
+            )
+            if n != 1:
+                return None
+            row = await tx.fetchone(
+                "INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
+                " VALUES (:job, :n, :me, :now, 'in_flight', :off) RETURNING id",
+                {"job": job.id, "n": number, "me": worker_id, "now": nts, "off": cloud_offset_s},
+            )
+            assert row is not None
+            await events.append(
+                tx,
+                run_id=job.run_id,
+                job_id=job.id,
+                kind="move",
+                from_status=job.status.value,
+                to_status=JobStatus.IN_FLIGHT.value,
+                reason=f"upgrade call {number}",
+            )
+            dl = await tx.fetchone("SELECT intent_deadline FROM jobs WHERE id = :id", {"id": job.id})
+            return Intent(int(row[0]), number, aware(dl[0]) if dl else None)
+
+        result: Intent | None = await self._submit(op)
+        return result
+
+    async def record_answer(
+        self,
+        job: JobRow,
+        attempt_id: int,
+        answer: AttemptAnswer,
+        *,
+        workflows: Sequence[NewWorkflow],
+        move: Move,
+        worker_id: str,
+    ) -> bool:
+        """The answer to an attempt, every ``update_result`` item, and the job's move, in one commit.
+
+        The attempt and its workflows are facts and are recorded even if the move loses (the job was taken
+        over meanwhile): no workflow id the cloud issued is ever dropped. Returns whether the move won."""
+        check_move(move.frm, move.to)  # a bug fails here, before it can fail a whole commit batch
+
+        async def op(tx: Tx) -> bool:
+            await complete_attempt(tx, attempt_id, answer)
+            await insert_workflows(tx, job.id, attempt_id, workflows)
+            plain = Move(
+                frm=move.frm,
+                to=move.to,
+                fields=move.fields,
+                release=move.release,
+                event_reason=move.event_reason,
+            )
+            return await apply_move(tx, job, plain, worker_id)
+
+        result: bool = await self._submit(op)
+        return result
+
+    async def move(self, job: JobRow, move: Move, *, worker_id: str | None) -> bool:
+        """Apply one guarded move (see :func:`apply_move`)."""
+        check_move(move.frm, move.to)
+
+        async def op(tx: Tx) -> bool:
+            return await apply_move(tx, job, move, worker_id)
+
+        result: bool = await self._submit(op)
+        return result
+
+    async def reschedule(
+        self,
+        job: JobRow,
+        *,
+        worker_id: str,
+        due: datetime,
+        reason: str | None = None,
+        read_failures: int | None = None,
+    ) -> None:
+        """Look at the job again at ``due`` (database clock), releasing the claim; no status move."""
+
+        async def op(tx: Tx) -> None:
+            sets = ["next_attempt_at = :due", "claimed_by = NULL", "lease_expires_at = NULL"]
+            params: dict[str, Any] = {"due": tx.ts(due), "id": job.id, "me": worker_id}
+            if reason is not None:
+                sets.append("reason = :reason")
+                params["reason"] = reason
+            if read_failures is not None:
+                sets.append("read_failures = :rf")
+                params["rf"] = read_failures
+            await tx.execute(
+                f"UPDATE jobs SET {', '.join(sets)} WHERE id = :id AND claimed_by = :me", params
+            )
+
+        await self._submit(op)
+
+    async def set_preflight_facts(
+        self,
+        job: JobRow,
+        *,
+        worker_id: str,
+        current_version: str,
+        latest_version: str | None,
+        risk: dict[str, Any] | None,
+    ) -> None:
+        """What the latest version read said (kept: a retry sends the version it read)."""
+
+        async def op(tx: Tx) -> None:
+            await tx.execute(
+                "UPDATE jobs SET current_version = :cur, latest_version = :lat, risk = :risk,"
+                " read_failures = 0, updated_at = :now WHERE id = :id AND claimed_by = :me",
+                {
+                    "cur": current_version,
+                    "lat": latest_version,
+                    "risk": tx.json(risk),
+                    "now": tx.ts(tx.now),
+                    "id": job.id,
+                    "me": worker_id,
+                },
+            )
+
+        await self._submit(op)
+
+    async def record_workflow_status(
+        self,
+        row_id: int,
+        *,
+        status: str | None,
+        progress: str | None,
+        fail_reason: str | None,
+        ended_at: datetime | None,
+    ) -> None:
+        """A poll's answer for one workflow row (``status`` None: the poll failed; only the check time)."""
+
+        async def op(tx: Tx) -> None:
+            if status is None:
+                await tx.execute(
+                    "UPDATE workflows SET checked_at = :now WHERE id = :id", {"now": tx.ts(tx.now), "id": row_id}
+                )
+                return
+            await tx.execute(
+                "UPDATE workflows SET job_status = :st, progress = :pr, fail_reason = :fr, checked_at = :now,"
+                " ended_at = :end WHERE id = :id",
+                {
+                    "st": status,
+                    "pr": progress,
+                    "fr": fail_reason,
+                    "now": tx.ts(tx.now),
+                    "end": tx.ts(ended_at),
+                    "id": row_id,
+                },
+            )
+
+        await self._submit(op)
+
+    async def attach_workflows(self, job: JobRow, attempt_id: int | None, workflows: Sequence[NewWorkflow]) -> None:
+        async def op(tx: Tx) -> None:
+            await insert_workflows(tx, job.id, attempt_id, workflows)
+
+        await self._submit(op)
+
+    async def retarget(self, job: JobRow, target_version: str, reason: str) -> bool:
+        """A changed inventory target for a job never sent (guarded: pending, no attempt yet)."""
+
+        async def op(tx: Tx) -> bool:
+            n = await tx.execute(
+                "UPDATE jobs SET target_version = :t, updated_at = :now WHERE id = :id AND status = 'pending'"
+                " AND attempt_count = 0",
+                {"t": target_version, "now": tx.ts(tx.now), "id": job.id},
+            )
+            if n:
+                await events.append(tx, run_id=job.run_id, job_id=job.id, kind="retarget", reason=reason)
+            return n == 1
+
+        result: bool = await self._submit(op)
+        return result
+
+    # -------------------------------------------------------------------------------------- operator
+    async def requeue(
+        self,
+        run_id: int,
+        *,
+        statuses: Iterable[JobStatus],
+        proxy_ids: Sequence[str] = (),
+        rules: Sequence[str] = (),
+    ) -> Requeued:
+        """Operator re-queue (``orchestrator retry``): chosen flagged/failed jobs back to pending, history
+        kept, one ``retry`` event each with who did it. Validated first: unknown ``proxy_ids`` raise
+        ``UnknownProxies`` before anything changes. A job with a workflow last seen Pending/Running is left
+        alone and reported (``retry`` never resends while a workflow of the proxy runs)."""
+        chosen = list(statuses)
+        for st in chosen:
+            check_move(st, JobStatus.PENDING)
+
+        async def op(tx: Tx) -> Requeued:
+            nts = tx.ts(tx.now)
+            if proxy_ids:
+                psql, pparams = in_clause("p", proxy_ids)
+                known = {
+                    str(r[0])
+                    for r in await tx.fetch(
+                        f"SELECT proxy_id FROM jobs WHERE run_id = :run AND proxy_id IN {psql}",
+                        {"run": run_id, **pparams},
+                    )
+                }
+                missing = [p for p in proxy_ids if p not in known]
+                if missing:
+                    raise UnknownProxies(f"not in run {run_id}: {', '.join(missing)}")
+            ssql, sparams = in_clause("s", [s.value for s in chosen])
+            where = [f"run_id = :run AND status IN {ssql}"]
+            params: dict[str, Any] = {"run": run_id, **sparams}
+            if proxy_ids:
+                psql, pparams = in_clause("p", proxy_ids)
+                where.append(f"proxy_id IN {psql}")
+                params.update(pparams)
+            if rules:
+                rsql, rparams = in_clause("r", rules)
+                where.append(f"rule IN {rsql}")
+                params.update(rparams)
+            cond = " AND ".join(where)
+            fsql, fparams = in_clause("fw", FINAL_WORKFLOW)
+            running_rows = await tx.fetch(
+                f"SELECT j.id, j.proxy_id, w.workflow_id, w.job_status, w.checked_at FROM jobs j"
+                f" JOIN workflows w ON w.job_id = j.id WHERE j.{cond.replace(' AND ', ' AND j.')}"
+                f" AND w.state = 'ACCEPT' AND w.job_status IS NOT NULL AND w.job_status NOT IN {fsql}",
+                {**params, **fparams},
+            )
+            held = {int(r[0]) for r in running_rows}
+            running = [(str(r[1]), str(r[2]), str(r[3]), aware(r[4])) for r in running_rows]
+            if held:
+                hsql, hparams = in_clause("h", sorted(held))
+                cond += f" AND id NOT IN {hsql}"
+                params.update(hparams)
+            a = events.this_actor()
+            await tx.execute(
+                events.insert_from_jobs_sql(cond),
+                {
+                    **params,
+                    "at": nts,
+                    "kind": "retry",
+                    "to_status": JobStatus.PENDING.value,
+                    "rule": None,
+                    "reason": "re-queued by an operator",
+                    "os_user": a.os_user,
+                    "host": a.host,
+                    "pid": a.pid,
+                },
+            )
+            moved = await tx.execute(
+                "UPDATE jobs SET status = 'pending', next_attempt_at = NULL, claimed_by = NULL,"
+                " lease_expires_at = NULL, reason = NULL, hint = NULL, rule = NULL, counts_failure = :f,"
+                f" read_failures = 0, updated_at = :now WHERE {cond}",
+                {**params, "now": nts, "f": False},
+            )
+            if moved:
+                await tx.execute(
+                    "UPDATE runs SET status = 'stopped', finished_at = NULL, stop_reason = 're-queued'"
+                    " WHERE id = :run AND status = 'finished'",
+                    {"run": run_id},
+                )
+            return Requeued(moved, running)
+
+        result: Requeued = await self._submit(op)
+        return result
+
+    # ----------------------------------------------------------------------------------------- reads
+    async def get_job(self, job_id: int) -> JobRow | None:
+        async def op(tx: Tx) -> JobRow | None:
+            r = await tx.fetchone(f"SELECT {JOB_COLS} FROM jobs WHERE id = :id", {"id": job_id})
+            return job_row(r) if r else None
+
+        result: JobRow | None = await self._submit(op)
+        return result
+
+    async def jobs(
+        self, run_id: int, statuses: Iterable[JobStatus] | None = None, *, limit: int = 100_000
+    ) -> list[JobRow]:
+        async def op(tx: Tx) -> list[JobRow]:
+            where = "run_id = :run"
+            params: dict[str, Any] = {"run": run_id, "lim": limit}
+            if statuses is not None:
+                ssql, sparams = in_clause("s", [s.value for s in statuses])
+                where += f" AND status IN {ssql}"
+                params.update(sparams)
+            rows = await tx.fetch(f"SELECT {JOB_COLS} FROM jobs WHERE {where} ORDER BY id LIMIT :lim", params)
+            return [job_row(r) for r in rows]
+
+        result: list[JobRow] = await self._submit(op)
+        return result
+
+    async def first_job(self, run_id: int, statuses: Iterable[JobStatus]) -> JobRow | None:
+        found = await self.jobs(run_id, statuses, limit=1)
+        return found[0] if found else None
+
+    async def job_keys(self, run_id: int) -> dict[tuple[str, str, str], JobRow]:
+        """(project, instance, proxy) -> job: to compare the run with a changed inventory."""
+        return {(j.project_id, j.instance_id, j.proxy_id): j for j in await self.jobs(run_id)}
+
+    async def attempts(self, job_id: int) -> list[AttemptRow]:
+        async def op(tx: Tx) -> list[AttemptRow]:
+            rows = await tx.fetch(
+                f"SELECT {ATTEMPT_COLS} FROM attempts WHERE job_id = :j ORDER BY number", {"j": job_id}
+            )
+            return [attempt_row(r) for r in rows]
+
+        result: list[AttemptRow] = await self._submit(op)
+        return result
+
+    async def workflows_of(self, job_id: int) -> list[WorkflowRow]:
+        async def op(tx: Tx) -> list[WorkflowRow]:
+            rows = await tx.fetch(
+                f"SELECT {WORKFLOW_COLS} FROM workflows WHERE job_id = :j ORDER BY id", {"j": job_id}
+            )
+            return [workflow_row(r) for r in rows]
+
+        result: list[WorkflowRow] = await self._submit(op)
+        return result
+
+    async def attempts_and_workflows(self, job_id: int) -> tuple[list[AttemptRow], list[WorkflowRow]]:
+        """Both in one transaction (one round trip on the hot path of reconcile and track)."""
+
+        async def op(tx: Tx) -> tuple[list[AttemptRow], list[WorkflowRow]]:
+            a = await tx.fetch(
+                f"SELECT {ATTEMPT_COLS} FROM attempts WHERE job_id = :j ORDER BY number", {"j": job_id}
+            )
+            w = await tx.fetch(
+                f"SELECT {WORKFLOW_COLS} FROM workflows WHERE job_id = :j ORDER BY id", {"j": job_id}
+            )
+            return [attempt_row(r) for r in a], [workflow_row(r) for r in w]
+
+        result: tuple[list[AttemptRow], list[WorkflowRow]] = await self._submit(op)
+        return result
+
+    async def known_workflow_ids(self, candidates: Iterable[str]) -> set[str]:
+        """Which of ``candidates`` the job table already records (any run): reconcile never takes a
+        workflow another job already owns for this one."""
+        ids = sorted(set(candidates))
+        if not ids:
+            return set()
+
+        async def op(tx: Tx) -> set[str]:
+            out: set[str] = set()
+            for i in range(0, len(ids), 500):
+                wsql, wparams = in_clause("w", ids[i : i + 500])
+                out |= {
+                    str(r[0])
+                    for r in await tx.fetch(f"SELECT workflow_id FROM workflows WHERE workflow_id IN {wsql}", wparams)
+                }
+            return out
+
+        result: set[str] = await self._submit(op)
+        return result
+
+    async def next_due(self, run_id: int, *, track: bool) -> datetime | None:
+        """The earliest moment a job of this run may become claimable (the engine's idle sleep)."""
+        wanted = [JobStatus.RETRY_WAIT.value, JobStatus.UNKNOWN.value, JobStatus.PENDING.value] + (
+            [JobStatus.ACCEPTED.value] if track else []
+        )
+
+        async def op(tx: Tx) -> datetime | None:
+            best: datetime | None = None
+            for st in wanted:
+                r = await tx.fetchone(
+                    "SELECT min(next_attempt_at) FROM jobs WHERE run_id = :run AND status = :st",
+                    {"run": run_id, "st": st},
+                )
+                v = aware(r[0]) if r else None
+                if v is not None and (best is None or v < best):
+                    best = v
+            return best
+
+        result: datetime | None = await self._submit(op)
+        return result
+
+    async def active_count(self, run_id: int, *, track: bool) -> int:
+        active = [s.value for s in ACTIVE if track or s is not JobStatus.ACCEPTED]
+
+        async def op(tx: Tx) -> int:
+            asql, aparams = in_clause("a", active)
+            r = await tx.fetchone(
+                f"SELECT count(*) FROM jobs WHERE run_id = :run AND status IN {asql}", {"run": run_id, **aparams}
+            )
+            return int(r[0]) if r else 0
+
+        result: int = await self._submit(op)
+        return result
+
+
+async def _busy_instances(
+    tx: Tx, run_id: int, cands: list[JobRow], track: bool
+) -> dict[tuple[str, str], int]:
+    """How many proxies of each candidate's instance are being upgraded now (the availability guard)."""
+    busy_states = [JobStatus.IN_FLIGHT.value, JobStatus.UNKNOWN.value] + (
+        [JobStatus.ACCEPTED.value] if track else []
+    )
+    out: dict[tuple[str, str], int] = {}
+    instances = sorted({j.instance_id for j in cands})
+    bsql, bparams = in_clause("b", busy_states)
+    ssql, sparams = in_clause("s", _SENDABLE)
+    for i in range(0, len(instances), 400):
+        isql, iparams = in_clause("i", instances[i : i + 400])
+        for project, instance, n in await tx.fetch(
+            "SELECT project_id, instance_id, count(*) FROM jobs WHERE run_id = :run"
+            f" AND instance_id IN {isql} AND (status IN {bsql} OR (status IN {ssql}"
+            " AND claimed_by IS NOT NULL AND lease_expires_at > :now)) GROUP BY project_id, instance_id",
+            {"run": run_id, "now": tx.ts(tx.now), **iparams, **bparams, **sparams},
+        ):
+            out[(str(project), str(instance))] = int(n)
+    return out
+
+
+def _claimed(j: JobRow, worker_id: str, lease: datetime) -> JobRow:
+    from dataclasses import replace
+
+    return replace(j, claimed_by=worker_id, lease_expires_at=lease)
+
+
+TERMINAL_VALUES = tuple(sorted(s.value for s in TERMINAL))

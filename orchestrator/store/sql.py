@@ -1,0 +1,403 @@
+"""The driver layer under the store: one transaction API over SQLite (stdlib ``sqlite3``) and PostgreSQL
+(``asyncpg``), so every store operation is written once, as a coroutine ``op(tx) -> T``.
+
+Why not SQLAlchemy here: the hot path (claim, intent, answer, move) runs thousands of times a second and
+an ORM or Core ``execute`` costs 30-60 µs of Python per statement against 3-10 µs for a prepared driver
+statement; the schema, migrations and report queries stay SQLAlchemy's. SQL is written with ``:name``
+parameters (sqlite3's own style) and rewritten to ``$n`` for asyncpg once per statement text.
+
+SQLite: one connection in one dedicated thread (the writer), ``BEGIN IMMEDIATE`` per batch. An op never
+really suspends on SQLite (its awaits complete at once), so the thread drives each op's coroutine with a
+single ``send(None)``. PostgreSQL: one asyncpg connection per process for the writer, each batch in one
+transaction whose clock (``clock_timestamp()``) every comparison in the batch uses, so hosts with drifting
+clocks agree on leases and permits. Session timeouts bound what a stalled peer can cost (docs/postgres.md).
+
+Errors: ``DatabaseDown`` when the database cannot be used right now (connection refused or lost, the
+file locked past the busy timeout, a full disk, a read-only file, a lock wait timed out); the writer
+retries those. Anything else is a bug or a constraint and propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+Params = Mapping[str, Any] | None
+
+# Session settings on every PostgreSQL connection (docs/postgres.md): a stalled member (SIGSTOP, a frozen
+# VM) costs the others at most a few seconds: its open transaction is ended, its advisory locks freed.
+PG_SETTINGS: dict[str, str] = {
+    "idle_in_transaction_session_timeout": "5000",
+    "lock_timeout": "5000",
+    "statement_timeout": "60000",
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "application_name": "orchestrator",
+}
+SQLITE_BUSY_MS = 5000
+
+
+class DatabaseDown(Exception):
+    """The job table cannot be used right now; the message names the cause (never a password)."""
+
+
+class DatabaseUnavailable(Exception):
+    """The job table stayed unusable longer than the outage budget: the run must stop (exit 3)."""
+
+
+class Tx(Protocol):
+    """One open transaction. ``now``: the transaction's clock (the database server's on PostgreSQL)."""
+
+    dialect: str
+    now: datetime
+
+    async def execute(self, sql: str, params: Params = None) -> int: ...
+
+    async def executemany(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None: ...
+
+    async def fetch(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]: ...
+
+    async def fetchone(self, sql: str, params: Params = None) -> tuple[Any, ...] | None: ...
+
+    def ts(self, value: datetime | None) -> Any: ...
+
+    def json(self, value: Any) -> Any: ...
+
+
+Op = Callable[[Tx], Awaitable[T]]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(value: Any) -> datetime | None:
+    """A timestamp column as an aware UTC datetime (SQLite hands back naive text written as UTC)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+    return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+def from_json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+# ------------------------------------------------------------------------------------------- SQLite
+class _SqliteTx:
+    dialect = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection, now: datetime) -> None:
+        self._conn = conn
+        self.now = now
+
+    async def execute(self, sql: str, params: Params = None) -> int:
+        return self._conn.execute(sql, _sqlite_params(params)).rowcount
+
+    async def executemany(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._conn.executemany(sql, [_sqlite_params(r) for r in rows])
+
+    async def fetch(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
+        return self._conn.execute(sql, _sqlite_params(params)).fetchall()
+
+    async def fetchone(self, sql: str, params: Params = None) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._conn.execute(sql, _sqlite_params(params)).fetchone()
+        return row
+
+    def ts(self, value: datetime | None) -> Any:
+        # SQLAlchemy's SQLite DateTime format, so its readers parse what we write and text order is time
+        if value is None:
+            return None
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    def json(self, value: Any) -> Any:
+        return None if value is None else json.dumps(value)
+
+
+def _sqlite_params(params: Params) -> Mapping[str, Any]:
+    if not params:
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, datetime):
+            v = v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        elif isinstance(v, bool):
+            v = int(v)
+        out[k] = v
+    return out
+
+
+def _drive(coro: Awaitable[T]) -> T:
+    """Run an op coroutine that never suspends (every SQLite await completes at once)."""
+    it = coro.__await__()
+    try:
+        it.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    raise RuntimeError("a SQLite store op suspended: ops may await only the transaction")
+
+
+_SQLITE_DOWN = (
+    "locked",
+    "busy",
+    "disk is full",
+    "database or disk is full",
+    "readonly",
+    "read-only",
+    "unable to open",
+    "disk i/o error",
+    "no such table",
+)
+
+
+def sqlite_down(exc: sqlite3.Error) -> DatabaseDown | None:
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.OperationalError) and any(w in text for w in _SQLITE_DOWN):
+        return DatabaseDown(f"SQLite: {exc}")
+    return None
+
+
+class SqliteBackend:
+    """The writer's own connection to a SQLite file, used from one thread."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_MS / 1000
+        )
+        conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        # FULL: a committed intent survives a power cut of the jump host, not only a killed process
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _batch(self, ops: Sequence[Op[Any]], now: datetime) -> list[Any]:
+        with self._lock:
+            if self._conn is None:
+                try:
+                    self._conn = self._connect()
+                except sqlite3.Error as exc:
+                    raise sqlite_down(exc) or DatabaseDown(f"SQLite: {exc}") from exc
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise sqlite_down(exc) or exc from exc
+            tx = _SqliteTx(conn, now)
+            try:
+                results = [_drive(op(tx)) for op in ops]
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    down = sqlite_down(exc)
+                    if down is not None:
+                        raise down from exc
+                raise
+            return results
+
+    async def run_batch(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._batch, ops, utcnow())
+
+    async def close(self) -> None:
+        def shut() -> None:
+            with self._lock:
+                if self._conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.close()
+                    self._conn = None
+
+        with contextlib.suppress(RuntimeError):
+            await asyncio.get_running_loop().run_in_executor(self._pool, shut)
+        self._pool.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------------------------- PostgreSQL
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class _PgStatement:
+    __slots__ = ("names", "text")
+
+    def __init__(self, sql: str) -> None:
+        names: list[str] = []
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in names:
+                names.append(name)
+            return f"${names.index(name) + 1}"
+
+        self.text = _PARAM.sub(sub, sql)
+        self.names = names
+
+    def args(self, params: Params) -> list[Any]:
+        p = params or {}
+        return [p[n] for n in self.names]
+
+
+_STATEMENTS: dict[str, _PgStatement] = {}
+
+
+def _pg(sql: str) -> _PgStatement:
+    st = _STATEMENTS.get(sql)
+    if st is None:
+        st = _STATEMENTS[sql] = _PgStatement(sql)
+    return st
+
+
+class _PgTx:
+    dialect = "postgresql"
+
+    def __init__(self, conn: Any, now: datetime) -> None:
+        self._conn = conn
+        self.now = now
+
+    async def execute(self, sql: str, params: Params = None) -> int:
+        st = _pg(sql)
+        status: str = await self._conn.execute(st.text, *st.args(params))
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def executemany(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        if rows:
+            st = _pg(sql)
+            await self._conn.executemany(st.text, [st.args(r) for r in rows])
+
+    async def fetch(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
+        st = _pg(sql)
+        return [tuple(r) for r in await self._conn.fetch(st.text, *st.args(params))]
+
+    async def fetchone(self, sql: str, params: Params = None) -> tuple[Any, ...] | None:
+        st = _pg(sql)
+        r = await self._conn.fetchrow(st.text, *st.args(params))
+        return tuple(r) if r is not None else None
+
+    def ts(self, value: datetime | None) -> Any:
+        return value
+
+    def json(self, value: Any) -> Any:
+        return None if value is None else json.dumps(value)
+
+
+def pg_down(exc: BaseException) -> DatabaseDown | None:
+    import asyncpg
+
+    if isinstance(
+        exc,
+        OSError
+        | ConnectionError
+        | asyncio.TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.AdminShutdownError
+        | asyncpg.LockNotAvailableError
+        | asyncpg.QueryCanceledError
+        | asyncpg.IdleInTransactionSessionTimeoutError
+        | asyncpg.DeadlockDetectedError
+        | asyncpg.SerializationError
+        | asyncpg.TooManyConnectionsError
+        | asyncpg.DiskFullError,
+    ):
+        name = type(exc).__name__
+        text = str(exc).splitlines()[0] if str(exc) else name
+        return DatabaseDown(f"PostgreSQL: {name}: {text}")
+    return None
+
+
+class PgBackend:
+    """The writer's own asyncpg connection; reconnected after a failure."""
+
+    dialect = "postgresql"
+
+    def __init__(self, dsn: str, *, describe: str) -> None:
+        self._dsn = dsn
+        self._describe = describe
+        self._conn: Any = None
+
+    async def _connection(self) -> Any:
+        import asyncpg
+
+        if self._conn is None or self._conn.is_closed():
+            try:
+                self._conn = await asyncpg.connect(
+                    self._dsn, server_settings=PG_SETTINGS, timeout=10, command_timeout=60
+                )
+            except Exception as exc:
+                down = pg_down(exc)
+                if down is not None:
+                    raise DatabaseDown(f"{down} (connecting to {self._describe})") from exc
+                raise
+        return self._conn
+
+    async def run_batch(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                now = aware(await conn.fetchval("SELECT clock_timestamp()"))
+                assert now is not None
+                tx = _PgTx(conn, now)
+                return [await op(tx) for op in ops]
+        except Exception as exc:
+            down = pg_down(exc)
+            if down is not None:
+                await self._drop()
+                raise down from exc
+            raise
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.terminate()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5)
+
+
+Backend = SqliteBackend | PgBackend
+
+
+def in_clause(prefix: str, values: Iterable[Any]) -> tuple[str, dict[str, Any]]:
+    """``(:p0, :p1, ...)`` and its parameters, for an IN list of a known small size."""
+    params = {f"{prefix}{i}": v for i, v in enumerate(values)}
+    if not params:
+        return "(NULL)", {}
+    return "(" + ", ".join(f":{k}" for k in params) + ")", params
+
+
+def secure_file(path: str) -> None:
+    """The job table holds the fleet's layout and the audit trail: readable by its owner only."""
+    for p in (path, f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(OSError):
+            if Path(p).exists():
+                os.chmod(p, 0o600)
