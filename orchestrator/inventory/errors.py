@@ -97,6 +97,7 @@ class FileErrors(FileError):
 
     @property
     def errors(self) -> list[FileError]:
+        """The problems, in line order (a copy)."""
         return list(self._errors)
 
     def __str__(self) -> str:

@@ -74,6 +74,8 @@ class _Entry(TypedDict, total=False):
     name: Annotated[str, StringConstraints(pattern=_anchored(_NAME), max_length=_NAME_MAX)]
 
 
+_FINE_MAX = 4096
+_REGION_ENDPOINTS = {region: endpoint_for_region(region) for region in REGION_HOSTS}
 _ENTRY = TypeAdapter(_Entry)
 # pydantic-core's validator itself: TypeAdapter.validate_python adds a Python call per entry
 _validate: Callable[[dict[str, str]], _Entry] = _ENTRY.validator.validate_python
@@ -190,6 +192,7 @@ class EntryBuilder:
         self.missing_hint = missing_hint
         # digest -> first line << 32 | (index + 1): one int per entry rather than a tuple
         self._seen: dict[bytes, int] | None = {} if dups else None
+        self._fine: dict[tuple[str | None, str | None, str | None, str], str | None] = {}
 
     def build(
         self, data: dict[str, str], line: int, index: int | None, origins: Origins, *, bad: bool = False
@@ -220,27 +223,15 @@ class EntryBuilder:
                     self.errs.add(vals[field].line, vals[field].where, swap)
             ok = False
         region, endpoint = f.get("region"), f.get("endpoint")
-        if region is not None and endpoint is None and not self.override and region not in REGION_HOSTS:
-            reg = origins()["region"]
-            hint = suggest(region, list(REGION_HOSTS))
-            self.errs.add(
-                reg.line, reg.where, f"unknown region {echo(region)} (give an endpoint for it){hint}"
-            )
-            ok = False
-        elif region is None and endpoint is None and not self.override:
-            msg = f"one of region or endpoint is required{self.missing_hint}"
-            self.errs.add(line, _path(index, "region"), msg)
-            ok = False
         source, target = f.get("source_version"), f["target_version"]
-        if source is not None and version_key(target) < version_key(source):
-            vals = origins()
-            tgt, src = vals["target_version"], vals["source_version"]
-            self.errs.add(
-                tgt.line,
-                tgt.where,
-                f"target {target!r} is lower than source_version {source!r} ({src.where}, line {src.line})",
-            )
-            ok = False
+        combo = (region, endpoint, source, target)
+        resolved = self._fine.get(combo, "")  # "" is never an endpoint: not seen yet
+        if resolved == "":
+            fine, resolved = self._where(region, endpoint, source, target, line, index, origins)
+            if not fine:
+                ok = False
+            elif len(self._fine) < _FINE_MAX:
+                self._fine[combo] = resolved
         if self._seen is not None:
             key = _digest(f"{f['project_id']}\x00{instance_id}\x00{proxy_id}".lower())
             here = line << 32 | (0 if index is None else index + 1)
@@ -257,12 +248,6 @@ class EntryBuilder:
                 ok = False
         if not ok:
             return None
-        if self.override:
-            resolved: str | None = self.override
-        elif endpoint is not None:
-            resolved = endpoint
-        else:
-            resolved = endpoint_for_region(region) if region is not None else None
         return ProxyEntry(
             f["project_id"],
             instance_id,
@@ -275,6 +260,47 @@ class EntryBuilder:
             f.get("name"),
             line,
         )
+
+    def _where(
+        self,
+        region: str | None,
+        endpoint: str | None,
+        source: str | None,
+        target: str,
+        line: int,
+        index: int | None,
+        origins: Origins,
+    ) -> tuple[bool, str | None]:
+        """(fine, the endpoint the entry resolves to) for one combination of region, endpoint and
+        versions; the problems of an entry that is not fine are reported. A fleet repeats a few
+        combinations many thousand times, so ``build`` remembers the fine ones."""
+        fine = True
+        if region is not None and endpoint is None and not self.override and region not in REGION_HOSTS:
+            reg = origins()["region"]
+            hint = suggest(region, list(REGION_HOSTS))
+            self.errs.add(
+                reg.line, reg.where, f"unknown region {echo(region)} (give an endpoint for it){hint}"
+            )
+            fine = False
+        elif region is None and endpoint is None and not self.override:
+            self.errs.add(
+                line, _path(index, "region"), f"one of region or endpoint is required{self.missing_hint}"
+            )
+            fine = False
+        if source is not None and version_key(target) < version_key(source):
+            vals = origins()
+            tgt, src = vals["target_version"], vals["source_version"]
+            self.errs.add(
+                tgt.line,
+                tgt.where,
+                f"target {target!r} is lower than source_version {source!r} ({src.where}, line {src.line})",
+            )
+            fine = False
+        if self.override:
+            return fine, self.override
+        if endpoint is not None:
+            return fine, endpoint
+        return fine, (_REGION_ENDPOINTS.get(region) if region is not None else None)
 
     def _report(self, exc: ValidationError, vals: dict[str, Val], line: int, index: int | None) -> None:
         failed: set[str] = set()

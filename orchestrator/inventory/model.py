@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = ["ENTRY_FIELDS", "LANGUAGES", "Inventory", "ProxyEntry", "Summary"]
 
@@ -15,11 +15,14 @@ ENTRY_FIELDS = ("project_id", "instance_id", "proxy_id", "region", "endpoint", "
 LANGUAGES = ("en-us", "zh-cn")
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyEntry:
+class ProxyEntry(NamedTuple):
     """One proxy to upgrade, with defaults applied and the endpoint already resolved (``endpoint`` is a
     normalised ``scheme://host[:port]``; None only when neither region, endpoint nor an override gave one,
-    which validation refuses). ``line`` is the 1-based line of the entry (YAML) or record (CSV)."""
+    which validation refuses). ``line`` is the 1-based line of the entry (YAML) or record (CSV).
+
+    Immutable; a named tuple rather than a frozen dataclass because a 100,000-proxy file makes 100,000 of
+    them on every pass, and a tuple is built five times faster.
+    """
 
     project_id: str
     instance_id: str
