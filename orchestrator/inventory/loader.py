@@ -35,7 +35,7 @@ def load_inventory(path: str | os.PathLike[str], *, endpoint_override: str | Non
     ``endpoint_override`` (``--endpoint``) is checked by ``validate_endpoint`` and then serves every entry.
     Raises ``InventoryErrors`` listing every problem found (up to ``MAX_LISTED``), sorted by line.
     Measured on the 2-core development machine: 100,000 entries in about 1.5 s (YAML) or 1 s (CSV),
-    memory growing by about 30 MB (duplicate-detection digests and the summary's instance set).
+    memory growing by about 25 MB (duplicate-detection digests and the summary's instance set).
     """
     path_str = os.fspath(path)
     errs = Problems(path_str)
