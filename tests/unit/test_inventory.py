@@ -900,3 +900,18 @@ def test_the_policy_block_keeps_yaml_12_values(tmp_path: Path) -> None:
     policy = "policy:\n  a: [true, False, 0, -7, +3, 1.5, -1.5, 2., 1.0e-05, null, '0443', '', -.5]\n"
     inv = load_inventory(_write(tmp_path, "p.yaml", _yaml(GOOD, extra=policy)))
     assert inv.policy == {"a": [True, False, 0, -7, 3, 1.5, -1.5, 2.0, 1e-05, None, "0443", "", "-.5"]}
+
+
+def test_bad_syntax_after_bad_entries_is_reported_alone(tmp_path: Path) -> None:
+    # what was read before a syntax error may mean something else: the syntax error is the one message
+    text = _yaml(GOOD.replace(PROXY, "bad/1") + GOOD.replace(PROXY, PROXY2) + "  - {unclosed: [\n")
+    (err,) = _errors(_write(tmp_path, "s.yaml", text))
+    assert err.line is not None and err.line >= 4 and err.message.startswith("not valid YAML")
+
+
+def test_an_anchored_list_of_proxies_is_read_as_nodes(tmp_path: Path) -> None:
+    text = f"proxies: &all\n{GOOD}{GOOD.replace(PROXY, PROXY2)}"
+    inv = load_inventory(_write(tmp_path, "a.yaml", text))
+    assert [(e.proxy_id, e.line) for e in inv.entries()] == [(PROXY, 2), (PROXY2, 3)]
+    (err,) = _errors(_write(tmp_path, "e.yaml", "proxies: &none []\n"))
+    assert (err.line, err.field) == (1, "proxies") and "not an empty list" in err.message
