@@ -70,7 +70,11 @@ class ScenarioError(ValueError):
 
 
 def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("."))
+    """``orchestrator.versions.version_key``: one notion of version order for the simulator and the
+    orchestrator (``2.24 == 2.24.0``); raises ``ValueError`` for a string that is not a version."""
+    from orchestrator.versions import version_key as key
+
+    return key(version)
 
 
 class _Model(BaseModel):

@@ -6,16 +6,21 @@ import hashlib
 import pickle
 import secrets
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
+from orchestrator import versions
+from orchestrator.cloud import endpoints
 from orchestrator.cloud.endpoints import REGION_HOSTS
 from orchestrator.inventory import (
+    MAX_LISTED,
     Inventory,
     InventoryError,
     InventoryErrors,
     ProxyEntry,
+    file_sha256,
     load_inventory,
     normalize_endpoint,
     summarize,
@@ -411,7 +416,7 @@ def test_policy_block_is_kept_raw_with_its_line(tmp_path: Path) -> None:
             f"  - {{project_id: {PROJECT}, instance_id: {INSTANCE}, proxy_id: {PROXY}, region: cn-north-4, "
             "target_version: '2.24.03.000'}\n",
             extra="\npolicy:\n  max_attempts: 5\n  rules: [{code: DBS.200019, action: retry, delay: 1.5}]\n"
-            "  unknown_to_us: yes\n",
+            "  unknown_to_us: true\n  nothing: ~\n",
         ),
     )
     inv = load_inventory(path)
@@ -420,6 +425,18 @@ def test_policy_block_is_kept_raw_with_its_line(tmp_path: Path) -> None:
         "max_attempts": 5,
         "rules": [{"code": "DBS.200019", "action": "retry", "delay": 1.5}],
         "unknown_to_us": True,
+        "nothing": None,
+    }
+    assert dict(inv.policy_lines) == {
+        "": 5,
+        "max_attempts": 5,
+        "rules": 6,
+        "rules[0]": 6,
+        "rules[0].code": 6,
+        "rules[0].action": 6,
+        "rules[0].delay": 6,
+        "unknown_to_us": 7,
+        "nothing": 8,
     }
     no_policy = _write(tmp_path, "n.yaml", path.read_text().split("\npolicy:")[0] + "\npolicy:\n")
     assert (load_inventory(no_policy).policy, load_inventory(no_policy).policy_line) == (None, None)
@@ -512,7 +529,6 @@ def test_csv_entries_stream_again_and_notice_a_changed_file(tmp_path: Path) -> N
     )
     path = _write(tmp_path, "s.csv", CSV_HEADER + rows)
     inv = load_inventory(path)
-    assert inv._entries is None  # nothing held in memory for CSV
     first = list(inv.entries())
     assert first == list(inv.entries()) and len(first) == 3
     path.write_text(CSV_HEADER + rows + f"{PROJECT},{INSTANCE},{PROXY},cn-north-4,,2.24.03.000,\n")
@@ -531,25 +547,10 @@ def test_unknown_format_and_missing_file(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ functions
 
 
-@pytest.mark.parametrize(
-    ("low", "high"),
-    [
-        ("2.23.12.000", "2.24.03.000"),
-        ("2.9", "2.10"),
-        ("2.23.12.000", "2.23.12.001"),
-        ("1.99.99.99.99", "2.0"),
-    ],
-)
-def test_version_key_orders_numerically(low: str, high: str) -> None:
-    assert version_key(low) < version_key(high)
-
-
-def test_version_key_equality_and_refusals() -> None:
-    assert version_key("2.24.03.000") == version_key("2.24.3") == (2, 24, 3)
-    assert version_key("2.0") == (2,)
-    for bad in ["2", "2.", ".2", "2.x", "2.24.03.000.1.2", "２.24", "2.24\n", "", "1.-2"]:
-        with pytest.raises(ValueError):
-            version_key(bad)
+def test_version_key_and_normalize_endpoint_are_the_shared_ones() -> None:
+    # kept importable from here; their tables live in test_versions.py and test_endpoints.py
+    assert version_key is versions.version_key
+    assert normalize_endpoint is endpoints.validate_endpoint
 
 
 def test_equal_versions_are_allowed(tmp_path: Path) -> None:
@@ -557,53 +558,6 @@ def test_equal_versions_are_allowed(tmp_path: Path) -> None:
         tmp_path, "eq.csv", CSV_HEADER + f"{PROJECT},{INSTANCE},{PROXY},cn-north-4,2.24.3,2.24.03.000,\n"
     )
     assert load_inventory(path).count == 1
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("https://gaussdb.cn-north-4.myhuaweicloud.com/", "https://gaussdb.cn-north-4.myhuaweicloud.com"),
-        ("https://GaussDB.example.com:8443", "https://gaussdb.example.com:8443"),
-        ("https://10.1.2.3", "https://10.1.2.3"),
-        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
-        ("http://127.5.6.7", "http://127.5.6.7"),
-        ("http://localhost:80/", "http://localhost"),
-        ("http://[::1]:8080", "http://[::1]:8080"),
-        ("https://[2001:db8::1]", "https://[2001:db8::1]"),
-    ],
-)
-def test_normalize_endpoint_accepts(url: str, expected: str) -> None:
-    assert normalize_endpoint(url) == expected
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "http://gaussdb.example.com",  # clear text to a public host
-        "http://10.0.0.1:8080",
-        "http://127.0.0.1.nip.io",
-        "https://host.example.com/v3",  # a path
-        "https://host.example.com?x=1",
-        "https://host.example.com#frag",
-        "https://user:pw@host.example.com",  # userinfo
-        "https://host.example.com:0",
-        "https://host.example.com:99999",
-        "https://host.example.com:",
-        "https://host .example.com",
-        "https://exаmple.com",  # Cyrillic a
-        "https://host.example.com\n",
-        "ftp://host.example.com",
-        "host.example.com",
-        "https://",
-        "https://-bad-.example.com",
-        "https://[::1",
-        "https://a:1:2",
-        "https://host\\@evil.com",
-    ],
-)
-def test_normalize_endpoint_refuses(url: str) -> None:
-    with pytest.raises(ValueError):
-        normalize_endpoint(url)
 
 
 @pytest.mark.parametrize(
@@ -694,3 +648,270 @@ def test_ten_thousand_entries_load_quickly(tmp_path: Path) -> None:
         # Measured here: YAML ~1.8 s, CSV ~1.1 s (load + one pass of entries). A generous ceiling catches
         # an accidental quadratic step without making the test flaky on a slow machine.
         assert time.perf_counter() - start < 10
+
+
+# ------------------------------------------------------------------------------- window and notify
+
+GOOD = (
+    f"  - {{project_id: {PROJECT}, instance_id: {INSTANCE}, proxy_id: {PROXY}, region: cn-north-4, "
+    "target_version: '2.24.03.000'}\n"
+)
+HOOK = "https://hooks.example.com/services/T0/B0/s3cret-token?x=1"
+
+
+def test_window_and_notify_are_kept_with_their_lines(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path, "w.yaml", _yaml(GOOD, extra=f"window: 'Sat 22:00-06:00 Europe/Berlin'\nnotify: {HOOK}\n")
+    )
+    inv = load_inventory(path)
+    assert (inv.window, inv.window_line) == ("Sat 22:00-06:00 Europe/Berlin", 3)
+    assert (inv.notify, inv.notify_line) == (HOOK, 4)
+    assert "s3cret-token" not in repr(inv)
+    lines = summarize(inv).splitlines()
+    assert "window:    Sat 22:00-06:00 Europe/Berlin  (line 3)" in lines
+    assert "notify:    https://hooks.example.com/...  (line 4)" in lines
+    assert "s3cret-token" not in "\n".join(lines)
+    plain = load_inventory(_write(tmp_path, "p.yaml", _yaml(GOOD)))
+    assert (plain.window, plain.window_line, plain.notify, plain.notify_line) == (None, None, None, None)
+    http_local = _write(tmp_path, "l.yaml", _yaml(GOOD, extra="notify: http://127.0.0.1:9/hook\n"))
+    assert load_inventory(http_local).notify == "http://127.0.0.1:9/hook"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "fragment"),
+    [
+        ("window: 22:00\n", "window", "read by YAML as a number; quote it"),
+        ("window: [sat]\n", "window", "must be a single value, not a list"),
+        ("window: ''\n", "window", "must not be empty"),
+        ('window: "sat\\t22:00"\n', "window", "must be one line"),
+        ("window: yes\n", "window", "boolean True"),
+        ("notify: http://hooks.example.com/s3cret-token\n", "notify", "only allowed for loopback"),
+        ("notify: ftp://hooks.example.com/s3cret-token\n", "notify", "must be an https://host/... URL"),
+        ("notify: 'https://u:s3cret-token@hooks.example.com/x'\n", "notify", "user or password"),
+        ("notify: https:///s3cret-token\n", "notify", "must be an https://host/... URL"),
+        ("notify: 'https://hooks.example.com:99999/s3cret-token'\n", "notify", "not a valid URL"),
+        ('notify: "https://hooks.example.com/s3cret token"\n', "notify", "without spaces"),
+        ("notify: {url: x}\n", "notify", "must be a single value, not a mapping"),
+        ("notify: ~\n", "notify", "must not be empty"),
+    ],
+)
+def test_window_and_notify_errors(tmp_path: Path, extra: str, field: str, fragment: str) -> None:
+    (err,) = _errors(_write(tmp_path, "x.yaml", _yaml(GOOD, extra=extra)))
+    assert (err.line, err.field) == (3, field)
+    assert fragment in err.message
+    assert "s3cret-token" not in str(err)  # a webhook's token never reaches an error line
+
+
+# ----------------------------------------------------------------------------- streaming and hashes
+
+
+def test_file_sha256_is_the_inventory_hash_without_parsing(tmp_path: Path) -> None:
+    for name in ("example.yaml", "example.csv"):
+        path = REPO / "inventories" / name
+        assert (
+            file_sha256(path) == load_inventory(path).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        )
+    broken = _write(tmp_path, "broken.yaml", "proxies: [")
+    assert file_sha256(broken) == hashlib.sha256(b"proxies: [").hexdigest()  # no parsing: no error
+
+
+def test_yaml_entries_stream_again_and_notice_a_changed_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "s.yaml", _yaml(GOOD + GOOD.replace(PROXY, PROXY2)))
+    inv = load_inventory(path)
+    first = list(inv.entries())
+    assert first == list(inv.entries()) and [e.proxy_id for e in first] == [PROXY, PROXY2]
+    path.write_text(path.read_text() + "# a comment changes the bytes\n")
+    with pytest.raises(InventoryErrors, match="changed since it was validated"):
+        next(inv.entries())
+    path.unlink()
+    with pytest.raises(InventoryErrors, match="cannot read the file"):
+        next(inv.entries())
+
+
+def test_entries_are_streamed_not_held(tmp_path: Path) -> None:
+    # Iterating 20,000 entries allocates one entry at a time: a list of them would be several MB.
+    n = 20_000
+    proxies = "".join(
+        f"  - {{instance_id: {k:032x}in07, proxy_id: {k:032x}po01, name: proxy number {k}}}\n"
+        for k in range(n)
+    )
+    defaults = f"  project_id: {PROJECT}\n  region: cn-north-4\n  target_version: '2.24.03.000'\n"
+    path = _write(tmp_path, "big.yaml", _yaml(proxies, defaults))
+    inv = load_inventory(path)
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in inv.entries())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == inv.count == n
+    assert peak < 2_000_000, peak
+
+
+def test_defaults_after_the_entries_still_apply(tmp_path: Path) -> None:
+    defaults = f"defaults:\n  project_id: {PROJECT}\n  region: cn-north-4\n  target_version: '2.24.03.000'\n"
+    entries = (
+        f"proxies:\n  - instance_id: {INSTANCE}\n    proxy_id: {PROXY}\n"
+        f"  - instance_id: {INSTANCE}\n    proxy_id: bad\n"
+    )
+    before = _errors(_write(tmp_path, "before.yaml", defaults + entries))
+    after = _errors(_write(tmp_path, "after.yaml", entries + defaults))
+    assert [(e.line, e.field, e.message) for e in before] == [(9, "proxies[1].proxy_id", before[0].message)]
+    assert [(e.line, e.field, e.message) for e in after] == [(5, "proxies[1].proxy_id", before[0].message)]
+    assert before[0].message.startswith("must be 32 letters/digits")
+    good = entries.replace("proxy_id: bad", f"proxy_id: {PROXY2}")
+    inv = load_inventory(_write(tmp_path, "ok.yaml", good + defaults))
+    assert [(e.project_id, e.target_version, e.line) for e in inv.entries()] == [
+        (PROJECT, "2.24.03.000", 2),
+        (PROJECT, "2.24.03.000", 4),
+    ]
+
+
+def test_bom_and_crlf_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "crlf.yaml"
+    text = _yaml(GOOD + f"  - instance_id: {INSTANCE}\n    proxy_id: x\n")
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    errors = _errors(path)
+    assert [(e.line, e.field) for e in errors] == [
+        (3, "proxies[1].project_id"),
+        (3, "proxies[1].target_version"),
+        (4, "proxies[1].proxy_id"),
+    ]
+    assert errors[2].message.startswith(
+        "must be 32 letters/digits plus an optional suffix like po01 (got 'x')"
+    )
+
+
+# ---------------------------------------------------------------- every YAML spelling reads the same
+
+
+def test_plain_flow_quoted_tagged_anchored_and_merged_entries_read_alike(tmp_path: Path) -> None:
+    ids = [f"{k:032x}po01" for k in range(6)]
+    text = (
+        f"defaults: {{project_id: {PROJECT}, region: cn-north-4, target_version: '2.24.03.000'}}\n"
+        "proxies:\n"
+        f"  - instance_id: {INSTANCE}\n    proxy_id: {ids[0]}\n    name: n\n"
+        f"  - {{'instance_id': \"{INSTANCE}\", proxy_id: {ids[1]}, name: n}}\n"
+        f"  - {{instance_id: !!str {INSTANCE}, proxy_id: {ids[2]}, name: !!str n}}\n"
+        f"  - &base {{instance_id: {INSTANCE}, proxy_id: {ids[3]}, name: n}}\n"
+        f"  - <<: *base\n    proxy_id: {ids[4]}\n"
+        f"  - {{instance_id: {INSTANCE}, proxy_id: &p {ids[5]}, name: n}}\n"
+    )
+    entries = list(load_inventory(_write(tmp_path, "spell.yaml", text)).entries())
+    assert [(e.project_id, e.instance_id, e.proxy_id, e.name, e.endpoint) for e in entries] == [
+        (PROJECT, INSTANCE, i, "n", "https://gaussdb.cn-north-4.myhuaweicloud.com") for i in ids
+    ]
+    assert [e.line for e in entries] == [3, 6, 7, 8, 9, 11]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "  - instance_id: {i}\n    proxy_id: bad/1\n",  # read from events
+        "  - &a\n    instance_id: {i}\n    proxy_id: bad/1\n",  # an anchor: read as a node
+        "  - instance_id: {i}\n    proxy_id: bad/1\n    <<: {{name: merged}}\n",  # a merge key
+        "  - instance_id: {i}\n    proxy_id: !!str bad/1\n",  # a tag
+    ],
+    ids=["events", "anchor", "merge", "tag"],
+)
+def test_errors_read_the_same_whichever_way_the_entry_is_read(tmp_path: Path, entry: str) -> None:
+    defaults = f"  project_id: {PROJECT}\n  region: cn-north-4\n  target_version: '2.24.03.000'\n"
+    path = _write(tmp_path, "e.yaml", _yaml(entry.format(i=INSTANCE), defaults))
+    (err,) = _errors(path)
+    assert err.field == "proxies[0].proxy_id"
+    assert err.line == 7 + entry.startswith("  - &a")
+    assert err.message.startswith("must be 32 letters/digits plus an optional suffix like po01 (got 'bad/1')")
+
+
+def test_odd_keys_in_an_entry(tmp_path: Path) -> None:
+    text = _yaml(
+        f"  - {{project_id: {PROJECT}, instance_id: {INSTANCE}, proxy_id: {PROXY}, region: cn-north-4, "
+        "target_version: '2.24.03.000', no: x}\n"
+    )
+    (err,) = _errors(_write(tmp_path, "k.yaml", text))
+    assert (err.line, err.field, err.message) == (2, "proxies[0].no", "unknown key")
+    dup = _yaml(GOOD.replace("region: cn-north-4", "region: cn-north-4, region: cn-north-4"))
+    (err,) = _errors(_write(tmp_path, "d.yaml", dup))
+    assert (err.field, err.message) == (
+        "proxies[0].region",
+        "duplicate key (first on line 2); YAML would keep only one",
+    )
+
+
+def test_a_merge_at_the_top_level_is_refused(tmp_path: Path) -> None:
+    text = f"base: &b {{window: x}}\n<<: *b\nproxies:\n{GOOD}"
+    errors = _errors(_write(tmp_path, "m.yaml", text))
+    assert [(e.line, e.field) for e in errors] == [(1, "base"), (2, None)]
+    assert "merge keys (<<) are not supported at the top level" in errors[1].message
+
+
+def test_a_swap_is_reported_beside_other_problems(tmp_path: Path) -> None:
+    swapped = "0f46fc46396e4fb19a0cb52f578e9511in01"
+    text = _yaml(GOOD.replace(PROXY, swapped).replace("target_version: '2.24.03.000'", "target_version: 'x'"))
+    errors = _errors(_write(tmp_path, "s.yaml", text))
+    assert sorted(e.field or "" for e in errors) == ["proxies[0].proxy_id", "proxies[0].target_version"]
+
+
+def test_a_huge_number_of_problems_is_counted_not_listed(tmp_path: Path) -> None:
+    n = MAX_LISTED + 500
+    proxies = "".join(f"  - {{instance_id: {INSTANCE}, proxy_id: bad{k}}}\n" for k in range(n))
+    defaults = f"  project_id: {PROJECT}\n  region: cn-north-4\n  target_version: '2.24.03.000'\n"
+    errors = _errors(_write(tmp_path, "many.yaml", _yaml(proxies, defaults)))
+    assert len(errors) == MAX_LISTED + 1
+    assert all(e.field == f"proxies[{k}].proxy_id" for k, e in enumerate(errors[:-1]))
+    assert (errors[-1].line, errors[-1].field) == (None, None)
+    assert errors[-1].message.startswith("500 more problem(s) not listed")
+
+
+# --------------------------------------------------------------------------------- the policy block
+
+
+@pytest.mark.parametrize(
+    ("policy", "line", "field", "fragment"),
+    [
+        (
+            "  replace_defaults: yes\n",
+            4,
+            "policy.replace_defaults",
+            "boolean True; write true/false or quote it",
+        ),
+        ("  backoff: {initial: 0x10}\n", 4, "policy.backoff.initial", "odd form"),
+        ("  backoff: {initial: 1:30}\n", 4, "policy.backoff.initial", "odd form"),
+        ("  backoff: {max: .inf}\n", 4, "policy.backoff.max", "odd form"),
+        (
+            "  rules: [{name: 2024-01-01}]\n",
+            4,
+            "policy.rules[0].name",
+            "tagged 'tag:yaml.org,2002:timestamp'",
+        ),
+        ("  rules: [&r {x: [*r]}]\n", 4, "policy.rules[0].x[0]", "recursive"),
+        ("  rules:\n  rules: []\n", 5, "policy.rules", "duplicate key (first on line 4)"),
+    ],
+)
+def test_the_policy_block_is_read_strictly(
+    tmp_path: Path, policy: str, line: int, field: str, fragment: str
+) -> None:
+    (err,) = _errors(_write(tmp_path, "p.yaml", _yaml(GOOD, extra="policy:\n" + policy)))
+    assert (err.line, err.field) == (line, field)
+    assert fragment in err.message
+
+
+def test_the_policy_block_keeps_yaml_12_values(tmp_path: Path) -> None:
+    policy = "policy:\n  a: [true, False, 0, -7, +3, 1.5, -1.5, 2., 1.0e-05, null, '0443', '', -.5]\n"
+    inv = load_inventory(_write(tmp_path, "p.yaml", _yaml(GOOD, extra=policy)))
+    assert inv.policy == {"a": [True, False, 0, -7, 3, 1.5, -1.5, 2.0, 1e-05, None, "0443", "", "-.5"]}
+
+
+def test_bad_syntax_after_bad_entries_is_reported_alone(tmp_path: Path) -> None:
+    # what was read before a syntax error may mean something else: the syntax error is the one message
+    text = _yaml(GOOD.replace(PROXY, "bad/1") + GOOD.replace(PROXY, PROXY2) + "  - {unclosed: [\n")
+    (err,) = _errors(_write(tmp_path, "s.yaml", text))
+    assert err.line is not None and err.line >= 4 and err.message.startswith("not valid YAML")
+
+
+def test_an_anchored_list_of_proxies_is_read_as_nodes(tmp_path: Path) -> None:
+    text = f"proxies: &all\n{GOOD}{GOOD.replace(PROXY, PROXY2)}"
+    inv = load_inventory(_write(tmp_path, "a.yaml", text))
+    assert [(e.proxy_id, e.line) for e in inv.entries()] == [(PROXY, 2), (PROXY2, 3)]
+    (err,) = _errors(_write(tmp_path, "e.yaml", "proxies: &none []\n"))
+    assert (err.line, err.field) == (1, "proxies") and "not an empty list" in err.message

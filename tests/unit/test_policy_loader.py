@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from orchestrator.errors import InputErrors
+from orchestrator.inventory import InventoryErrors, load_inventory
 from orchestrator.outcomes import TransportKind
 from orchestrator.policy import (
     DEFAULT_RULES,
@@ -15,7 +18,10 @@ from orchestrator.policy import (
     Backoff,
     Policy,
     PolicyError,
+    PolicyFileErrors,
     Stage,
+    inventory_policy,
+    load_policy_file,
     parse_policy,
     policy_to_dict,
 )
@@ -49,6 +55,11 @@ ERRORS: list[tuple[Any, str, str]] = [
     ({"rules": [rule(when="now")]}, "rules[0].when", "unknown key"),
     ({"rules": [rule(hint=5)]}, "rules[0].hint", "string"),
     ({"rules": [rule(throttle="true")]}, "rules[0].throttle", "true or false"),
+    ({"rules": [rule(counts="yes")]}, "rules[0].counts", "true or false"),
+    ({"rules": [rule(counts=None)]}, "rules[0].counts", "true or false"),
+    ({"rules": [rule(name="   ")]}, "rules[0].name", "non-empty"),
+    ({"rules": [rule(name="x" * 101)]}, "rules[0].name", "at most 100"),
+    ({"rules": [rule(actoin="retry", action=None)]}, "rules[0].actoin", "unknown key"),
     ({"rules": [rule(action="flag", backoff={"initial": 1})]}, "rules[0].backoff", "only applies"),
     ({"rules": [rule(backoff={"initial": -1})]}, "rules[0].backoff.initial", "greater than or equal"),
     ({"rules": [rule(backoff={"jitter": 1})]}, "rules[0].backoff.jitter", "Extra inputs"),
@@ -150,6 +161,7 @@ FULL: dict[str, Any] = {
             "hint": "wait it out",
             "backoff": {"max_attempts": 2},
             "throttle": True,
+            "counts": True,
         },
         {"name": "flagger", "match": {"error_code": "DBS.1"}, "action": "flag"},
         {"name": "all", "match": {}, "action": "reconcile"},
@@ -180,9 +192,127 @@ def test_round_trip_keeps_compiled_behaviour() -> None:
     again = parse_policy(policy_to_dict(p))
     rule0 = again.rules[0]
     assert rule0.action is Action.RETRY and rule0.throttle and rule0.hint == "wait it out"
+    assert rule0.counts_failure and not again.rules[1].counts_failure
+    assert policy_to_dict(again)["rules"][0]["counts"] is True  # type: ignore[index]
+    assert "counts" not in policy_to_dict(again)["rules"][1]  # type: ignore[index,operator]
     assert rule0.backoff == Backoff(initial=1, max=30, multiplier=3, max_attempts=2)
     assert rule0.match.stage == (Stage.UPGRADE, Stage.TRACK)
     assert policy_to_dict(again)["rules"][0]["match"] == {  # type: ignore[index]
         **FULL["rules"][0]["match"],
         "workflow_status": "Failed",
     }
+
+
+def test_counts_maps_to_counts_failure() -> None:
+    p = parse_policy({"rules": [rule(counts=True), rule(name="b", counts=False), rule(name="c")]})
+    assert [r.counts_failure for r in p.rules[:3]] == [True, False, False]
+
+
+# ------------------------------------------------------------------------------------------- files
+
+FILE_POLICY = """\
+backoff:
+  initial: 0.5
+rules:
+  - name: busy
+    match: {error_code: [DBS.200019, "DBS.2000*"], http_status: 409}
+    action: retry
+    counts: false
+  - name: quota
+    match:
+      message: quota
+    action: flag
+    counts: true
+"""
+
+
+def _policy_file(tmp_path: Path, text: str, name: str = "policy.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_policy_file_reads_like_the_mapping(tmp_path: Path) -> None:
+    expected = parse_policy(yaml.safe_load(FILE_POLICY))
+    assert load_policy_file(_policy_file(tmp_path, FILE_POLICY)) == expected
+    wrapped = "policy:\n" + "".join(f"  {line}\n" for line in FILE_POLICY.splitlines())
+    assert load_policy_file(_policy_file(tmp_path, wrapped, "w.yaml")) == expected
+    assert load_policy_file(_policy_file(tmp_path, "policy:\n", "n.yaml")) == Policy.default()
+    assert load_policy_file(_policy_file(tmp_path, "{}\n", "e.yaml")) == Policy.default()
+    stored = yaml.safe_dump(policy_to_dict(expected))
+    assert load_policy_file(_policy_file(tmp_path, stored, "s.yaml")) == expected
+
+
+POLICY_FILE_ERRORS = [
+    ("rules:\n  - name: a\n    match: {http_status: 700}\n    action: retry\n", 3,
+     "rules[0].match.http_status", "HTTP status"),
+    ("policy:\n  rules:\n    - name: a\n      match:\n        transport: [reset, dns]\n      action: retry\n",
+     5, "policy.rules[0].match.transport[1]", "unknown transport kind 'dns'"),
+    ("rules:\n  - name: a\n    action: retry\n", 2, "rules[0].match", "is required"),
+    ("rules:\n  - name: a\n    match: {}\n    action: retry\n  - name: a\n    match: {}\n    action: flag\n",
+     5, "rules[1].name", "duplicate rule name"),
+    ("replace_defaults: yes\n", 1, "replace_defaults", "YAML 1.1 as boolean True"),
+    ("rules: []\nrules: []\n", 2, "rules", "duplicate key (first on line 1)"),
+    ("policy:\n  backoff: {initial: 1, initial: 2}\n", 2, "policy.backoff.initial", "duplicate key"),
+    ("backoff:\n  initial: 0443\n", 2, "backoff.initial", "odd form"),
+    ("backoff:\n  multiplier: 0.5\n", 2, "backoff.multiplier", "greater than or equal"),
+    ("rulez: []\n", 1, "rulez", "unknown key"),
+    ("- a\n- b\n", 1, None, "must be a mapping"),
+    ("rules: [\n", 2, None, "not valid YAML"),
+    ("a: 1\n---\nb: 2\n", 2, None, "expected a single document"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "line", "field", "words"), POLICY_FILE_ERRORS)
+def test_policy_file_errors_name_file_line_and_field(
+    tmp_path: Path, text: str, line: int, field: str | None, words: str
+) -> None:
+    path = _policy_file(tmp_path, text)
+    with pytest.raises(PolicyFileErrors) as info:
+        load_policy_file(path)
+    err = info.value
+    assert isinstance(err, InputErrors)
+    (one,) = err.errors
+    assert (one.path, one.line, one.field) == (str(path), line, field), str(one)
+    assert words in one.message, one.message
+    prefix = f"{path}:{line}: {field}: " if field else f"{path}:{line}: "
+    assert str(one).startswith(prefix) and "\n" not in str(one)
+
+
+def test_policy_file_that_is_empty_unreadable_or_not_utf8(tmp_path: Path) -> None:
+    for text in ("", "# only a comment\n", "---\n"):
+        with pytest.raises(PolicyFileErrors) as info:
+            load_policy_file(_policy_file(tmp_path, text))
+        assert (info.value.line, info.value.message.split(";")[0]) == (None, "file is empty")
+    with pytest.raises(PolicyFileErrors, match="cannot read the file"):
+        load_policy_file(tmp_path / "absent.yaml")
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"rules: []\nbackoff: {}\n# caf\xe9\n")
+    with pytest.raises(PolicyFileErrors) as info:
+        load_policy_file(bad)
+    assert info.value.line == 3 and "not UTF-8 text (byte 0xe9 at column 6)" in info.value.message
+
+
+def test_an_inventory_policy_block_gets_file_line_errors(tmp_path: Path) -> None:
+    head = (
+        "proxies:\n  - {project_id: 054e292c9880d4992f02c0196d3ea468, "
+        "instance_id: 517ea793ab91438cbfcd9c4b1c958b1ein07, proxy_id: 0f46fc46396e4fb19a0cb52f578e9511po01, "
+        "region: cn-north-4, target_version: '2.24.03.000'}\n"
+    )
+    inv_path = tmp_path / "inv.yaml"
+    inv_path.write_text(
+        head + "policy:\n  rules:\n    - name: a\n      match: {stage: postflight}\n      action: retry\n"
+    )
+    with pytest.raises(InventoryErrors) as info:
+        inventory_policy(load_inventory(inv_path))
+    (err,) = info.value.errors
+    assert (err.path, err.line, err.field) == (str(inv_path), 6, "policy.rules[0].match.stage")
+    assert "unknown stage 'postflight'" in err.message
+    inv_path.write_text(head + "policy:\n  replace_defaults: true\n")
+    with pytest.raises(InventoryErrors) as info:
+        inventory_policy(load_inventory(inv_path))
+    assert (info.value.line, info.value.field) == (4, "policy.rules")  # no rules line: the policy's own
+    inv_path.write_text(head + "policy:\n  rules: [{name: a, match: {}, action: retry, counts: true}]\n")
+    assert inventory_policy(load_inventory(inv_path)).rules[0].counts_failure
+    inv_path.write_text(head)
+    assert inventory_policy(load_inventory(inv_path)) == Policy.default()

@@ -103,6 +103,25 @@ class TestJudge:
         r = judge(info("2.10.0", latest="2.10.0"), source_version=None, target_version="2.9.0")
         assert r.verdict is Verdict.FLAG and "newer than target" in r.reason
 
+    @pytest.mark.parametrize("latest", ["2.24.03.000-beta", "latest", "", "2.x", "2.24.03.000.1.2"])
+    def test_an_unreadable_latest_version_is_not_a_verdict(self, latest: str) -> None:
+        # once flagged every proxy "above the latest"; an unknown latest says nothing either way
+        r = judge(info(SOURCE, latest=latest), source_version=SOURCE, target_version=TARGET)
+        assert r.verdict is Verdict.UPGRADE, r
+
+    def test_an_unreadable_current_version_is_not_called_newer(self) -> None:
+        r = judge(info("9.9-custom"), source_version=None, target_version=TARGET)
+        assert r.verdict is Verdict.UPGRADE and r.source_version == "9.9-custom"
+        r = judge(info("9.9-custom"), source_version=SOURCE, target_version=TARGET)
+        assert r.verdict is Verdict.FLAG and r.reason.startswith("source mismatch")
+
+    @pytest.mark.parametrize("spelling", ["2.24", "2.24.0", "2.24.00.000"])
+    def test_trailing_zero_spellings_are_one_version(self, spelling: str) -> None:
+        r = judge(info("2.24.0.0"), source_version=None, target_version=spelling)
+        assert r.verdict is Verdict.SKIP
+        r = judge(info(SOURCE, latest="2.24.0.0"), source_version=SOURCE, target_version=spelling)
+        assert r.verdict is Verdict.UPGRADE
+
     def test_mismatch_is_checked_before_the_cloud_facts(self) -> None:
         # a proxy nobody expected at this version is flagged for that, whatever else is true
         r = judge(info("2.23.06.000", can_upgrade=False), source_version=SOURCE, target_version=TARGET)
