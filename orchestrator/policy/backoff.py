@@ -32,7 +32,7 @@ def backoff_delay(attempt: int, b: Backoff, rng: random.Random) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1-based).
 
     uniform(0, min(max, initial * multiplier ** (attempt - 1))); huge attempt numbers saturate at ``max``
-    instead of overflowing.
+    instead of overflowing. Raises ValueError when ``attempt`` < 1.
     """
     if attempt < 1:
         raise ValueError(f"attempt numbers start at 1, got {attempt}")
@@ -55,7 +55,9 @@ def clean_retry_after(value: float | None) -> float | None:
 def retry_delay(
     attempt: int, b: Backoff, rng: random.Random, *, retry_after: float | None, throttle: bool
 ) -> float:
-    """The delay of a RETRY: the server's Retry-After wins when it is longer than our own backoff."""
+    """The delay of a RETRY in seconds: the server's Retry-After wins when it is longer than our own
+    backoff; a throttled answer without one waits at least THROTTLE_WINDOW (Huawei's advice for APIGW.0308).
+    Raises ValueError when ``attempt`` < 1."""
     delay = backoff_delay(attempt, b, rng)
     if retry_after is not None:
         return max(delay, retry_after)
