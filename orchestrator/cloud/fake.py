@@ -258,7 +258,7 @@ class FakeCloud:
             "effect": "none",
         }
 
-        def act() -> tuple[Reply | None, FaultName | None]:
+        def act(record: dict[str, Any]) -> tuple[Reply | None, FaultName | None]:
             answer = self.fleet.upgrade(ref.project_id, ref.instance_id, ref.proxy_id, body)
             record.update(
                 effect=answer.effect,
@@ -279,7 +279,7 @@ class FakeCloud:
     ) -> VersionInfo | Failure:
         """As ``CloudClient.proxy_version``, answered by ``Fleet.proxy_version``."""
 
-        def act() -> tuple[Reply | None, FaultName | None]:
+        def act(_record: dict[str, Any]) -> tuple[Reply | None, FaultName | None]:
             return self.fleet.proxy_version(ref.project_id, ref.instance_id, ref.proxy_id), None
 
         wire = await self._exchange("proxy_version", ref, act, {}, on_sent, may_send)
@@ -290,7 +290,7 @@ class FakeCloud:
     ) -> WorkflowInfo | Failure:
         """As ``CloudClient.job``, answered by ``Fleet.job``."""
 
-        def act() -> tuple[Reply | None, FaultName | None]:
+        def act(_record: dict[str, Any]) -> tuple[Reply | None, FaultName | None]:
             return self.fleet.job(ref.project_id, workflow_id), None
 
         wire = await self._exchange("job", ref, act, {"workflow_id": workflow_id}, on_sent, may_send)
@@ -312,7 +312,7 @@ class FakeCloud:
         if end_time is not None:
             query["end_time"] = _utc(end_time)
 
-        def act() -> tuple[Reply | None, FaultName | None]:
+        def act(_record: dict[str, Any]) -> tuple[Reply | None, FaultName | None]:
             return self.fleet.immediate_jobs(ref.project_id, query), None
 
         wire = await self._exchange("immediate_jobs", ref, act, {}, on_sent, may_send)
@@ -333,7 +333,7 @@ class FakeCloud:
         if name is not None:
             query["name"] = name
 
-        def act() -> tuple[Reply | None, FaultName | None]:
+        def act(_record: dict[str, Any]) -> tuple[Reply | None, FaultName | None]:
             return self.fleet.list_instances(ref.project_id, query), None
 
         wire = await self._exchange("instances", ref, act, {}, on_sent, may_send)
@@ -351,7 +351,7 @@ class FakeCloud:
         """As ``CloudClient.list_proxies``, answered by ``Fleet.list_proxies``."""
         query = {"offset": str(offset), "limit": str(limit)}
 
-        def act() -> tuple[Reply | None, FaultName | None]:
+        def act(_record: dict[str, Any]) -> tuple[Reply | None, FaultName | None]:
             return self.fleet.list_proxies(ref.project_id, ref.instance_id, query), None
 
         wire = await self._exchange("proxies", ref, act, {}, on_sent, may_send)
@@ -362,7 +362,7 @@ class FakeCloud:
         self,
         route: str,
         ref: AnyRef,
-        act: Callable[[], tuple[Reply | None, FaultName | None]],
+        act: Callable[[dict[str, Any]], tuple[Reply | None, FaultName | None]],
         extra: dict[str, Any],
         on_sent: OnSent,
         may_send: MaySend,
@@ -414,14 +414,14 @@ class FakeCloud:
         self,
         route: str,
         fault: Fault | None,
-        act: Callable[[], tuple[Reply | None, FaultName | None]],
+        act: Callable[[dict[str, Any]], tuple[Reply | None, FaultName | None]],
         record: dict[str, Any],
     ) -> _Wire:
         if fault is not None and fault.kind is not FaultKind.PASS:
             record["fault"] = f"injected:{fault.kind.value}"
             reply: Reply | None = None
             if fault.applied:
-                reply, _ = act()  # the scenario's own scripted fault is overridden by the injected one
+                reply, _ = act(record)  # the scenario's own scripted fault is overridden by the injected one
             return await self._injected(fault, reply, record)
         drawn = self.injector.draw(route) if self.injector is not None else None
         if drawn is not None:
@@ -430,7 +430,7 @@ class FakeCloud:
                 await self._sleep(self.fault_spec.slow_s)
             elif drawn.kind in BEFORE:
                 return await self._sim_fault(drawn, record)
-        reply, scripted = act()
+        reply, scripted = act(record)
         if scripted is not None:  # a scripted fault wins over a drawn one, as in the simulator
             record["fault"] = scripted
             if scripted == "slow":
