@@ -347,13 +347,13 @@ def _decide(p: DiscoveredProxy, target: Target) -> DiscoveredProxy:
         return _with(p, skip=f"no usable target version (latest {one_line(goal, 40)!r})")
     if _same(current, goal):
         return _with(p, skip=f"already at target {goal}")
-    if p.can_upgrade is False:
-        return _with(p, skip=f"no upgrade available (can_upgrade false; runs {current}, latest {latest})")
     cur_key, goal_key, latest_key = _key(current), _key(goal), _key(latest or "")
     if cur_key is not None and goal_key is not None and cur_key > goal_key:
         return _with(p, skip=f"runs {current}, newer than the target {goal}")
     if latest_key is not None and goal_key is not None and goal_key > latest_key:
         return _with(p, skip=f"no upgrade available to {goal} (latest is {latest})")
+    if p.can_upgrade is False:
+        return _with(p, skip=f"no upgrade available (can_upgrade false; runs {current}, latest {latest})")
     return _with(p, target_version=goal)
 
 
