@@ -557,3 +557,16 @@ def test_the_hostile_server_runs_as_a_subprocess_and_takes_rules(tmp_path: Path)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_the_hostile_server_forwards_signed_calls_intact(session: aiohttp.ClientSession) -> None:
+    """AK/SK signatures cover Host: the hostile server forwards it as sent, so a signed call verifies."""
+    from orchestrator.cloud.auth import AkSk
+
+    auth = {"mode": "aksk", "keys": [{"ak": "AKTEST", "sk": "sk-secret"}]}
+    async with SimulatorServer(scenario(auth=auth)) as signed_sim, HostileServer(signed_sim.url) as hostile:
+        good = CloudClient(session, AkSk("AKTEST", "sk-secret"))
+        assert isinstance(await good.proxy_version(ref(hostile.url)), VersionInfo)
+        bad = await CloudClient(session, AkSk("AKTEST", "wrong")).proxy_version(ref(hostile.url))
+        assert isinstance(bad, HttpFailure) and (bad.http_status, bad.error_code) == (401, "APIGW.0301")
+    assert [r["action"] for r in hostile.log] == ["forward", "forward"]
