@@ -9,9 +9,10 @@ Hooks every call takes (keyword-only):
 
 - ``on_sent``: called when the request's headers leave (the limiter keeps its window on send times);
   may be called twice for one call when a 401 is answered by a renewed token and the call is resent.
-- ``may_send``: called immediately before the request is written (after the connection is made).
-  Returning False aborts it: the call returns ``TransportFailure(CONNECT, sent=False, detail="not
-  sent: ...")``. This is the fencing check: a process whose claim on the job ran out must not send.
+- ``may_send``: called immediately before the request is written (after the connection is made); it
+  must be quick and must not raise. Returning False aborts it: the call returns
+  ``TransportFailure(CONNECT, sent=False, detail="not sent: ...")``. This is the fencing check: a
+  process whose claim on the job ran out must not send.
 
 Routes and shapes follow the API contract (shared ``docs/api-contract.md``, from the GaussDB(for MySQL)
 v3 API reference).
@@ -57,6 +58,7 @@ class ProjectRef:
 
     @property
     def scope(self) -> Scope:
+        """What the credentials are scoped to (the project) and where the service is."""
         return Scope(project_id=self.project_id, region=self.region, endpoint=self.endpoint)
 
 
@@ -72,6 +74,7 @@ class InstanceRef:
 
     @property
     def scope(self) -> Scope:
+        """What the credentials are scoped to (the project) and where the service is."""
         return Scope(project_id=self.project_id, region=self.region, endpoint=self.endpoint)
 
 
@@ -88,6 +91,7 @@ class ProxyRef:
 
     @property
     def scope(self) -> Scope:
+        """What the credentials are scoped to (the project) and where the service is."""
         return Scope(project_id=self.project_id, region=self.region, endpoint=self.endpoint)
 
 
