@@ -26,7 +26,7 @@ class UpdateItem:
     """One element of ``update_result``: one node's (or instance's) verdict and its workflow."""
 
     workflow_id: str | None
-    state: str  # "ACCEPT" or "REJECT" (anything else is treated as REJECT)
+    state: str  # exactly "ACCEPT" or "REJECT": cloud/answers.py refuses anything else as MALFORMED
     error_message: str | None = None
     instance_id: str | None = None
 
