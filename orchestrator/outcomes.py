@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 class TransportKind(enum.StrEnum):
     """How a call failed below HTTP. ``sent`` on the failure says whether the cloud may have acted."""
 
-    CONNECT = "connect"  # refused, DNS, TLS handshake, connect timeout: the request never left
+    CONNECT = "connect"  # refused, DNS, connect timeout, refused by may_send: the request never left
     TIMEOUT = "timeout"  # no (complete) answer within the request timeout after the request was sent
     RESET = "reset"  # the connection dropped after the request was sent
     MALFORMED = "malformed"  # an answer arrived but its body is not the documented shape
@@ -26,7 +26,7 @@ class UpdateItem:
     """One element of ``update_result``: one node's (or instance's) verdict and its workflow."""
 
     workflow_id: str | None
-    state: str  # "ACCEPT" or "REJECT" (anything else is treated as REJECT)
+    state: str  # exactly "ACCEPT" or "REJECT": cloud/answers.py refuses anything else as MALFORMED
     error_message: str | None = None
     instance_id: str | None = None
 
@@ -108,3 +108,22 @@ class RecentJob:
     status: str | None
     created_time: str | None
     extend_fields: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """One row of ``GET /instances``: what discovery needs of an instance."""
+
+    instance_id: str
+    name: str | None
+    status: str | None  # e.g. ACTIVE, BACKING UP, ABNORMAL (not an exhaustive list in the contract)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyInfo:
+    """One row of ``GET /instances/{id}/proxies``: ``proxy.pool_id`` is the proxy id."""
+
+    proxy_id: str
+    name: str | None
+    status: str | None  # e.g. ACTIVE, ABNORMAL, FAILED, "ADDING PROXY NODE"
+    node_num: int | None = None

@@ -1,103 +1,159 @@
-"""GaussDB(for MySQL) API calls, answered as the project's own outcome values.
+"""GaussDB(for MySQL) API calls over aiohttp, answered as the project's own outcome values.
 
-Error tree at this boundary (nothing of aiohttp escapes it)::
+``CloudClient`` implements ``cloud.api.CloudApi``. Error tree at this boundary (nothing of aiohttp
+escapes it)::
 
-    upgrade()/proxy_version()/job()/immediate_jobs()
-      -> Answered | VersionInfo | WorkflowInfo | RecentJobs     the documented 2xx shape
-      -> HttpFailure(status, error_code, error_msg, retry_after) any non-2xx, error body parsed if possible
+    upgrade()/proxy_version()/job()/immediate_jobs()/list_instances()/list_proxies()
+      -> Answered | VersionInfo | WorkflowInfo | RecentJobs | InstancePage | ProxyPage   the 2xx shape
+      -> HttpFailure(status, error_code, error_msg, retry_after)   any non-2xx, error body parsed if possible
       -> TransportFailure(kind, sent)
-             CONNECT   refused / DNS / TLS / connect timeout: the request never left (sent=False)
+             CONNECT   refused / DNS / connect timeout, or may_send said no: never left (sent=False)
+             TLS       the server's certificate failed verification (or no TLS handshake): sent=False
              TIMEOUT   no complete answer in time after the request was sent (sent=True)
              RESET     connection dropped after sending (sent=True)
-             MALFORMED a 2xx whose body is not the documented shape (sent=True: it may have acted)
+             MALFORMED an answer that is not the documented shape, or larger than its route's cap
+                       (``answers.BODY_CAPS``), sent=True: it may have acted
 
-Whether a request "was sent" is observed with aiohttp's request-headers-sent trace signal rather than
-guessed from the exception type: an upgrade whose headers never left cannot have started anything.
-Per-request timeouts start when the request starts: the connector has no pool limit (concurrency is
-bounded by the engine's workers), so no time is spent waiting for a pooled connection.
+Whether a request "was sent" is observed with aiohttp's request-headers-sent trace signal, which fires
+after the connection is made and immediately before the request's bytes are written. That hook is where
+``may_send`` (the fencing check) runs, where the request is marked sent, and where ``on_sent`` (the
+limiter's send time) is called. Per-request timeouts start when the request starts: the connector has no
+pool limit (concurrency is bounded by the engine's workers), so no time is spent waiting for a pooled
+connection. Every answer's ``Date`` header is recorded in ``clock`` (``cloud.clock.CloudClock``).
 """
 
 from __future__ import annotations
 
 import json
 import ssl
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
-from orchestrator.cloud.auth import AuthError, Credentials, IamUnavailable, Scope
+from orchestrator.cloud.answers import (
+    BODY_CAPS,
+    MAX_RETRY_AFTER,
+    MAX_TEXT,
+    header,
+    instances_outcome,
+    job_outcome,
+    one_line,
+    oversized,
+    parse_retry_after,
+    proxies_outcome,
+    recent_jobs_outcome,
+    upgrade_outcome,
+    version_outcome,
+)
+from orchestrator.cloud.api import (
+    NOT_SENT,
+    AnyRef,
+    Failure,
+    InstancePage,
+    InstanceRef,
+    MaySend,
+    OnSent,
+    ProjectRef,
+    ProxyPage,
+    ProxyRef,
+    RecentJobs,
+)
+from orchestrator.cloud.auth import AuthError, Credentials, IamUnavailable
+from orchestrator.cloud.clock import CloudClock
 from orchestrator.cloud.signer import canonical_query
 from orchestrator.outcomes import (
     Answered,
     HttpFailure,
-    RecentJob,
     TransportFailure,
     TransportKind,
-    UpdateItem,
     VersionInfo,
     WorkflowInfo,
 )
 
-MAX_RETRY_AFTER = 300.0
-MAX_TEXT = 300
+__all__ = [
+    "MAX_RETRY_AFTER",
+    "MAX_TEXT",
+    "CloudClient",
+    "Failure",
+    "InstanceRef",
+    "OnSent",
+    "ProjectRef",
+    "ProxyRef",
+    "RecentJobs",
+    "make_session",
+    "one_line",
+    "parse_retry_after",
+]
+
+# OpenSSL's X509_V_ERR_* codes (openssl/x509_vfy.h) -> which check failed, in words an operator knows.
+_VERIFY_CODES: Mapping[int, str] = {
+    2: "unknown CA (the issuer certificate is not available)",
+    7: "certificate signature is invalid",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in the chain (unknown CA)",
+    20: "unknown CA (unable to get the local issuer certificate)",
+    21: "unable to verify the first certificate (incomplete chain or unknown CA)",
+    23: "certificate has been revoked",
+    26: "certificate is not for TLS server use",
+    27: "certificate is not trusted",
+    62: "hostname mismatch (the certificate is for another host)",
+    64: "IP address mismatch (the certificate is for another address)",
+}
+
+_OUR_SESSIONS: weakref.WeakSet[aiohttp.ClientSession] = weakref.WeakSet()
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyRef:
-    project_id: str
-    instance_id: str
-    proxy_id: str
-    endpoint: str
-    region: str | None = None
-    x_language: str = "en-us"
-
-    @property
-    def scope(self) -> Scope:
-        return Scope(project_id=self.project_id, region=self.region, endpoint=self.endpoint)
+class _NotSent(Exception):
+    """Raised from the trace hook when ``may_send`` refuses: aborts the request before any byte left."""
 
 
-@dataclass(frozen=True, slots=True)
-class RecentJobs:
-    jobs: tuple[RecentJob, ...]
-    total_count: int
+@dataclass(slots=True)
+class _Attempt:
+    """One request's trace context: the caller's hooks and what the hook saw."""
+
+    now: Callable[[], float]
+    on_sent: OnSent
+    may_send: MaySend
+    sent: bool = False
+    sent_at: float | None = None
 
 
-Failure = HttpFailure | TransportFailure
-OnSent = Callable[[], None] | None  # called when a request's headers left (the limiter's send time)
+async def _on_headers_sent(_session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: object) -> None:
+    attempt = ctx.trace_request_ctx
+    if not isinstance(attempt, _Attempt):
+        return
+    if attempt.may_send is not None and not attempt.may_send():
+        raise _NotSent
+    attempt.sent = True
+    attempt.sent_at = attempt.now()
+    if attempt.on_sent is not None:
+        attempt.on_sent()
 
 
-def one_line(text: str | None, limit: int = MAX_TEXT) -> str | None:
-    """Cloud-provided text made safe for a one-line report: no newlines, bounded length."""
-    if text is None:
-        return None
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Retry-After in seconds or as an HTTP-date, capped so a hostile value cannot park a run for days."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        secs = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        secs = (when - (now or datetime.now(UTC))).total_seconds()
-    if secs != secs:  # NaN
-        return None
-    return max(0.0, min(secs, MAX_RETRY_AFTER))
+def make_session(*, ca_bundle: str | None = None, verify: bool = True) -> aiohttp.ClientSession:
+    """The process's one ClientSession: TLS verified (optionally against a private CA), proxies from
+    HTTPS_PROXY/NO_PROXY (trust_env), and the trace hook that tells whether a request left. A
+    ``CloudClient`` accepts only sessions made here (without the hook every failure would look unsent)."""
+    ssl_ctx: ssl.SSLContext | bool = verify
+    if verify and ca_bundle:
+        ssl_ctx = ssl.create_default_context(cafile=ca_bundle)
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_on_headers_sent)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ssl=ssl_ctx),
+        trust_env=True,
+        trace_configs=[trace],
+    )
+    _OUR_SESSIONS.add(session)
+    return session
 
 
 def _seg(value: str) -> str:
@@ -105,27 +161,18 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
-async def _on_headers_sent(_session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: object) -> None:
-    if ctx.trace_request_ctx is not None:
-        ctx.trace_request_ctx.sent = True
-
-
-def make_session(*, ca_bundle: str | None = None, verify: bool = True) -> aiohttp.ClientSession:
-    """The process's one ClientSession: TLS verified (optionally against a private CA), proxies from
-    HTTPS_PROXY/NO_PROXY (trust_env), and the trace hook that tells whether a request left."""
-    ssl_ctx: ssl.SSLContext | bool = verify
-    if verify and ca_bundle:
-        ssl_ctx = ssl.create_default_context(cafile=ca_bundle)
-    trace = aiohttp.TraceConfig()
-    trace.on_request_headers_sent.append(_on_headers_sent)
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ssl=ssl_ctx),
-        trust_env=True,
-        trace_configs=[trace],
-    )
+def _utc(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class CloudClient:
+    """The ``CloudApi`` over HTTP.
+
+    ``session`` must come from ``make_session`` (raises ``ValueError`` otherwise); ``credentials``
+    give each attempt's auth headers; ``timeout`` (s) bounds a whole call including reading the answer,
+    ``connect_timeout`` (s) the TCP connect; ``clock`` receives every answer's ``Date`` (a new
+    ``CloudClock`` on ``time.time`` by default)."""
+
     def __init__(
         self,
         session: aiohttp.ClientSession,
@@ -133,125 +180,137 @@ class CloudClient:
         *,
         timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        clock: CloudClock | None = None,
     ) -> None:
+        if session not in _OUR_SESSIONS:
+            raise ValueError("CloudClient needs a session from cloud.client.make_session (its send hook)")
         self._session = session
         self._creds = credentials
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        self.clock = clock if clock is not None else CloudClock()
 
     # -------------------------------------------------------------- calls
     async def upgrade(
-        self, ref: ProxyRef, source_version: str, target_version: str, *, on_sent: OnSent = None
+        self,
+        ref: ProxyRef,
+        source_version: str,
+        target_version: str,
+        *,
+        on_sent: OnSent = None,
+        may_send: MaySend = None,
     ) -> Answered | Failure:
+        """``POST /v3/{p}/instances/{i}/proxy/{x}/upgrade-version`` with both versions (contract 1)."""
         path = (
             f"/v3/{_seg(ref.project_id)}/instances/{_seg(ref.instance_id)}"
             f"/proxy/{_seg(ref.proxy_id)}/upgrade-version"
         )
         body = {"source_version": source_version, "target_version": target_version}
-        res = await self._call("POST", ref, path, body=body, on_sent=on_sent)
+        res = await self._call("upgrade", "POST", ref, path, body=body, on_sent=on_sent, may_send=may_send)
         if isinstance(res, HttpFailure | TransportFailure):
             return res
-        status, data, request_id = res
-        items = _update_items(data)
-        if items is None:
-            return TransportFailure(
-                TransportKind.MALFORMED,
-                sent=True,
-                detail="upgrade answer has no valid update_result list",
-                http_status=status,
-                request_id=request_id,
-            )
-        return Answered(http_status=status, items=items, request_id=request_id)
+        return upgrade_outcome(*res, instance_id=ref.instance_id)
 
-    async def proxy_version(self, ref: ProxyRef, *, on_sent: OnSent = None) -> VersionInfo | Failure:
+    async def proxy_version(
+        self, ref: ProxyRef, *, on_sent: OnSent = None, may_send: MaySend = None
+    ) -> VersionInfo | Failure:
+        """``GET .../proxy/{x}/taurusproxy/proxy-version`` (contract 2)."""
         path = (
             f"/v3/{_seg(ref.project_id)}/instances/{_seg(ref.instance_id)}"
             f"/proxy/{_seg(ref.proxy_id)}/taurusproxy/proxy-version"
         )
-        res = await self._call("GET", ref, path, on_sent=on_sent)
+        res = await self._call("proxy_version", "GET", ref, path, on_sent=on_sent, may_send=may_send)
         if isinstance(res, HttpFailure | TransportFailure):
             return res
-        status, data, request_id = res
-        if not isinstance(data, dict) or not isinstance(data.get("current_version"), str):
-            return _malformed("proxy-version answer lacks current_version", status, request_id)
-        risk = data.get("risk")
-        can = data.get("can_upgrade")
-        latest = data.get("latest_version")
-        return VersionInfo(
-            current_version=data["current_version"],
-            latest_version=latest if isinstance(latest, str) else None,
-            can_upgrade=can if isinstance(can, bool) else None,
-            risk=risk if isinstance(risk, dict) else {},
-        )
+        return version_outcome(*res)
 
-    async def job(self, ref: ProxyRef, workflow_id: str, *, on_sent: OnSent = None) -> WorkflowInfo | Failure:
+    async def job(
+        self, ref: AnyRef, workflow_id: str, *, on_sent: OnSent = None, may_send: MaySend = None
+    ) -> WorkflowInfo | Failure:
+        """``GET /v3/{p}/jobs?id={workflow_id}`` (contract 5)."""
         path = f"/v3/{_seg(ref.project_id)}/jobs"
-        res = await self._call("GET", ref, path, query=[("id", workflow_id)], on_sent=on_sent)
+        res = await self._call(
+            "job", "GET", ref, path, query=[("id", workflow_id)], on_sent=on_sent, may_send=may_send
+        )
         if isinstance(res, HttpFailure | TransportFailure):
             return res
-        status, data, request_id = res
-        job = data.get("job") if isinstance(data, dict) else None
-        if not isinstance(job, dict) or not isinstance(job.get("status"), str):
-            return _malformed("jobs answer lacks job.status", status, request_id)
-        return WorkflowInfo(
-            workflow_id=str(job.get("id") or workflow_id),
-            status=job["status"],
-            progress=_opt_str(job.get("process")),
-            fail_reason=one_line(_opt_str(job.get("fail_reason"))),
-            created=_opt_str(job.get("created")),
-            ended=_opt_str(job.get("ended")),
-        )
+        return job_outcome(*res, workflow_id=workflow_id)
 
     async def immediate_jobs(
         self,
-        ref: ProxyRef,
+        ref: AnyRef,
         *,
         start_time: datetime,
         end_time: datetime | None = None,
         offset: int = 0,
         limit: int = 50,
         on_sent: OnSent = None,
+        may_send: MaySend = None,
     ) -> RecentJobs | Failure:
+        """``GET /v3/{p}/immediate-jobs?offset&limit&start_time[&end_time]`` (contract 6); the times are
+        the cloud's (see ``clock.to_cloud``), sent as ``yyyy-mm-ddThh:mm:ssZ``."""
         path = f"/v3/{_seg(ref.project_id)}/immediate-jobs"
-        query = [
-            ("offset", str(offset)),
-            ("limit", str(limit)),
-            ("start_time", start_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")),
-        ]
+        query = [("offset", str(offset)), ("limit", str(limit)), ("start_time", _utc(start_time))]
         if end_time is not None:
-            query.append(("end_time", end_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
-        res = await self._call("GET", ref, path, query=query, on_sent=on_sent)
+            query.append(("end_time", _utc(end_time)))
+        res = await self._call(
+            "immediate_jobs", "GET", ref, path, query=query, on_sent=on_sent, may_send=may_send
+        )
         if isinstance(res, HttpFailure | TransportFailure):
             return res
-        status, data, request_id = res
-        raw = data.get("jobs") if isinstance(data, dict) else None
-        if not isinstance(raw, list):
-            return _malformed("immediate-jobs answer lacks a jobs list", status, request_id)
-        jobs = tuple(
-            RecentJob(
-                job_id=str(j.get("job_id") or ""),
-                instance_id=_opt_str(j.get("instance_id")),
-                job_name=_opt_str(j.get("job_name")),
-                status=_opt_str(j.get("status")),
-                created_time=_opt_str(j.get("created_time")),
-                extend_fields=_opt_str(j.get("extend_fields")),
-            )
-            for j in raw
-            if isinstance(j, dict) and j.get("job_id")
-        )
-        total = data.get("total_count")
-        return RecentJobs(jobs=jobs, total_count=total if isinstance(total, int) else len(jobs))
+        return recent_jobs_outcome(*res)
+
+    async def list_instances(
+        self,
+        ref: AnyRef,
+        *,
+        offset: int = 0,
+        limit: int = 100,
+        name: str | None = None,
+        on_sent: OnSent = None,
+        may_send: MaySend = None,
+    ) -> InstancePage | Failure:
+        """``GET /v3/{p}/instances?offset&limit[&name]`` (contract 4)."""
+        path = f"/v3/{_seg(ref.project_id)}/instances"
+        query = [("offset", str(offset)), ("limit", str(limit))]
+        if name is not None:
+            query.append(("name", name))
+        res = await self._call("instances", "GET", ref, path, query=query, on_sent=on_sent, may_send=may_send)
+        if isinstance(res, HttpFailure | TransportFailure):
+            return res
+        return instances_outcome(*res)
+
+    async def list_proxies(
+        self,
+        ref: InstanceRef | ProxyRef,
+        *,
+        offset: int = 0,
+        limit: int = 100,
+        on_sent: OnSent = None,
+        may_send: MaySend = None,
+    ) -> ProxyPage | Failure:
+        """``GET /v3/{p}/instances/{i}/proxies?offset&limit`` (contract 3; limit 1-100, always sent)."""
+        path = f"/v3/{_seg(ref.project_id)}/instances/{_seg(ref.instance_id)}/proxies"
+        query = [("offset", str(offset)), ("limit", str(limit))]
+        res = await self._call("proxies", "GET", ref, path, query=query, on_sent=on_sent, may_send=may_send)
+        if isinstance(res, HttpFailure | TransportFailure):
+            return res
+        return proxies_outcome(*res)
 
     # ---------------------------------------------------------- transport
     async def _call(
         self,
+        route: str,
         method: str,
-        ref: ProxyRef,
+        ref: AnyRef,
         path: str,
         *,
         query: list[tuple[str, str]] | None = None,
         body: Mapping[str, Any] | None = None,
         on_sent: OnSent = None,
-    ) -> tuple[int, Any, str | None] | Failure:
+        may_send: MaySend = None,
+    ) -> tuple[int, Mapping[str, str], bytes] | Failure:
+        """One call, resent once after a 401 that a renewed token may cure. Returns the raw answer
+        (status, headers, body of at most the route's cap) or the failure it already amounts to."""
         url = ref.endpoint.rstrip("/") + path + (("?" + canonical_query(query)) if query else "")
         payload = json.dumps(body).encode() if body is not None else b""
         renewed = False
@@ -264,10 +323,10 @@ class CloudClient:
                 return TransportFailure(TransportKind.CONNECT, sent=False, detail=f"IAM unavailable: {exc}")
             except AuthError as exc:
                 return HttpFailure(http_status=401, error_code="IAM.AUTH", error_msg=one_line(str(exc)))
-            res = await self._send(method, url, headers, payload, on_sent)
+            res = await self._send(route, method, url, headers, payload, on_sent, may_send)
             if (
-                isinstance(res, HttpFailure)
-                and res.http_status == 401
+                isinstance(res, tuple)
+                and res[0] == 401
                 and not renewed
                 and await self._creds.on_unauthorized(ref.scope, headers)
             ):
@@ -278,9 +337,17 @@ class CloudClient:
             return res
 
     async def _send(
-        self, method: str, url: str, headers: dict[str, str], payload: bytes, on_sent: OnSent
-    ) -> tuple[int, Any, str | None] | Failure:
-        ctx = SimpleNamespace(sent=False, on_sent=on_sent)
+        self,
+        route: str,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        payload: bytes,
+        on_sent: OnSent,
+        may_send: MaySend,
+    ) -> tuple[int, Mapping[str, str], bytes] | Failure:
+        attempt = _Attempt(now=self.clock.now, on_sent=on_sent, may_send=may_send)
+        cap = BODY_CAPS[route]
         try:
             async with self._session.request(
                 method,
@@ -289,55 +356,68 @@ class CloudClient:
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
-                trace_request_ctx=ctx,
+                trace_request_ctx=attempt,
             ) as resp:
-                raw = await resp.read()
+                received_at = self.clock.now()
+                answer_headers: Mapping[str, str] = resp.headers
+                self.clock.record(
+                    header(answer_headers, "Date"),
+                    sent_at=attempt.sent_at if attempt.sent_at is not None else received_at,
+                    received_at=received_at,
+                )
                 status = resp.status
-                request_id = resp.headers.get("X-Request-Id")
-                retry_after = resp.headers.get("Retry-After")
+                declared = resp.content_length
+                raw = None if declared is not None and declared > cap else await _read_capped(resp, cap)
+                if raw is None:
+                    # Never buffer an answer larger than any the API gives: drop the connection.
+                    resp.close()
+                    return oversized(route, status, header(answer_headers, "X-Request-Id"))
+                return status, answer_headers, raw
+        except _NotSent:
+            return TransportFailure(TransportKind.CONNECT, sent=False, detail=NOT_SENT)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            return TransportFailure(TransportKind.TLS, sent=False, detail=tls_detail(exc))
+        except aiohttp.ClientSSLError as exc:
+            # Not a certificate verdict but a handshake that cannot work (plain HTTP on an https URL,
+            # no common protocol): a configuration error all the same; nothing was sent.
+            return TransportFailure(
+                TransportKind.TLS,
+                sent=False,
+                detail=f"TLS handshake with {exc.host}:{exc.port} failed: {_detail(exc, 'handshake failed')}",
+            )
         except TimeoutError as exc:
-            kind = TransportKind.TIMEOUT if ctx.sent else TransportKind.CONNECT
-            return TransportFailure(kind, sent=ctx.sent, detail=_detail(exc, "timed out"))
+            kind = TransportKind.TIMEOUT if attempt.sent else TransportKind.CONNECT
+            return TransportFailure(kind, sent=attempt.sent, detail=_detail(exc, "timed out"))
         except aiohttp.ClientConnectorError as exc:
             return TransportFailure(TransportKind.CONNECT, sent=False, detail=_detail(exc, "connect failed"))
         except (aiohttp.ClientError, OSError) as exc:
-            kind = TransportKind.RESET if ctx.sent else TransportKind.CONNECT
-            return TransportFailure(kind, sent=ctx.sent, detail=_detail(exc, "connection failed"))
-
-        data: Any
-        try:
-            data = json.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError):
-            data = _UNREADABLE
-        if 200 <= status < 300:
-            if data is _UNREADABLE or data is None:
-                return _malformed(f"HTTP {status} with a body that is not JSON", status, request_id)
-            return status, data, request_id
-        code = msg = None
-        if isinstance(data, dict):
-            code = _opt_str(data.get("error_code"))
-            msg = _opt_str(data.get("error_msg"))
-        elif raw:
-            msg = f"unreadable error body: {raw[:120].decode('utf-8', 'replace')}"
-        return HttpFailure(
-            http_status=status,
-            error_code=one_line(code, 64),
-            error_msg=one_line(msg),
-            request_id=request_id,
-            retry_after=parse_retry_after(retry_after),
-        )
+            kind = TransportKind.RESET if attempt.sent else TransportKind.CONNECT
+            return TransportFailure(kind, sent=attempt.sent, detail=_detail(exc, "connection failed"))
 
 
-_UNREADABLE = object()
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
+    """The body, or None as soon as it proves longer than ``cap`` bytes (at most cap + 1 are read)."""
+    buf = bytearray()
+    while True:
+        chunk = await resp.content.read(cap + 1 - len(buf))
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > cap:
+            return None
 
 
-def _opt_str(v: object) -> str | None:
-    return v if isinstance(v, str) else None
-
-
-def _malformed(detail: str, status: int, request_id: str | None) -> TransportFailure:
-    return TransportFailure(
-        TransportKind.MALFORMED, sent=True, detail=detail, http_status=status, request_id=request_id
+def tls_detail(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    """Which certificate check failed, for the one line that stops the run: host, the check in words,
+    OpenSSL's code and message (codes from OpenSSL's ``x509_vfy.h``)."""
+    cert = exc.certificate_error
+    code = getattr(cert, "verify_code", None)
+    message = getattr(cert, "verify_message", None) or one_line(str(cert), 120)
+    what = _VERIFY_CODES.get(code, "certificate verification failed") if isinstance(code, int) else None
+    what = what or "certificate verification failed"
+    return (
+        f"TLS certificate of {exc.host}:{exc.port} failed verification: {what} "
+        f"(OpenSSL {code}: {message}); check the endpoint, or the CA bundle if it uses a private CA"
     )
 
 
@@ -345,24 +425,3 @@ def _detail(exc: BaseException, fallback: str) -> str:
     # Exception text from aiohttp names host and port only; never request headers.
     text = one_line(str(exc), 200)
     return f"{type(exc).__name__}: {text}" if text else f"{type(exc).__name__}: {fallback}"
-
-
-def _update_items(data: Any) -> tuple[UpdateItem, ...] | None:
-    if not isinstance(data, dict):
-        return None
-    raw = data.get("update_result")
-    if not isinstance(raw, list) or not raw:
-        return None
-    items = []
-    for it in raw:
-        if not isinstance(it, dict) or not isinstance(it.get("state"), str):
-            return None
-        items.append(
-            UpdateItem(
-                workflow_id=_opt_str(it.get("workflow_id")),
-                state=it["state"],
-                error_message=one_line(_opt_str(it.get("error_message"))),
-                instance_id=_opt_str(it.get("instance_id")),
-            )
-        )
-    return tuple(items)

@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -89,15 +90,15 @@ class SimulatorServer:
         host: str = "127.0.0.1",
         port: int = 0,
         log_file: str | os.PathLike[str] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         shutdown_timeout: float = 0.5,
     ) -> None:
         self.scenario = scenario
         self.host, self._requested_port = host, port
-        self.clock = clock
-        self.fleet = Fleet(scenario, clock=clock)
+        self.clock = clock if clock is not None else offset_clock(scenario.clock_offset_s)
+        self.fleet = Fleet(scenario, clock=self.clock)
         self.faults = FaultInjector(scenario.faults, scenario.seed)
-        self.gateway = GatewayAuth(scenario.auth, scenario.project_id, clock=clock)
+        self.gateway = GatewayAuth(scenario.auth, scenario.project_id, clock=self.clock)
         self.throttle = GatewayThrottle(scenario.faults.gateway_rate_limit)
         self.latency_s = scenario.latency_s
         self.call_log = CallLog(log_file)
@@ -295,7 +296,13 @@ class SimulatorServer:
 
     def _answer(self, request: web.Request, record: dict[str, Any], reply: Reply) -> web.StreamResponse:
         self._record(record, reply.status, reply.error_code)
-        headers = {**reply.headers, "X-Request-Id": record["request_id"]}
+        # Date on the simulated cloud's clock (aiohttp would stamp the host's): clients measure the
+        # cloud's clock offset from it, as they do against the real gateway.
+        headers = {
+            **reply.headers,
+            "X-Request-Id": record["request_id"],
+            "Date": formatdate(self.clock(), usegmt=True),
+        }
         if reply.raw is not None:
             return web.Response(status=reply.status, body=reply.raw, headers=headers)
         headers.setdefault("Content-Type", JSON_TYPE)
@@ -399,6 +406,17 @@ class SimulatorServer:
 
 class PatchError(ValueError):
     pass
+
+
+def offset_clock(offset_s: float) -> Callable[[], float]:
+    """The simulated cloud's wall clock: the host's ``time.time()`` plus ``offset_s`` seconds."""
+    if offset_s == 0:
+        return time.time
+
+    def now() -> float:
+        return time.time() + offset_s
+
+    return now
 
 
 def _json_or_none(body: bytes) -> Any:

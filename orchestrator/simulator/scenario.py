@@ -150,6 +150,9 @@ class GenerateSpec(_Model):
     old_version_rate: Probability = 0.0  # running old_version instead of current_version
     old_version: Version = "2.23.06.000"
     omit_instance_id_rate: Probability = 0.0
+    not_active_rate: Probability = 0.0  # proxies whose status is not_active_status (discovery skips them)
+    not_active_status: str = "ABNORMAL"
+    no_upgrade_rate: Probability = 0.0  # proxies whose proxy-version says can_upgrade: false
     name_prefix: str = "taurus"
 
     @model_validator(mode="after")
@@ -251,6 +254,9 @@ class Scenario(_Model):
     current_version: Version = DEFAULT_CURRENT
     latest_version: Version = DEFAULT_LATEST
     latency_s: float = Field(default=0.0, ge=0)  # real seconds added to every API call
+    # The simulated cloud's clock minus the host's, in seconds: Date headers, job times, token expiry
+    # and the X-Sdk-Date check all read it (a client must measure it, not assume it is small).
+    clock_offset_s: float = Field(default=0.0, ge=-864000.0, le=864000.0)
     workflow: WorkflowSpec = Field(default_factory=WorkflowSpec)
     fleet: FleetSpec = Field(default_factory=FleetSpec)
     faults: FaultSpec = Field(default_factory=FaultSpec)
@@ -366,6 +372,8 @@ def _generate_proxy(
     if rejects and multi and mixed:
         count = 1 + int(draws[6] * (nodes - 1))  # 1 .. nodes-1 nodes reject
         reject_nodes = sorted(rng.sample(range(nodes), count))
+    # Drawn after every older draw, so that adding these knobs changed no existing fleet.
+    not_active, no_upgrade = rng.random() < gen.not_active_rate, rng.random() < gen.no_upgrade_rate
     current = scenario.latest_version if at_target else (gen.old_version if old else None)
     return ProxySpec(
         id=proxy_id,
@@ -375,10 +383,12 @@ def _generate_proxy(
         reject=gen.reject_message if rejects else None,
         reject_nodes=reject_nodes,
         omit_instance_id=omit,
+        status=gen.not_active_status if not_active else "ACTIVE",
+        can_upgrade=False if no_upgrade else None,
     )
 
 
-_SCENARIO_FIELDS = {"speed", "project_id", "current_version", "latest_version", "latency_s"}
+_SCENARIO_FIELDS = {"speed", "project_id", "current_version", "latest_version", "latency_s", "clock_offset_s"}
 
 
 def generate_scenario(n_proxies: int, seed: int, **knobs: Any) -> Scenario:

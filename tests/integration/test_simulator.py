@@ -432,3 +432,36 @@ def test_run_simulator_as_a_process_with_the_bundled_demo(tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("offset", [0.0, -7200.0, 300.0])
+async def test_date_headers_and_job_times_are_on_the_simulated_clouds_clock(
+    http: aiohttp.ClientSession, offset: float
+) -> None:
+    from email.utils import parsedate_to_datetime
+
+    async with await serve(scenario(clock_offset_s=offset)) as sim:
+        base = f"{sim.url}/v3/{PROJECT}"
+        async with http.post(upgrade_url(sim), json=BODY) as resp:
+            date = parsedate_to_datetime(resp.headers["Date"]).timestamp()
+            wid = (await resp.json())["update_result"][0]["workflow_id"]
+        assert abs(date - (time.time() + offset)) < 2.0
+        async with http.get(f"{base}/instances/nope/proxies") as resp:  # error answers carry it too
+            assert resp.status == 404
+            assert abs(parsedate_to_datetime(resp.headers["Date"]).timestamp() - (time.time() + offset)) < 2.0
+        await asyncio.sleep(0.06)
+        status, body = await get_json(http, f"{base}/jobs", id=wid)
+        created = datetime.strptime(body["job"]["created"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        assert status == 200 and abs(created - (time.time() + offset)) < 2.0
+
+        def window(t: float) -> str:
+            return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        cloud_now = time.time() + offset
+        _, found = await get_json(
+            http, f"{base}/immediate-jobs", start_time=window(cloud_now - 10), limit="10"
+        )
+        assert [j["job_id"] for j in found["jobs"]] == [wid]
+        if offset < 0:  # a window on the host's clock lies in the cloud's future: nothing yet
+            _, none = await get_json(http, f"{base}/immediate-jobs", start_time=window(time.time() - 10))
+            assert none["jobs"] == []

@@ -205,3 +205,37 @@ def test_the_reference_example_in_the_docs_is_a_valid_scenario() -> None:
     scenario = Scenario.from_yaml(blocks[0], source="docs/simulator.md")
     proxies = [p for i in scenario.all_instances() for p in i.proxies]
     assert len(proxies) == 201 and proxies[0].reject_nodes == [1] and len(proxies[0].script) == 4
+
+
+def _traits(scenario: Scenario) -> list[tuple[object, ...]]:
+    return [
+        (p.id, p.nodes, p.reject, p.reject_nodes, p.current_version, p.omit_instance_id)
+        for i in scenario.all_instances()
+        for p in i.proxies
+    ]
+
+
+def test_not_active_and_no_upgrade_knobs_change_no_other_trait() -> None:
+    knobs = {"reject_rate": 0.3, "multi_node_rate": 0.5, "mixed_rate": 1.0, "at_target_rate": 0.1}
+    plain = generate_scenario(300, seed=9, **knobs)
+    shaped = generate_scenario(300, seed=9, not_active_rate=0.2, no_upgrade_rate=0.1, **knobs)
+    assert _traits(plain) == _traits(shaped)
+    proxies = [p for i in shaped.all_instances() for p in i.proxies]
+    assert {p.status for p in proxies} == {"ACTIVE", "ABNORMAL"}
+    assert 30 < sum(p.status == "ABNORMAL" for p in proxies) < 90
+    assert 10 < sum(p.can_upgrade is False for p in proxies) < 55
+    assert all(p.can_upgrade is None for p in proxies if p.can_upgrade is not False)
+    assert all(
+        p.status == "ACTIVE" and p.can_upgrade is None for i in plain.all_instances() for p in i.proxies
+    )
+    frozen = generate_scenario(5, seed=9, not_active_rate=1.0, not_active_status="FAILED")
+    assert {p.status for i in frozen.all_instances() for p in i.proxies} == {"FAILED"}
+
+
+@pytest.mark.parametrize(("offset", "ok"), [(-180.0, True), (0.0, True), (864000.0, True), (864001.0, False)])
+def test_clock_offset_is_a_bounded_scenario_field(offset: float, ok: bool) -> None:
+    if ok:
+        assert generate_scenario(1, seed=1, clock_offset_s=offset).clock_offset_s == offset
+    else:
+        with pytest.raises(ScenarioError, match="clock_offset_s"):
+            Scenario.from_dict({"clock_offset_s": offset})
