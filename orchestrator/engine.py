@@ -4,9 +4,15 @@ The job table is the queue. A feeder claims small batches (never the whole fleet
 however large the inventory) into a queue no longer than the worker pool, and ``concurrency`` workers
 take jobs from it. Each job goes to the step its status calls for:
 
-    pending / retry_wait -> preflight (proxy-version) -> record intent -> upgrade call -> decide -> move
-    unknown              -> reconcile (did the lost call start an upgrade?)     see reconcile.py
-    accepted             -> track the workflows, then postflight                  see tracker.py
+    pending / retry_wait -> the upgrade step      steps/upgrade.py
+    unknown              -> the reconcile step    steps/reconcile.py
+    accepted             -> the track step        steps/track.py
+
+Before claiming upgrades the feeder asks the run-wide controls (``schedule.dispatch``: the window, the
+waves, the failure breaker): they only ever withhold NEW upgrades; reconcile and tracking of work already
+sent go on. A heartbeat renews this process's lease and its claims' leases; the fence (``LeaseKeeper``)
+keeps a job whose claim lapsed from being sent. A job table that goes away is waited for (the writer
+retries) up to ``--db-outage-timeout``, then the run stops cleanly (exit 3).
 
 The engine never parses HTTP (cloud/), never writes SQL (store/) and never decides policy (policy/).
 """
@@ -15,35 +21,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
-from orchestrator import preflight
-from orchestrator.outcomes import Answered, HttpFailure, TransportFailure
-from orchestrator.policy import Action, Decision, Stage, decide
-from orchestrator.reconcile import reconcile
+from orchestrator.errors import EXIT_STOPPED
 from orchestrator.runtime import Runtime
+from orchestrator.schedule.dispatch import Confirm, Start, Stop, WaitUntil
 from orchestrator.states import JobStatus
-from orchestrator.store import JobRow, NewWorkflow
-from orchestrator.tracker import track
+from orchestrator.steps.reconcile import run_reconcile
+from orchestrator.steps.track import run_track
+from orchestrator.steps.upgrade import run_upgrade
+from orchestrator.store import DatabaseUnavailable, JobRow
 
 ERROR_BACKOFF_S = 10.0  # an unexpected error on a job: look at it again after this long
+PRUNE_EVERY_S = 60.0
+
+Confirmer = Callable[[Confirm], Awaitable[bool | None]]
+"""Asks an operator about a wave: True yes, False no, None nobody can be asked (not a terminal)."""
 
 
 @dataclass(frozen=True, slots=True)
 class EngineResult:
     finished: bool  # no job of the run is active any more
     stop_reason: str | None
-    exit_code: int | None  # set when the run was stopped (3 signal/lost lock, 2 auth)
+    exit_code: int | None  # set when the run was stopped
+    run_status: str | None = None  # the run status the stop asks for (paused, halted, stopped)
 
 
 class Engine:
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, *, confirm: Confirmer | None = None) -> None:
         self.rt = rt
+        self._confirm = confirm
         n = rt.options.concurrency
         self._queue: asyncio.Queue[JobRow | None] = asyncio.Queue(maxsize=n)
         self._wake = asyncio.Event()
         self._busy = 0
-        self._current: set[int] = set()
+        self._db_down: DatabaseUnavailable | None = None
 
     async def run(self) -> EngineResult:
         rt = self.rt
@@ -53,78 +67,150 @@ class Engine:
         finished = False
         try:
             finished = await self._feed()
+        except DatabaseUnavailable as exc:
+            self._db_down = exc
+            rt.request_stop(str(exc), EXIT_STOPPED)
         finally:
             for _ in workers:
-                await self._queue.put(None)
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._queue.put_nowait(None)
             done, pending = await asyncio.wait(workers, timeout=rt.options.drain_timeout)
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             for t in done:
-                if t.exception() is not None:
-                    rt.events.emit("engine.worker_crashed", error=repr(t.exception()))
+                exc = t.exception()
+                if exc is not None:
+                    rt.events.emit("engine.worker_crashed", error=repr(exc))
             heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await heartbeat
             # jobs claimed but never started go back to the table for whoever resumes
             while not self._queue.empty():
                 job = self._queue.get_nowait()
                 if job is not None:
-                    await rt.store.release(job.id, rt.worker_id)
+                    with contextlib.suppress(Exception):
+                        await rt.store.release(job.id, rt.worker_id)
         if rt.stop_requested.is_set():
-            return EngineResult(finished, rt.stop_reason, rt.stop_exit_code)
+            return EngineResult(finished, rt.stop_reason, rt.stop_exit_code, rt.stop_run_status)
         return EngineResult(finished, None, None)
 
+    # ------------------------------------------------------------------------------------- feeder
     async def _feed(self) -> bool:
         """Claim jobs while workers are free. True when the run has no active job left."""
         rt = self.rt
         track = rt.options.wait
         while not rt.stop_requested.is_set():
+            decision = await self._controls()
+            if rt.stop_requested.is_set():
+                break
+            allow_new = isinstance(decision, Start)
             free = rt.options.concurrency - self._busy - self._queue.qsize()
             if free > 0:
-                jobs = await rt.store.claim(
+                submitted = rt.mono()
+                claimed = await rt.store.claim(
                     rt.run_id,
                     worker_id=rt.worker_id,
                     limit=free,
-                    now=rt.now(),
                     lease_s=rt.options.lease,
                     track=track,
+                    allow_new=allow_new,
+                    open_wave=rt.controls.open_wave if rt.controls else 1_000_000,
+                    per_instance=rt.options.per_instance,
                 )
-                for job in jobs:
+                rt.lease.claimed((j.id for j in claimed.jobs), submitted)
+                for job in claimed.jobs:
                     self._busy += 1  # counted before the queue hand-off so `free` never overshoots
                     await self._queue.put(job)
-                if jobs:
+                if claimed.jobs:
                     continue
             if free > 0 and self._busy == 0 and await rt.store.active_count(rt.run_id, track=track) == 0:
                 return True
-            await self._idle(track)
+            await self._idle(track, decision)
         return False
 
-    async def _idle(self, track: bool) -> None:
+    async def _controls(self) -> object:
+        """The run-wide controls' answer (read at most once a second); acts on stops, wave openings and
+        confirmations. Returns the dispatch decision in force."""
+        rt = self.rt
+        ctl = rt.controls
+        if ctl is None:
+            return Start(1_000_000)
+        if ctl.stale or ctl.decision is None:
+            ctl.update(await rt.store.run_state(rt.run_id))
+        decision = ctl.decision
+        state = ctl.state
+        assert state is not None
+        if state.open_unfinished == 0 and state.total > 0 and state.waves > state.run.wave_open:
+            await rt.store.mark_wave_done(rt.run_id, state.run.wave_open)
+        if isinstance(decision, Stop) and not decision.new_upgrades_only:
+            rt.request_stop(decision.reason, decision.exit_code, decision.run_status.value)
+            return decision
+        if isinstance(decision, Confirm):
+            answer = None if self._confirm is None or rt.role != "runner" else await self._confirm(decision)
+            if answer is None and rt.role != "runner":
+                return decision  # workers wait for the runner to open the wave
+            if answer:
+                if await rt.store.open_wave(
+                    rt.run_id, frm=state.run.wave_open, to=decision.wave, reason="confirmed by the operator"
+                ):
+                    rt.events.emit("wave.opened", wave=decision.wave, size=decision.size)
+                ctl.update(await rt.store.run_state(rt.run_id))
+                return ctl.decision
+            stop = decision.declined()
+            rt.request_stop(stop.reason, stop.exit_code, stop.run_status.value)
+            return stop
+        if isinstance(decision, Start) and decision.opens and decision.open_wave > state.run.wave_open:
+            if await rt.store.open_wave(
+                rt.run_id, frm=state.run.wave_open, to=decision.open_wave, reason="the previous wave finished"
+            ):
+                rt.events.emit("wave.opened", wave=decision.open_wave)
+            ctl.update(await rt.store.run_state(rt.run_id))
+            return ctl.decision
+        return decision
+
+    async def _idle(self, track: bool, decision: object) -> None:
         rt = self.rt
         delay = 1.0
         nd = await rt.store.next_due(rt.run_id, track=track)
         if nd is not None:
             delay = min(delay, max(0.02, (nd - rt.now()).total_seconds()))
+        if isinstance(decision, WaitUntil):
+            rt.events.emit("run.waiting", until=decision.at.isoformat(), reason=decision.reason)
+            delay = min(delay, max(0.02, (decision.at - _now_utc()).total_seconds()))
         self._wake.clear()
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(rt.stop_requested.wait())]
         await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
 
+    # ---------------------------------------------------------------------------------- heartbeat
     async def _heartbeat(self) -> None:
         rt = self.rt
+        since_prune = 0.0
         while True:
             await asyncio.sleep(rt.options.heartbeat)
+            submitted = rt.mono()
             try:
-                alive = await rt.store.heartbeat(rt.worker_id, rt.now(), rt.options.lease)
-            except Exception as exc:  # the database may be briefly unreachable: keep trying
+                alive, renewed, _db_now = await rt.store.heartbeat(rt.worker_id, rt.options.lease)
+            except DatabaseUnavailable as exc:
+                self._db_down = exc
+                rt.request_stop(str(exc), EXIT_STOPPED)
+                return
+            except Exception as exc:  # a passing failure: the fence stops sends if it lasts
                 rt.events.emit("worker.heartbeat_failed", error=type(exc).__name__)
                 continue
             if not alive:
-                rt.request_stop("this process's registration was taken over by another process", 3)
+                rt.request_stop("this process's registration was taken over by another process", EXIT_STOPPED)
                 return
+            rt.lease.renewed(renewed, submitted)
+            since_prune += rt.options.heartbeat
+            if rt.gate is not None and since_prune >= PRUNE_EVERY_S:
+                since_prune = 0.0
+                with contextlib.suppress(Exception):
+                    await rt.store.prune_send_log(rt.run_id, keep_s=max(PRUNE_EVERY_S, 3 * rt.options.lease))
 
+    # ------------------------------------------------------------------------------------ workers
     async def _worker(self) -> None:
         rt = self.rt
         while True:
@@ -132,184 +218,38 @@ class Engine:
             if job is None:
                 return
             try:
-                if not rt.stop_requested.is_set():
-                    await self.process(job)
-                else:
+                if rt.stop_requested.is_set():
                     await rt.store.release(job.id, rt.worker_id)
+                else:
+                    await self.process(job)
+            except DatabaseUnavailable as exc:
+                self._db_down = exc
+                rt.request_stop(str(exc), EXIT_STOPPED)
             except Exception as exc:
-                # A bug or a lost database must not kill the pool. The job keeps its status (an
-                # in-flight one is reconciled once released, never blindly resent) and waits a while,
-                # so a job that trips over the same error does not spin.
+                # A bug must not kill the pool. The job keeps its status (an in-flight one is reconciled
+                # once released, never blindly resent) and waits a while, so it does not spin.
                 rt.events.emit("job.error", job=job.id, proxy=job.proxy_id, error=repr(exc))
                 with contextlib.suppress(Exception):
-                    await rt.store.update_job_fields(
-                        job.id, {"next_attempt_at": rt.after(ERROR_BACKOFF_S)}, rt.now()
+                    await rt.store.reschedule(
+                        job, worker_id=rt.worker_id, due=rt.after(ERROR_BACKOFF_S), reason=f"error: {exc!r}"[:300]
                     )
-                with contextlib.suppress(Exception):
-                    await rt.store.release(job.id, rt.worker_id)
             finally:
+                rt.lease.dropped(job.id)
                 self._busy -= 1
                 self._wake.set()
 
     async def process(self, job: JobRow) -> None:
         if job.status in (JobStatus.PENDING, JobStatus.RETRY_WAIT):
-            await self._upgrade_step(job)
+            await run_upgrade(self.rt, job)
         elif job.status is JobStatus.UNKNOWN:
-            await reconcile(self.rt, job)
+            await run_reconcile(self.rt, job)
         elif job.status is JobStatus.ACCEPTED:
-            await track(self.rt, job)
+            await run_track(self.rt, job)
         else:
             await self.rt.store.release(job.id, self.rt.worker_id)
 
-    async def _upgrade_step(self, job: JobRow) -> None:
-        rt = self.rt
-        source = job.source_version
-        if rt.options.preflight and (job.status is JobStatus.PENDING or job.current_version is None):
-            verdict = await self._preflight(job)
-            if verdict is None:
-                return
-            source = verdict
-        if source is None:
-            # --no-preflight and no source_version: there is nothing safe to send
-            await rt.apply(
-                job,
-                Decision(
-                    Action.FLAG,
-                    "no source_version in the inventory and preflight is off",
-                    "default:no-source",
-                    "give source_version in the inventory or run with preflight",
-                ),
-                frm=job.status,
-            )
-            return
-        if rt.stop_requested.is_set():
-            await rt.store.release(job.id, rt.worker_id)
-            return
-        # Intent first, then the permit, then the call at once: a commit's latency between permit and
-        # send would let the cloud see calls bunched closer than the limiter spaced them.
-        attempt_id = await rt.store.record_intent(job, worker_id=rt.worker_id, now=rt.now())
-        if attempt_id is None:
-            rt.events.emit("job.intent_lost", job=job.id, proxy=job.proxy_id)
-            await rt.store.release(job.id, rt.worker_id)
-            return
-        number = job.attempt_count + 1
-        async with rt.permit() as sent:
-            if rt.stop_requested.is_set():
-                await rt.store.cancel_intent(job.id, attempt_id, worker_id=rt.worker_id, now=rt.now())
-                return
-            sent_at = rt.now()
-            rt.events.emit("upgrade.sent", job=job.id, proxy=job.proxy_id, attempt=number)
-            outcome = await rt.client.upgrade(rt.ref(job), source, job.target_version, on_sent=sent)
-        decision = decide(outcome, attempt=number, policy=rt.policy, rng=rt.rng, stage=Stage.UPGRADE)
-        workflows: tuple[NewWorkflow, ...] = ()
-        values: dict[str, object] = {"outcome": decision.action.value, "rule": decision.rule}
-        if isinstance(outcome, Answered):
-            workflows = tuple(
-                NewWorkflow(
-                    workflow_id=i.workflow_id,
-                    state=i.state,
-                    error_message=i.error_message,
-                    instance_id=i.instance_id,
-                )
-                for i in outcome.items
-            )
-            values.update(http_status=outcome.http_status, request_id=outcome.request_id)
-        elif isinstance(outcome, HttpFailure):
-            values.update(
-                http_status=outcome.http_status,
-                error_code=outcome.error_code,
-                error_msg=outcome.error_msg,
-                request_id=outcome.request_id,
-            )
-        elif isinstance(outcome, TransportFailure):
-            values.update(
-                transport=outcome.kind.value,
-                error_msg=outcome.detail,
-                http_status=outcome.http_status,
-                request_id=outcome.request_id,
-            )
-        # shield: Ctrl-C must not skip the write that records what the cloud answered
-        values["sent_at"] = sent_at
-        await asyncio.shield(self._record(job, attempt_id, decision, values, workflows))
 
-    async def _record(
-        self,
-        job: JobRow,
-        attempt_id: int,
-        decision: Decision,
-        values: dict[str, object],
-        workflows: tuple[NewWorkflow, ...],
-    ) -> None:
-        rt = self.rt
-        to, fields = rt.plan(decision)
-        ok = await rt.store.record_answer(
-            job_id=job.id,
-            attempt_id=attempt_id,
-            now=rt.now(),
-            outcome=str(values.pop("outcome")),
-            rule=decision.rule,
-            http_status=_int(values.get("http_status")),
-            error_code=_str(values.get("error_code")),
-            error_msg=_str(values.get("error_msg")),
-            request_id=_str(values.get("request_id")),
-            transport=_str(values.get("transport")),
-            sent_at=values.get("sent_at"),  # type: ignore[arg-type]
-            workflows=workflows,
-            move_to=to,
-            job_fields=fields,
-            worker_id=rt.worker_id,
-        )
-        rt.events.emit(
-            f"job.{to.value}" if ok else "job.move_lost",
-            job=job.id,
-            proxy=job.proxy_id,
-            reason=decision.reason,
-            rule=decision.rule,
-            workflows=[w.workflow_id for w in workflows],
-        )
+def _now_utc() -> datetime:
+    from datetime import UTC
 
-    async def _preflight(self, job: JobRow) -> str | None:
-        """Read the proxy's version. Returns the source version to send, or None when the job was
-        finished (skipped/flagged) or rescheduled here."""
-        rt = self.rt
-        async with rt.permit() as sent:
-            info = await rt.client.proxy_version(rt.ref(job), on_sent=sent)
-        if isinstance(info, HttpFailure | TransportFailure):
-            decision = decide(
-                info, attempt=job.read_failures + 1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT
-            )
-            await rt.apply(job, decision, frm=job.status, extra={"read_failures": job.read_failures + 1})
-            return None
-        facts = {
-            "current_version": info.current_version,
-            "latest_version": info.latest_version,
-            "risk": info.risk or None,
-            "read_failures": 0,
-        }
-        result = preflight.judge(info, source_version=job.source_version, target_version=job.target_version)
-        rt.events.emit(
-            "preflight.done",
-            job=job.id,
-            proxy=job.proxy_id,
-            verdict=result.verdict.value,
-            current=info.current_version,
-        )
-        if result.verdict is preflight.Verdict.UPGRADE:
-            await rt.store.update_job_fields(job.id, facts, rt.now())
-            return result.source_version
-        action = Action.SKIP if result.verdict is preflight.Verdict.SKIP else Action.FLAG
-        await rt.apply(
-            job,
-            Decision(action, result.reason, f"preflight:{result.verdict.value}", result.hint),
-            frm=job.status,
-            extra=facts,
-        )
-        return None
-
-
-def _int(v: object) -> int | None:
-    return v if isinstance(v, int) else None
-
-
-def _str(v: object) -> str | None:
-    return v if isinstance(v, str) else None
+    return datetime.now(UTC)

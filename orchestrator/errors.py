@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_STOPPED, EXIT_HALTED = 0, 1, 2, 3, 4
+"""0 every proxy done without problems; 1 finished with flagged or failed proxies; 2 bad input, usage,
+credentials, or refused (held by another live process); 3 stopped before finishing (a signal, a lost
+database, the maintenance window closed): ``resume`` continues; 4 halted: the failure breaker tripped, a
+person must decide (``resume --ack`` or ``--max-failures``)."""
 
 
 class UsageError(Exception):

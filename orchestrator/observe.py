@@ -1,25 +1,73 @@
-"""Logs and progress from the engine's events.
+"""Logs, notices and progress from the engine's events.
 
-The engine emits stable event names (``upgrade.accepted``, ``job.flagged``...) with fields; this module
-turns them into structlog lines (console or ``--log-format json``) and, on a terminal, a rich progress
-bar. A redaction processor masks any field whose name says it holds a credential, whatever logs it.
+The engine emits stable event names (``job.flagged``, ``call``, ``run.throttled``...) with fields; this
+module turns them into structlog lines (console, ``key=value`` or ``--log-format json``), a progress
+display pinned under the log on a terminal (a progress line every few seconds otherwise), and metrics.
+
+Two promises: a failure to write a line (the reader of stderr went away: ``| head``) never stops or
+stalls the engine, and outside text (cloud messages, run names) is printed literally, never as markup.
+A redaction processor masks any field whose name says it holds a credential, whatever logs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from orchestrator.cloud.redact import MASK
 
 _SECRET_KEYS = ("token", "password", "secret", "authorization", "sk", "credential", "cookie")
-_QUIET_EVENTS = {"upgrade.sent", "preflight.done", "workflow.status"}
+_QUIET_EVENTS = {"call", "preflight.done", "workflow.status", "job.accepted", "job.succeeded", "job.skipped",
+                 "job.retry_wait", "job.unknown", "job.in_flight", "upgrade.fenced"}  # fmt: skip
+_WARN_SUFFIXES = ("flagged", "failed", "error", "crashed", "throttled", "move_lost", "fenced")
+_FINAL = ("succeeded", "skipped", "flagged", "failed")
+
+
+class SafeStream:
+    """A text stream whose writes never raise: once the reader is gone (EPIPE, a closed file) further
+    writes are dropped. The run goes on; what it does is in the job table."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            self.broken = True
+            return len(text)
+
+    def flush(self) -> None:
+        if self.broken:
+            return
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self.broken = True
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self._stream.isatty())
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._stream, "encoding", "utf-8") or "utf-8"
 
 
 def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -30,9 +78,27 @@ def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutabl
     return event
 
 
-def configure_logging(*, fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
-    """stderr only: stdout carries the summary and reports that operators pipe into files."""
-    out = stream or sys.stderr
+class _ConsoleLogger:
+    """structlog's output through a rich Console, so log lines go above a live progress display."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(Exception):
+            self._console.print(Text(message), soft_wrap=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+_state: dict[str, Any] = {"console": None, "json": False}
+
+
+def configure_logging(*, fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> Console:
+    """stderr only: stdout carries the summaries and reports that operators pipe into files. Returns the
+    console every notice and the progress display use."""
+    out = SafeStream(stream or sys.stderr)
+    console = Console(file=out, highlight=False, soft_wrap=True)  # type: ignore[arg-type]
     lvl = getattr(logging, level.upper(), logging.INFO)
     renderer: Any
     if fmt == "json":
@@ -40,7 +106,7 @@ def configure_logging(*, fmt: str = "console", level: str = "info", stream: Text
     elif fmt == "plain" or not out.isatty():
         renderer = structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"])
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=True)
+        renderer = structlog.dev.ConsoleRenderer(colors=console.is_terminal and not console.no_color)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -50,93 +116,167 @@ def configure_logging(*, fmt: str = "console", level: str = "info", stream: Text
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=lambda *_a: _ConsoleLogger(console),
         cache_logger_on_first_use=False,
     )
+    _state["console"] = console
+    _state["json"] = fmt == "json"
+    return console
 
 
-class NoticeConsole(Console):
-    """stderr for the operator's notices: the run banner, what a resume will do, ``error:`` lines.
+def notice_console() -> Console:
+    """The stderr console configured by ``configure_logging`` (a safe default before it ran)."""
+    console = _state.get("console")
+    if console is None:
+        console = configure_logging()
+    return console  # type: ignore[no-any-return]
 
-    With ``--log-format json`` a log shipper reads stderr line by line and every line must parse, so
-    then each notice becomes one log event (``notice``, or ``error`` for an ``error:`` line) instead of
-    free text. Set ``json_lines`` once logging is configured."""
 
-    json_lines = False
-
-    def print(self, *objects: Any, **kwargs: Any) -> None:
-        if not self.json_lines:
-            super().print(*objects, **kwargs)
-            return
-        if all(isinstance(o, str) for o in objects):
-            text = " ".join(objects)
-        else:
-            with self.capture() as captured:
-                super().print(*objects, **kwargs)
-            text = captured.get()
-        text = text.strip()
+def notice(text: str, *, style: str | None = None) -> None:
+    """One line for the operator on stderr: printed literally (never markup); a JSON ``notice`` event
+    (``error`` for an ``error:`` line) under ``--log-format json``."""
+    if _state["json"]:
         log = structlog.get_logger("orchestrator")
         if text.startswith("error:"):
             log.error("error", message=text.removeprefix("error:").strip())
-        elif text:
+        else:
             log.info("notice", message=text)
+        return
+    with contextlib.suppress(Exception):
+        notice_console().print(Text(text, style=style or ""), soft_wrap=True)
 
 
 class RunEvents:
-    """Events -> log lines (+ a progress bar on a terminal). ``total`` jobs; done = terminal statuses."""
+    """Events -> log lines, the progress display and metrics.
+
+    Progress counts the whole run (every process's work, after a resume too): ``update(counts)`` is fed
+    the run's counts by status (each second, from the run-wide controls' read). ``calls`` per second are
+    this process's, shown against ``rate_per_s``."""
 
     def __init__(
         self,
         *,
         total: int,
-        done: int = 0,
         console: Console | None = None,
         progress: bool | None = None,
-        verbose: bool = False,
-        accepted_is_done: bool = False,
+        rate_per_s: float = 0.0,
+        every_s: float = 10.0,
+        metrics: Any = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.log = structlog.get_logger("orchestrator")
-        self.console = console or Console(stderr=True)
-        show = self.console.is_terminal if progress is None else progress
+        self.console = console or notice_console()
+        self.show = self.console.is_terminal if progress is None else progress
         self.total = total
-        self.done = done
-        self.verbose = verbose
-        self._final = {"succeeded", "skipped", "flagged", "failed"} | (
-            {"accepted"} if accepted_is_done else set()
-        )
-        self._progress = Progress(
-            TextColumn("[bold]upgrading"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[tally]}"),
-            TimeElapsedColumn(),
-            console=self.console,
-            disable=not show,
-            transient=False,
-        )
-        self._task = self._progress.add_task("run", total=total, completed=done, tally="")
-        self._tally: dict[str, int] = {}
+        self.rate_per_s = rate_per_s
+        self.every_s = every_s
+        self.metrics = metrics
+        self._clock = clock
+        self._counts: dict[str, int] = {}
+        self._calls: list[float] = []
+        self._started = clock()
+        self._done_at_start: int | None = None
+        self._last_line = clock()
+        self._live: Any = None
 
+    # ----------------------------------------------------------------------------- display
     def __enter__(self) -> RunEvents:
-        self._progress.start()
+        if self.show:
+            from rich.live import Live
+
+            with contextlib.suppress(Exception):
+                self._live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+                self._live.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        if self._live is not None:
+            with contextlib.suppress(Exception):
+                self._live.update(self._render())
+                self._live.stop()
+            self._live = None
 
+    def update(self, counts: dict[str, int]) -> None:
+        """The run's job counts by status (all processes)."""
+        self._counts = dict(counts)
+        done = self.done
+        if self._done_at_start is None:
+            self._done_at_start = done
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.jobs(self._counts)
+        if self._live is not None:
+            with contextlib.suppress(Exception):
+                self._live.update(self._render())
+        elif self._clock() - self._last_line >= self.every_s:
+            self._last_line = self._clock()
+            self.log.info("run.progress", **self.snapshot())
+
+    @property
+    def done(self) -> int:
+        return sum(self._counts.get(s, 0) for s in _FINAL)
+
+    def snapshot(self) -> dict[str, Any]:
+        """done/total, what is in flight or waiting, this process's calls per second, and an ETA."""
+        c = self._counts
+        now = self._clock()
+        recent = [t for t in self._calls if t > now - 10.0]
+        cps = len(recent) / 10.0 if recent else 0.0
+        done = self.done
+        left = max(0, self.total - done)
+        gained = done - (self._done_at_start or 0)
+        elapsed = max(1e-6, now - self._started)
+        eta = left / (gained / elapsed) if gained > 0 else None
+        return {
+            "done": done,
+            "total": self.total,
+            "accepted": c.get("accepted", 0),
+            "in_flight": c.get("in_flight", 0) + c.get("unknown", 0),
+            "waiting": c.get("pending", 0) + c.get("retry_wait", 0),
+            "flagged": c.get("flagged", 0) + c.get("failed", 0),
+            "calls_per_s": round(cps, 1),
+            "limit_per_s": round(self.rate_per_s, 1),
+            "eta_s": None if eta is None else round(eta),
+        }
+
+    def _render(self) -> Any:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        s = self.snapshot()
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(
+            Text("upgrading", style="bold"),
+            ProgressBar(total=max(1, s["total"]), completed=s["done"], width=30),
+            Text(f"{s['done']}/{s['total']}"),
+            Text(
+                f"accepted {s['accepted']}  in flight {s['in_flight']}  waiting {s['waiting']}  "
+                f"flagged {s['flagged']}  calls {s['calls_per_s']}/s of {s['limit_per_s']}/s"
+                + (f"  ETA {_eta(s['eta_s'])}" if s["eta_s"] is not None else "")
+            ),
+        )
+        return grid
+
+    # ------------------------------------------------------------------------------ events
     def emit(self, event: str, **fields: Any) -> None:
-        kind = event.split(".", 1)[1] if "." in event else ""
-        if event.startswith("job.") and kind in self._final:
-            self.done += 1
-            key = kind
-            self._tally[key] = self._tally.get(key, 0) + 1
-            tally = " ".join(f"{k}={v}" for k, v in sorted(self._tally.items()))
-            self._progress.update(self._task, completed=self.done, tally=tally)
-            if self._progress.disable and (
-                self.done % max(1, self.total // 20) == 0 or self.done == self.total
-            ):
-                self.log.info("run.progress", done=self.done, total=self.total, **self._tally)
-        level = "debug" if event in _QUIET_EVENTS and not self.verbose else "info"
-        if event.endswith(("flagged", "failed", "error", "crashed", "throttled", "move_lost")):
+        if event == "call":
+            self._calls.append(self._clock())
+            if len(self._calls) > 4096:
+                del self._calls[:2048]
+            if self.metrics is not None:
+                with contextlib.suppress(Exception):
+                    self.metrics.call(fields.get("route", "?"), fields.get("outcome", "?"), fields.get("latency_s", 0.0))
+            return
+        level = "debug" if event in _QUIET_EVENTS else "info"
+        if event.endswith(_WARN_SUFFIXES):
             level = "warning"
-        getattr(self.log, level)(event, **fields)
+        with contextlib.suppress(Exception):
+            getattr(self.log, level)(event, **{k: v for k, v in fields.items() if v is not None})
+
+
+def _eta(seconds: int) -> str:
+    if seconds < 90:
+        return f"{seconds}s"
+    if seconds < 5400:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"

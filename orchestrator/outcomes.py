@@ -127,3 +127,19 @@ class ProxyInfo:
     name: str | None
     status: str | None  # e.g. ACTIVE, ABNORMAL, FAILED, "ADDING PROXY NODE"
     node_num: int | None = None
+
+
+def outcome_label(outcome: object) -> str:
+    """A short, bounded label of a call's outcome for metrics and logs: ``accepted``, ``rejected`` or
+    ``partial`` for an upgrade answer, ``http_<status>`` for an error answer, the transport kind, or ``ok``
+    for any other documented 2xx answer."""
+    if isinstance(outcome, Answered):
+        states = {i.state for i in outcome.items}
+        if states == {"ACCEPT"}:
+            return "accepted"
+        return "rejected" if "ACCEPT" not in states else "partial"
+    if isinstance(outcome, HttpFailure):
+        return f"http_{outcome.http_status}"
+    if isinstance(outcome, TransportFailure):
+        return outcome.kind.value
+    return "ok"

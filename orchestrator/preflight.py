@@ -55,7 +55,7 @@ def judge(info: VersionInfo, *, source_version: str | None, target_version: str)
             Verdict.FLAG,
             f"source mismatch: inventory says {source_version}, proxy runs {cur}",
             "check who changed this proxy; fix source_version in the inventory (or leave it out to "
-            "upgrade from whatever runs), then: orchestrator retry RUN --flagged",
+            "upgrade from whatever runs), then: orchestrator retry {run} --flagged",
         )
     target = try_version_key(target_version)
     current = try_version_key(cur)

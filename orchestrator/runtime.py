@@ -1,41 +1,35 @@
-"""What every step of a run shares: the store, the cloud client, the limiter, the policy and the clock.
+"""What every step of a run shares (``Runtime``), the send fence (``LeaseKeeper``) and the run-wide controls
+(``Controls``: window, waves, breaker), so the steps take one object instead of a dozen arguments.
 
-The engine, the reconciler and the tracker each take one ``Runtime`` instead of seven arguments, and the
-one place that turns a policy ``Decision`` into a job move lives here, so the three steps cannot drift
-apart in how they schedule a retry or word a flag.
+The clock: ``Runtime.now()`` is the job table's clock (the PostgreSQL server's, estimated from every
+commit; this host's on SQLite). Everything written for later comparison (due times, leases) uses it, so
+hosts with drifting clocks agree. Matching cloud jobs uses the cloud's clock (``cloud.clock``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from orchestrator.cloud.client import CloudClient, ProxyRef
+from orchestrator.cloud.api import CloudApi, ProxyRef
 from orchestrator.limiter import Limiter
 from orchestrator.options import RunOptions
-from orchestrator.policy import Action, Decision, Policy
-from orchestrator.states import JobStatus
-from orchestrator.store import JobRow, JobStore, NewWorkflow
+from orchestrator.policy import Policy
+from orchestrator.store import JobRow, JobStore, RunState
 
-ACTION_STATUS: dict[Action, JobStatus] = {
-    Action.ACCEPTED: JobStatus.ACCEPTED,
-    Action.RETRY: JobStatus.RETRY_WAIT,
-    Action.FLAG: JobStatus.FLAGGED,
-    Action.FAIL: JobStatus.FAILED,
-    Action.SKIP: JobStatus.SKIPPED,
-    Action.RECONCILE: JobStatus.UNKNOWN,
-    # the job itself did nothing wrong: it stays resendable for the resume after the credential is fixed
-    Action.STOP_RUN: JobStatus.RETRY_WAIT,
-}
+Mono = Callable[[], float]
 
 
 class Events(Protocol):
-    """Observability hook: stable event names (``upgrade.accepted``) with fields, for logs and progress."""
+    """Observability hook: stable event names (``job.flagged``, ``call``) with fields, feeding the log,
+    the progress display and metrics alike."""
 
     def emit(self, event: str, **fields: Any) -> None: ...
 
@@ -46,49 +40,127 @@ class NullEvents:
 
 
 class SendGate(Protocol):
-    """Run-wide send permits (rate and concurrency shared by every worker of a run on PostgreSQL)."""
+    """Run-wide send permits shared by every process of a run (PostgreSQL)."""
 
     def slot(self) -> Any: ...
+
+
+class LeaseKeeper:
+    """The fence between "this process recorded an intent" and "this process sends": a job may be sent
+    only while this process still holds its claim, proven on this process's own monotonic clock.
+
+    A claim is good until ``lease_s`` after the moment its claim (or its last renewal) was *submitted*
+    (before the database wrote it, so the local deadline is never later than the database's), minus
+    ``margin_s`` for the time a send takes to leave after the check. Only renewals the database confirmed
+    for that very job extend it: a claim that lapsed once (a SIGSTOP, a database outage) is void for good,
+    even if the process goes on, because another process may have taken the job over meanwhile.
+    Etcd's and Chubby's lease clients keep the same rule (docs/resume.md).
+    """
+
+    def __init__(self, lease_s: float, *, margin_s: float | None = None, mono: Mono = time.monotonic) -> None:
+        self.lease_s = lease_s
+        self.margin_s = margin_s if margin_s is not None else max(1.0, 0.1 * lease_s)
+        self._mono = mono
+        self._until: dict[int, float] = {}
+
+    def claimed(self, job_ids: Iterable[int], submitted: float) -> None:
+        for j in job_ids:
+            self._until[j] = submitted + self.lease_s
+
+    def renewed(self, job_ids: Iterable[int], submitted: float) -> None:
+        until = submitted + self.lease_s
+        for j in job_ids:
+            if j in self._until and self._mono() < self._until[j]:
+                self._until[j] = max(self._until[j], until)
+
+    def dropped(self, job_id: int) -> None:
+        self._until.pop(job_id, None)
+
+    def holds(self, job_id: int) -> bool:
+        until = self._until.get(job_id)
+        return until is not None and self._mono() < until - self.margin_s
+
+    def remaining(self, job_id: int) -> float:
+        until = self._until.get(job_id)
+        return -1.0 if until is None else until - self._mono()
 
 
 @dataclass
 class Runtime:
     store: JobStore
-    client: CloudClient
+    cloud: CloudApi
     limiter: Limiter
     policy: Policy
     options: RunOptions
     run_id: int
     worker_id: str
+    role: str = "runner"
     events: Events = field(default_factory=NullEvents)
-    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     rng: random.Random = field(default_factory=random.Random)
     gate: SendGate | None = None
+    lease: LeaseKeeper = field(default_factory=lambda: LeaseKeeper(30.0))
+    controls: Controls | None = None
+    metrics: Any = None  # orchestrator.metrics.Metrics when --metrics-* is given
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: str | None = None
     stop_exit_code: int = 3
+    stop_run_status: str | None = None
+    mono: Mono = time.monotonic
 
     def now(self) -> datetime:
-        return self.clock()
+        """The job table's clock (see the module docstring)."""
+        return self.store.db_now()
 
-    def request_stop(self, reason: str, exit_code: int = 3) -> None:
+    def after(self, seconds: float) -> datetime:
+        return self.now() + timedelta(seconds=max(0.0, seconds))
+
+    def request_stop(self, reason: str, exit_code: int = 3, run_status: str | None = None) -> None:
+        """Stop dispatching new work; the first reason wins."""
         if not self.stop_requested.is_set():
             self.stop_reason = reason
             self.stop_exit_code = exit_code
+            self.stop_run_status = run_status
             self.stop_requested.set()
 
+    def may_start_upgrades(self) -> bool:
+        """No stop requested and the run-wide controls let new upgrades start (checked again just before
+        each upgrade call leaves, with the fence)."""
+        if self.stop_requested.is_set():
+            return False
+        return self.controls is None or self.controls.allow_new
+
+    def send_fence(self, job: JobRow) -> Callable[[], bool]:
+        """The ``may_send`` check of an upgrade call: this process still holds the job and new upgrades may
+        still start. Called by the cloud client immediately before the request is written."""
+
+        def may_send() -> bool:
+            ok = self.lease.holds(job.id) and self.may_start_upgrades()
+            if not ok:
+                self.events.emit("upgrade.fenced", job=job.id, proxy=job.proxy_id)
+            return ok
+
+        return may_send
+
     @asynccontextmanager
-    async def permit(self) -> AsyncIterator[Callable[[], None] | None]:
-        """One call's start permit: the process's limiter (which also carries the run's throttle
-        slowdown) and, when several workers share the run, the run-wide gate. Yields the hook the cloud
-        client calls when the request really leaves, so the window is kept on send times."""
+    async def permit(self, route: str = "call") -> AsyncIterator[Callable[[], None] | None]:
+        """One call's start permit: this process's limiter (which also carries the throttle slowdown)
+        and, when several processes share the run, the run-wide gate. Yields the hook the cloud client
+        calls when the request really leaves, so the limiter's window is kept on send times."""
+        t0 = self.mono()
         start = await self.limiter.acquire()
         on_sent = start.sent if start is not None else None
         if self.gate is not None:
             async with self.gate.slot():
+                self._waited(t0)
                 yield on_sent
             return
+        self._waited(t0)
         yield on_sent
+
+    def _waited(self, t0: float) -> None:
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.limiter_wait(self.mono() - t0)
 
     def ref(self, job: JobRow) -> ProxyRef:
         return ProxyRef(
@@ -100,73 +172,54 @@ class Runtime:
             x_language=job.x_language,
         )
 
-    def after(self, seconds: float) -> datetime:
-        return self.now() + timedelta(seconds=max(0.0, seconds))
+    def cloud_offset_s(self) -> float | None:
+        """The cloud's clock minus the job table's, when measured (stored on each attempt for reconcile)."""
+        off = self.cloud.clock.offset_s
+        return None if off is None else off - self.store.db_offset_s
 
-    def note_throttle(self, decision: Decision) -> None:
-        if decision.throttle:
-            self.limiter.throttled(decision.retry_after)
-            self.events.emit("run.throttled", retry_after=decision.retry_after)
 
-    def plan(self, decision: Decision) -> tuple[JobStatus, dict[str, Any]]:
-        """The status and job fields a decision asks for; run-wide effects (throttle, stop) happen here
-        so every step that decides also slows or stops the run the same way."""
-        to = ACTION_STATUS[decision.action]
-        fields: dict[str, Any] = {
-            "reason": decision.reason,
-            "hint": decision.hint,
-            "rule": decision.rule,
-            "next_attempt_at": None,
-        }
-        if decision.action is Action.RETRY:
-            fields["next_attempt_at"] = self.after(decision.delay or 0.0)
-        elif decision.action in (Action.RECONCILE, Action.STOP_RUN):
-            fields["next_attempt_at"] = self.now()
-        elif decision.action is Action.ACCEPTED:
-            fields.update(reason=None, hint=None, next_attempt_at=self.after(self.options.poll_initial))
-        self.note_throttle(decision)
-        if decision.action is Action.STOP_RUN:
-            self.request_stop(f"{decision.reason}. {decision.hint or ''}".strip(), exit_code=2)
-        return to, fields
+class Controls:
+    """The run-wide controls as this process sees them: the latest ``dispatch`` answer over the latest
+    ``RunState`` (read at most every ``refresh_s`` seconds, or at once after a failure this process
+    recorded, so the breaker stops the next send here without waiting for a read)."""
 
-    async def apply(
-        self,
-        job: JobRow,
-        decision: Decision,
-        *,
-        frm: JobStatus,
-        extra: dict[str, Any] | None = None,
-        workflows: tuple[NewWorkflow, ...] = (),
-        attempt_id: int | None = None,
-        attempt_values: dict[str, Any] | None = None,
-    ) -> JobStatus | None:
-        """Move ``job`` as ``decision`` says (guarded on ``frm``). Returns the new status, or None if the
-        guard lost (someone else moved the job first)."""
-        to, fields = self.plan(decision)
-        if extra:
-            fields.update(extra)
-        if to is frm:
-            # a failed read before the upgrade of a retry_wait job: reschedule, no status move
-            await self.store.update_job_fields(job.id, fields, self.now())
-            await self.store.release(job.id, self.worker_id)
-            ok = True
-        else:
-            ok = await self.store.move(
-                job.id,
-                frm=[frm],
-                to=to,
-                now=self.now(),
-                fields=fields,
-                release=self.worker_id,
-                attempt_update=(attempt_id, attempt_values) if attempt_id and attempt_values else None,
-                workflows=workflows,
-                attempt_for_workflows=attempt_id,
-            )
-        self.events.emit(
-            f"job.{to.value}" if ok else "job.move_lost",
-            job=job.id,
-            proxy=job.proxy_id,
-            reason=decision.reason,
-            rule=decision.rule,
-        )
-        return to if ok else None
+    def __init__(self, decide: Callable[[RunState, int], Any], *, refresh_s: float = 1.0, mono: Mono = time.monotonic):
+        self._decide = decide
+        self.refresh_s = refresh_s
+        self._mono = mono
+        self.state: RunState | None = None
+        self.decision: Any = None
+        self._read_at = -1e9
+        self._extra_failures = 0
+
+    @property
+    def stale(self) -> bool:
+        return self._mono() - self._read_at >= self.refresh_s
+
+    def update(self, state: RunState) -> Any:
+        self.state = state
+        self._read_at = self._mono()
+        self._extra_failures = 0
+        self.decision = self._decide(state, 0)
+        return self.decision
+
+    def note_failure(self) -> None:
+        """A failure the breaker counts was just recorded here: decide again at once with it counted."""
+        if self.state is None:
+            return
+        self._extra_failures += 1
+        self.decision = self._decide(self.state, self._extra_failures)
+
+    @property
+    def allow_new(self) -> bool:
+        from orchestrator.schedule.dispatch import Start
+
+        return self.decision is None or isinstance(self.decision, Start)
+
+    @property
+    def open_wave(self) -> int:
+        from orchestrator.schedule.dispatch import Start
+
+        if isinstance(self.decision, Start):
+            return self.decision.open_wave
+        return self.state.run.wave_open if self.state is not None else 1

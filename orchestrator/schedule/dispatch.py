@@ -34,14 +34,12 @@ import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 
-from orchestrator.errors import EXIT_STOPPED
+from orchestrator.errors import EXIT_HALTED, EXIT_STOPPED
 from orchestrator.schedule.breaker import Breaker
 from orchestrator.schedule.durations import format_duration
 from orchestrator.schedule.window import Interval, Window, format_instant
 from orchestrator.states import RunStatus
 
-EXIT_HALTED = 4
-"""Exit code of a halted run (a person must decide). To move into orchestrator.errors with the others."""
 
 _MAX_OCCURRENCES_SCANNED = 64
 

@@ -215,6 +215,7 @@ class RunState:
     waves: int
     last_wave_finished_at: datetime | None
     db_now: datetime
+    next_wave_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)

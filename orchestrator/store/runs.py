@@ -243,34 +243,38 @@ class RunOps:
         result: int = await self._submit(op)
         return result
 
-    async def run_state(self, run_id: int) -> RunState:
-        """The run row and its counts in one transaction (see ``RunState``)."""
+    async def run_state(self, run_id: int, *, track: bool = True) -> RunState:
+        """The run row and its counts in one transaction (see ``RunState``). Without ``track`` (--no-wait)
+        an accepted job counts as finished for the waves and as nothing in flight."""
 
         async def op(tx: Tx) -> RunState:
             row = await tx.fetchone(f"SELECT {RUN_COLS} FROM runs WHERE id = :id", {"id": run_id})
             if row is None:
                 raise LookupError(f"no run {run_id}")
             run = run_row(row)
-            total = finished = failures = not_started = in_flight = open_unfinished = 0
-            for status, in_open, counts, n in await tx.fetch(
-                "SELECT status, CASE WHEN wave <= :open THEN 1 ELSE 0 END, counts_failure, count(*)"
-                " FROM jobs WHERE run_id = :run GROUP BY 1, 2, 3",
-                {"run": run_id, "open": run.wave_open},
+            total = finished = failures = not_started = in_flight = open_unfinished = next_size = 0
+            for status, wave_key, counts, n in await tx.fetch(
+                "SELECT status, CASE WHEN wave <= :open THEN 0 WHEN wave = :next THEN 1 ELSE 2 END,"
+                " counts_failure, count(*) FROM jobs WHERE run_id = :run GROUP BY 1, 2, 3",
+                {"run": run_id, "open": run.wave_open, "next": run.wave_open + 1},
             ):
                 st = JobStatus(status)
                 n = int(n)
                 total += n
-                if st in TERMINAL:
-                    finished += n
-                    if counts:
+                if wave_key == 1:
+                    next_size += n
+                done = st in TERMINAL or (st is JobStatus.ACCEPTED and not track)
+                if done:
+                    finished += n if st in TERMINAL else 0
+                    if counts and st in TERMINAL:
                         failures += n
+                    continue
+                if wave_key == 0:
+                    open_unfinished += n
+                if st in (JobStatus.PENDING, JobStatus.RETRY_WAIT):
+                    not_started += n
                 else:
-                    if in_open:
-                        open_unfinished += n
-                    if st in (JobStatus.PENDING, JobStatus.RETRY_WAIT):
-                        not_started += n
-                    else:
-                        in_flight += n
+                    in_flight += n
             w = await tx.fetchone("SELECT max(wave) FROM jobs WHERE run_id = :run", {"run": run_id})
             last = await tx.fetchone(
                 "SELECT max(at) FROM events WHERE run_id = :run AND kind = 'wave-done'", {"run": run_id}
@@ -286,6 +290,7 @@ class RunOps:
                 waves=int(w[0]) if w and w[0] is not None else 1,
                 last_wave_finished_at=aware(last[0]) if last else None,
                 db_now=tx.now,
+                next_wave_size=next_size,
             )
 
         result: RunState = await self._submit(op)

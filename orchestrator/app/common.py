@@ -1,0 +1,70 @@
+"""What every command shares: opening the job table, finding a run, printing outside text safely."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from orchestrator.errors import UsageError
+from orchestrator.store import JobStore, RunRow, open_store
+from orchestrator.store import db as dbmod
+
+
+@contextlib.asynccontextmanager
+async def opened(db: str | None, *, create: bool, outage_timeout: float = 60.0) -> AsyncIterator[JobStore]:
+    """The job table at ``db`` (``create``: run-like commands may create it; read-only ones refuse a
+    missing one, naming it). Every failure to open is one line for the operator (UsageError)."""
+    try:
+        store = await open_store(db, create=create, outage_timeout=outage_timeout)
+    except dbmod.DatabaseUrlError:
+        raise
+    except Exception as exc:
+        raise UsageError(dbmod.explain_connect_error(db or "", exc)) from None
+    try:
+        yield store
+    finally:
+        with contextlib.suppress(Exception):
+            await store.close()
+
+
+async def find_run(store: JobStore, ref: str | None, *, unfinished: bool = False) -> RunRow:
+    if ref is None:
+        run = await store.latest_run(unfinished=unfinished)
+        if run is None:
+            raise UsageError("no unfinished run in this job table" if unfinished else "no run in this job table")
+        return run
+    run = await store.find_run(ref)
+    if run is None:
+        raise UsageError(f"no run {ref!r} in this job table")
+    return run
+
+
+def abspath(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+def zone(tz: str | None) -> tzinfo:
+    """The zone times are shown in: ``--tz`` / ``TZ`` (an IANA name), else UTC. Stored times stay UTC."""
+    import os
+
+    name = tz or os.environ.get("TZ") or "UTC"
+    name = name.removeprefix(":")
+    try:
+        return ZoneInfo(name)
+    except Exception:
+        raise UsageError(f"--tz: unknown time zone {name!r} (an IANA name such as Asia/Shanghai)") from None
+
+
+def show_time(t: datetime | None, tz: tzinfo, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """A time for a person, with its zone: ``2026-12-05 01:00:03 UTC`` / ``... CST``."""
+    if t is None:
+        return ""
+    local = t.astimezone(tz)
+    return f"{local.strftime(fmt)} {local.tzname() or ''}".strip()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
