@@ -14,8 +14,9 @@ Names follow the Prometheus conventions (https://prometheus.io/docs/practices/na
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -49,6 +50,9 @@ JOB_STATUSES = (
     "flagged",
     "failed",
 )
+
+
+_Status = TypeVar("_Status", bound=str)  # a status string or a JobStatus member
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +127,11 @@ class Metrics:
         """Count one throttling answer."""
         self._throttles.inc()
 
-    def jobs(self, counts: Mapping[str, int]) -> None:
+    def jobs(self, counts: Mapping[_Status, int]) -> None:
         """Set the run's jobs by status (``{status: n}``; a known status missing from ``counts`` is 0)."""
-        for status in _statuses(counts):
-            self._jobs.labels(status).set(counts.get(status, 0))
+        by_name = {str(k): n for k, n in counts.items()}
+        for status in (*JOB_STATUSES, *(k for k in by_name if k not in JOB_STATUSES)):
+            self._jobs.labels(status).set(by_name.get(status, 0))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
         """Serve ``GET /metrics`` on ``host:port`` from a daemon thread (port 0: any free port). Bound to
@@ -150,8 +155,3 @@ def check_textfile_path(path: str) -> None:
         raise ValueError(
             f"--metrics-textfile {path!r}: node_exporter's textfile collector only reads *.prom files"
         )
-
-
-def _statuses(counts: Mapping[str, int]) -> Iterable[str]:
-    yield from JOB_STATUSES
-    yield from (str(s) for s in counts if str(s) not in JOB_STATUSES)

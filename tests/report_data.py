@@ -377,4 +377,4 @@ async def populate(conn: AsyncConnection) -> None:
     """Insert the story above into an empty job table at head (ids as given)."""
     tables = ((Run, RUNS), (Job, JOBS), (Attempt, ATTEMPTS), (Workflow, WORKFLOWS), (Event, EVENTS))
     for model, rows in tables:
-        await conn.execute(insert(model.__table__), rows)  # type: ignore[attr-defined]
+        await conn.execute(insert(model), rows)

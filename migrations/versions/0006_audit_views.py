@@ -36,9 +36,7 @@ def _seconds(dialect: str, end: str, start: str) -> str:
     """SQL for ``end - start`` in seconds (double precision, rounded to 1 ms; NULL when either is NULL)."""
     if dialect == "sqlite":
         return f"ROUND((julianday({end}) - julianday({start})) * 86400.0, 3)"
-    return (
-        f"CAST(ROUND(CAST(EXTRACT(EPOCH FROM ({end}) - ({start})) AS numeric), 3) AS double precision)"
-    )
+    return f"CAST(ROUND(CAST(EXTRACT(EPOCH FROM ({end}) - ({start})) AS numeric), 3) AS double precision)"
 
 
 def _hint(col: str, run_col: str) -> str:

@@ -18,7 +18,7 @@ from orchestrator.reporting.streams import (
     write_records,
     write_report,
 )
-from orchestrator.reporting.tables import counts_table, history_table, print_flagged, runs_table
+from orchestrator.reporting.tables import counts_table, print_flagged, print_history, runs_table
 from orchestrator.reporting.text import csv_cell, duration, human_time, iso_time, shorten, zone, zone_label
 
 __all__ = [
@@ -31,11 +31,11 @@ __all__ = [
     "duration",
     "flagged_record",
     "history_record",
-    "history_table",
     "html_report",
     "human_time",
     "iso_time",
     "print_flagged",
+    "print_history",
     "print_report_table",
     "render_report",
     "report_record",

@@ -252,7 +252,8 @@ def _waves(data: WindowReport) -> str:
 
 def _flagged(data: WindowReport, tz: Zone) -> str:
     total = sum(g.count for g in data.flagged)
-    out = [f"<p>{_num('flagged-total', total, tag='span', cls='')} jobs need an operator.</p>"]
+    verb = "job needs" if total == 1 else "jobs need"
+    out = [f"<p>{_num('flagged-total', total, tag='span', cls='')} {verb} an operator.</p>"]
     for g in data.flagged:
         rule = g.rule or "(no rule)"
         out.append(

@@ -1,5 +1,5 @@
-"""Terminal tables (rich) for status, runs, history and flagged (the long report table is in
-``report_table.py``).
+"""Terminal tables for status, runs, flagged (rich) and history (fixed-width text, as the long report
+table in ``report_table.py``: rich squeezes a wrapping column to nothing on a narrow console).
 
 Every text that comes from outside (run and proxy names, cloud messages, reasons, hints) goes into a
 ``rich.text.Text`` and never through console markup, so ``[/bold]`` in a cloud message prints as itself.
@@ -11,13 +11,14 @@ every table; csv and json always carry them in full.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol, TextIO, TypeVar, cast
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator.reporting.plain import Clipped, Column, PlainTable, printable
 from orchestrator.reporting.text import Zone, human_time, zone_label
 from orchestrator.store.reports import (
     STATUS_ORDER,
@@ -50,7 +51,10 @@ class RunLike(Protocol):
     def status(self) -> str: ...
 
 
-def counts_table(run: RunLike, counts: Mapping[str, int], *, title: str | None = None) -> Table:
+_Status = TypeVar("_Status", bound=str)  # a status string or a JobStatus member
+
+
+def counts_table(run: RunLike, counts: Mapping[_Status, int], *, title: str | None = None) -> Table:
     """Jobs of a run by status (statuses in :data:`STATUS_ORDER`, empty ones left out). ``counts`` may be
     keyed by status strings or ``JobStatus`` members; the run's name is printed literally."""
     total = sum(counts.values())
@@ -97,40 +101,52 @@ def runs_table(runs: Sequence[RunSummary], *, tz: Zone = None) -> Table:
     return t
 
 
-def history_table(entries: Sequence[HistoryEntry], *, tz: Zone = None, title: str | None = None) -> Table:
-    """A proxy's or an instance's history: one row per call, workflow and event, oldest first. The proxy
-    column appears when the entries span more than one proxy (an instance's history)."""
-    label = zone_label(tz)
+def print_history(
+    entries: Sequence[HistoryEntry], console: Console, *, tz: Zone = None, title: str | None = None
+) -> None:
+    """Print a proxy's or an instance's history: one row per call, workflow and event, oldest first
+    (fixed-width text, widths from the console width: see ``plain.py``). The proxy column appears when
+    the entries span more than one proxy (an instance's history); the versions column from 150
+    characters (in the detail otherwise)."""
+    width = console.width
     many = len({e.proxy_id for e in entries if e.proxy_id}) > 1
-    t = Table(title=_t(title) if title else None, box=box.SIMPLE_HEAD, expand=True, pad_edge=False)
-    t.add_column(f"at ({label})", no_wrap=True)
-    t.add_column("run", overflow="fold", max_width=24)
+    show_versions = width >= 150
+    fixed = 19 + 22 + 10 + (13 if show_versions else 0)
+    n_ids = 2 if many else 1
+    n_cols = 5 + n_ids + (1 if show_versions else 0) - 1
+    gaps = (n_cols - 1) * len(PlainTable.GAP)
+    id_width = max(12, min(36, (width - gaps - fixed - 24) // n_ids))
+    detail_width = max(24, width - gaps - fixed - n_ids * id_width)
+    cols = [Column(f"at ({zone_label(tz)})", 19), Column("run", 22)]  # its id is what RUN arguments take
     if many:
-        _id_column(t, "proxy")
-    _id_column(t, "what")
-    t.add_column("state", no_wrap=True)
-    t.add_column("runs / target", no_wrap=True)
-    t.add_column("detail / reason", ratio=1, min_width=20, overflow="fold")
+        cols.append(Column("proxy", id_width))
+    cols += [Column("what", id_width), Column("state", 10)]
+    if show_versions:
+        cols.append(Column("runs / target", 13))
+    cols.append(Column("detail / reason", detail_width, clip=False))
+    out = cast(TextIO, console.file)
+    if title:
+        out.write(printable(title) + "\n")
+    table = PlainTable(cols, out)
+    table.header()
     for e in entries:
-        versions = Text()
-        if e.version_before or e.version_after:
-            versions = _t(f"{e.version_before or '?'}\n→ {e.version_after or '?'}")
-        what = Text(e.kind)
-        if e.kind == "workflow":
-            what.append("\n" + (e.ref or "(no id)"))
-        elif e.ref:
-            what.append(" " + e.ref)
-        why = Text(e.detail or "")
-        extras = ((e.reason, ""), (e.rule and f"rule: {e.rule}", "dim"), (e.who and f"by {e.who}", "dim"))
-        for extra, style in extras:
-            if extra:
-                why.append(("\n" if why.plain else "") + extra, style)
-        cells: list[Any] = [human_time(e.at, tz), _t(f"{e.run_id} {e.run_name}")]
+        versions = [f"{e.version_before or '?'}", f"→ {e.version_after or '?'}"] if e.version_after else []
+        what = (
+            [e.kind, Clipped(e.ref or "(no id)")] if e.kind == "workflow" else [f"{e.kind} {e.ref}".strip()]
+        )
+        detail = [x for x in (e.detail, e.reason) if x]
+        detail += [x for x in (e.rule and f"rule: {e.rule}", e.who and f"by {e.who}") if x]
+        if versions and not show_versions:
+            detail.append("runs " + " ".join(versions))
+        cells: list[list[str]] = [[human_time(e.at, tz)], [f"{e.run_id} {e.run_name}"]]
         if many:
-            cells.append(_t(e.proxy_id or "(run)"))
-        cells += [what, _t(e.state), versions, why]
-        t.add_row(*cells)
-    return t
+            cells.append([e.proxy_id or "(run)"])
+        cells += [what, [e.state or ""]]
+        if show_versions:
+            cells.append(versions)
+        cells.append(detail)
+        table.row(cells)
+    out.flush()
 
 
 def _plural(n: int, one: str, many: str) -> str:
@@ -169,13 +185,15 @@ def print_flagged(
                 _t(f"  re-queue this group: orchestrator retry {run_id} --rule {g.rule}"), style="dim"
             )
         t = Table(box=box.SIMPLE, show_edge=False, pad_edge=False, expand=True)
-        _id_column(t, "proxy")
+        _id_column(t, "proxy / name")
         _id_column(t, "instance")
-        t.add_column("name", max_width=30, overflow="fold")
-        t.add_column(f"since ({zone_label(tz)})", no_wrap=True)
-        t.add_column("reason", ratio=1, min_width=20, overflow="fold")
+        t.add_column(f"reason / since ({zone_label(tz)})", ratio=1, min_width=20)
         for p in g.proxies:
-            t.add_row(
-                _t(p.proxy_id), _t(p.instance_id), _t(p.name), human_time(p.updated_at, tz), _t(p.reason)
-            )
+            proxy = _t(p.proxy_id)
+            if p.name:
+                proxy.append("\n" + p.name, "dim")
+            why = _t(p.reason)
+            if p.updated_at:
+                why.append(("\n" if why.plain else "") + human_time(p.updated_at, tz), "dim")
+            t.add_row(proxy, _t(p.instance_id), why)
         console.print(t)

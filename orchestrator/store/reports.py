@@ -133,8 +133,8 @@ def _sqlite_time(text: str | None) -> datetime | None:
 def _report_query(
     run_id: int, statuses: Sequence[str] | None, *, sqlite: bool, id_range: tuple[int, int] | None
 ) -> Select[Any]:
-    def ts(col: Any) -> Any:  # raw text on SQLite, parsed by _sqlite_time
-        return type_coerce(col, String) if sqlite else col
+    def ts(col: Any) -> Any:
+        return _time_col(col, sqlite)
 
     first_sent = select(func.min(A.sent_at)).where(A.job_id == J.id).scalar_subquery()
     q = select(
@@ -235,7 +235,7 @@ async def report_rows(
         if lo is None:
             return
         id_range = (int(lo), int(hi))
-    ts: Callable[[Any], datetime | None] = _sqlite_time if sqlite else _utc_or_none
+    ts = _time_reader(sqlite)
     query = _report_query(run_id, statuses, sqlite=sqlite, id_range=id_range)
     result = await conn.stream(query.execution_options(yield_per=batch))
     pending: list[Any] = []
@@ -260,14 +260,25 @@ async def report_rows(
         if pending:
             yield _job_row(run_id, pending, ts)
     finally:
-        if not ahead.done():
-            ahead.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ahead
+        # a consumer that stops early: let the fetch under way finish (cancelling it mid-call would
+        # leave the connection's transaction invalid), then close the cursor
+        with contextlib.suppress(Exception):
+            await ahead
+        await result.close()
 
 
 def _utc_or_none(v: datetime | None) -> datetime | None:
     return v.replace(tzinfo=UTC) if v is not None and v.tzinfo is None else v
+
+
+def _time_col(col: Any, sqlite: bool) -> Any:
+    """A time column as selected for a long read: raw text on SQLite (parsed by :func:`_sqlite_time`)."""
+    return type_coerce(col, String) if sqlite else col
+
+
+def _time_reader(sqlite: bool) -> Callable[[Any], datetime | None]:
+    """The parser of what :func:`_time_col` selects: aware UTC datetimes on both backends."""
+    return _sqlite_time if sqlite else _utc_or_none
 
 
 async def status_counts(conn: AsyncConnection, run_id: int) -> dict[str, int]:
@@ -689,8 +700,7 @@ class WaveProgress:
         return sum(n for s, n in self.counts.items() if s in ("succeeded", "skipped", "flagged", "failed"))
 
 
-@dataclass(frozen=True, slots=True)
-class WorkflowLine:
+class WorkflowLine(NamedTuple):
     """One workflow id issued in the run, with its proxy (times UTC)."""
 
     proxy_id: str
@@ -772,23 +782,25 @@ async def window_report(conn: AsyncConnection, run_id: int, *, batch: int = STRE
         raise LookupError(f"no run {run_id}")
     counts = await status_counts(conn, run_id)
 
+    sqlite = conn.dialect.name == "sqlite"
+    ts = _time_reader(sqlite)
     per_second: Counter[int] = Counter()
     latencies: list[float] = []
     calls = 0
     stream = await conn.stream(
-        select(A.sent_at, A.answered_at, A.outcome)
+        select(_time_col(A.sent_at, sqlite), _time_col(A.answered_at, sqlite), A.outcome)
         .select_from(Attempt.__table__.join(Job.__table__, J.id == A.job_id))
         .where(J.run_id == run_id)
         .execution_options(yield_per=batch)
     )
     async for part in stream.partitions(batch):
         for sent, answered, outcome in part:
-            sent_utc = aware(sent)
+            sent_utc = ts(sent)
             if sent_utc is None:
                 continue
             calls += 1
             per_second[math.floor(sent_utc.timestamp())] += 1
-            answered_utc = aware(answered)
+            answered_utc = ts(answered)
             if answered_utc is not None and outcome != "in_flight":
                 latencies.append(max((answered_utc - sent_utc).total_seconds(), 0.0))
     latencies.sort()
@@ -807,25 +819,17 @@ async def window_report(conn: AsyncConnection, run_id: int, *, batch: int = STRE
     ):
         waves.setdefault(int(wave), {})[status] = int(n)
 
-    workflows = [
-        WorkflowLine(
-            r.proxy_id,
-            r.instance_id,
-            r.workflow_id,
-            r.state,
-            r.job_status,
-            r.source,
-            aware(r.created_at),
-            aware(r.ended_at),
-        )
-        for r in await conn.execute(
-            select(J.proxy_id, J.instance_id, W.workflow_id, W.state, W.job_status, W.source, W.created_at)
-            .add_columns(W.ended_at)
-            .select_from(Workflow.__table__.join(Job.__table__, J.id == W.job_id))
-            .where(J.run_id == run_id, W.workflow_id.is_not(None))
-            .order_by(W.id)
-        )
-    ]
+    workflows: list[WorkflowLine] = []
+    wf_stream = await conn.stream(
+        select(J.proxy_id, J.instance_id, W.workflow_id, W.state, W.job_status, W.source)
+        .add_columns(_time_col(W.created_at, sqlite), _time_col(W.ended_at, sqlite))
+        .select_from(Workflow.__table__.join(Job.__table__, J.id == W.job_id))
+        .where(J.run_id == run_id, W.workflow_id.is_not(None))
+        .order_by(W.id)
+        .execution_options(yield_per=batch)
+    )
+    async for part in wf_stream.partitions(batch):
+        workflows.extend(WorkflowLine(r[0], r[1], r[2], r[3], r[4], r[5], ts(r[6]), ts(r[7])) for r in part)
     events = [
         EventLine(
             aware(r.at) or run.created_at,

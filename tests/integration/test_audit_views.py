@@ -24,7 +24,7 @@ _TS = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d")
 
 def ts(day: int, hms: str) -> str:
     """The normalised form of a time in the answers: UTC, millisecond precision."""
-    return norm(d.t(day, hms))
+    return str(norm(d.t(day, hms)))
 
 
 def norm(v: Any) -> Any:
@@ -190,3 +190,86 @@ def test_downgrade_drops_the_views_and_upgrade_brings_them_back(db_url: str) -> 
 @pytest.mark.parametrize("name", sorted(VIEWS))
 def test_each_view_is_documented(name: str) -> None:
     assert f"`{name}`" in DOC.read_text(encoding="utf-8")
+
+
+async def _program_vs_views(url: str) -> dict[str, Any]:
+    from orchestrator.store import reports
+
+    engine = db.create_engine(db.normalize_url(url))
+    try:
+        await db.upgrade(engine)
+        async with engine.begin() as conn:
+            await d.populate(conn)
+        seen: dict[str, Any] = {}
+        async with engine.connect() as conn:
+            view = (
+                await conn.execute(
+                    text(
+                        "SELECT run_id, proxy_id, first_sent_at, accepted_at, workflow_ended_at, "
+                        "duration_s, hint FROM v_jobs ORDER BY job_id"
+                    )
+                )
+            ).all()
+            seen["view"] = [tuple(norm(v) for v in r) for r in view]
+            rows = []
+            for run_id in (1, 2, 3):
+                async for r in reports.report_rows(conn, run_id, batch=2):
+                    rows.append(
+                        tuple(
+                            norm(v)
+                            for v in (
+                                r.run_id,
+                                r.proxy_id,
+                                r.first_sent,
+                                r.accepted,
+                                r.workflow_ended,
+                                r.duration_s,
+                                r.hint,
+                            )
+                        )
+                    )
+            seen["program"] = rows
+            seen["history"] = [
+                (e.kind, e.run_id, e.ref, e.state) for e in await reports.history(conn, proxy_id=d.P2)
+            ]
+            seen["runs"] = [
+                (s.run.id, dict(s.counts)) for s in await reports.list_runs(conn, statuses=["halted"])
+            ]
+            seen["flagged"] = [(g.rule, g.count, g.hint) for g in await reports.flagged_by_rule(conn, 2)]
+            gen = reports.report_rows(conn, 1, batch=1)
+            await anext(gen)
+            await gen.aclose()  # a reader that stops early leaves the connection usable
+            seen["after_early_stop"] = await reports.status_counts(conn, 3)
+            w = await reports.window_report(conn, 1)
+            seen["window"] = (
+                w.calls,
+                w.latency.count,
+                round(w.latency.p50 or 0, 3),
+                [x.workflow_id for x in w.workflows],
+            )
+        return seen
+    finally:
+        await engine.dispose()
+
+
+def test_the_programs_reports_agree_with_the_views(db_url: str) -> None:
+    """report/history/runs/flagged (orchestrator/store/reports.py) on both backends: the same first call,
+    acceptance, workflow end, duration and filled hint as v_jobs, and the story's history."""
+    seen = asyncio.run(_program_vs_views(db_url))
+    assert seen["program"] == seen["view"]
+    assert seen["history"][:4] == [
+        ("event", 1, "run", "running"),
+        ("call", 1, "#1", "flag"),
+        ("workflow", 1, "", "REJECT"),
+        ("event", 1, "move", "flagged"),
+    ]
+    assert ("event", 1, "move", "succeeded") in seen["history"] and seen["history"][-2] == (
+        "event",
+        2,
+        "move",
+        "flagged",
+    )
+    assert seen["runs"] == [(3, {"failed": 1})]
+    assert seen["flagged"] == [("reject-busy", 1, d.HINT_BUSY.replace("{run}", "2"))]
+    assert seen["window"] == (6, 6, 0.2, [d.W1, d.W3])
+    assert seen["after_early_stop"] == {"failed": 1}

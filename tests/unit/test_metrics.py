@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.metrics import JOB_STATUSES, Metrics, check_textfile_path
+from orchestrator.states import JobStatus
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
@@ -69,7 +70,7 @@ def test_scrape_over_loopback_shows_every_report() -> None:
 def test_jobs_gauge_follows_the_latest_counts() -> None:
     m = Metrics()
     m.jobs({"pending": 5})
-    m.jobs({"succeeded": 5})
+    m.jobs({JobStatus.SUCCEEDED: 5})  # the store counts by JobStatus
     got = _samples(_scrape_text(m))
     assert got[("orchestrator_jobs", (("status", "pending"),))] == 0
     assert got[("orchestrator_jobs", (("status", "succeeded"),))] == 5
@@ -79,7 +80,7 @@ def _scrape_text(m: Metrics) -> str:
     server = m.serve(0)
     try:
         with urllib.request.urlopen(server.url, timeout=10) as r:
-            return r.read().decode()
+            return str(r.read().decode())
     finally:
         server.close()
 
