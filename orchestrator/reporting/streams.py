@@ -236,6 +236,28 @@ def flagged_record(g: FlaggedGroup, tz: Zone = None) -> dict[str, Any]:
     }
 
 
+def flagged_rows(groups: Iterable[FlaggedGroup], tz: Zone = None) -> list[dict[str, Any]]:
+    """Flagged groups flattened for csv: one record per proxy, with its group's rule, status, size and
+    hint (the hint repeats per line: a spreadsheet filters by rule)."""
+    return [
+        {
+            "rule": g.rule,
+            "status": g.status,
+            "group_count": g.count,
+            "counts_failure": g.counts_failure,
+            "project_id": p.project_id,
+            "instance_id": p.instance_id,
+            "proxy_id": p.proxy_id,
+            "name": p.name,
+            "reason": p.reason,
+            "since": iso_time(p.updated_at, tz) or None,
+            "hint": g.hint,
+        }
+        for g in groups
+        for p in g.proxies
+    ]
+
+
 def write_records(
     records: Iterable[Mapping[str, Any]], fmt: str, out: TextIO, *, columns: Sequence[str] | None = None
 ) -> int:

@@ -342,6 +342,12 @@ async def test_flagged_groups_by_rule_with_one_filled_hint(engine: AsyncEngine) 
     assert [p.reason for p in g.proxies][:2] == ["REJECT: instance is busy", "REJECT: busy again"]
     rec = reporting.flagged_record(g)
     assert rec["count"] == 3 and rec["proxies"][0]["instance_id"] == d.I1
+    out = io.StringIO()
+    reporting.write_records(reporting.flagged_rows(groups), "csv", out)
+    lines = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [(x["rule"], x["proxy_id"], x["group_count"]) for x in lines] == [
+        ("reject-busy", p, "3") for p in (d.P2, "p-extra-1", "p-extra-2")
+    ]
 
 
 # ------------------------------------------------------------------------------------- window data
