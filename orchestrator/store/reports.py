@@ -63,13 +63,6 @@ def fill_hint(hint: str | None, run_id: int) -> str | None:
     return hint.replace("{run}", str(run_id)) if hint else hint
 
 
-def seconds_between(end: datetime | None, start: datetime | None) -> float | None:
-    """``end - start`` in seconds rounded to 1 ms, or None when either is unknown."""
-    if end is None or start is None:
-        return None
-    return round((end - start).total_seconds(), 3)
-
-
 # ------------------------------------------------------------------------------------------ report
 class WorkflowBrief(NamedTuple):
     """One workflow of a job as the report shows it: ``state`` is the answer's ``ACCEPT``/``REJECT``,
@@ -269,10 +262,6 @@ async def report_rows(
         await result.close()
 
 
-def _utc_or_none(v: datetime | None) -> datetime | None:
-    return v.replace(tzinfo=UTC) if v is not None and v.tzinfo is None else v
-
-
 async def _no_jit(conn: AsyncConnection) -> None:
     """PostgreSQL: no JIT compilation for the rest of this transaction. The report's correlated subquery
     makes the planner's cost estimate large enough to trigger JIT, which then spent 430 ms of a 760 ms
@@ -287,7 +276,7 @@ def _time_col(col: Any, sqlite: bool) -> Any:
 
 def _time_reader(sqlite: bool) -> Callable[[Any], datetime | None]:
     """The parser of what :func:`_time_col` selects: aware UTC datetimes on both backends."""
-    return _sqlite_time if sqlite else _utc_or_none
+    return _sqlite_time if sqlite else aware
 
 
 async def status_counts(conn: AsyncConnection, run_id: int) -> dict[str, int]:
