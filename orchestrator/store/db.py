@@ -188,7 +188,7 @@ def alembic_config(connection: Connection | None = None) -> Any:
 # that nothing needs migrating costs about a second a command (import and script scan); one SELECT of
 # ``alembic_version`` against this constant answers the common case. A unit test compares it with
 # Alembic's own head, so a new migration that forgets to move it fails the suite instead of going unrun.
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 
 
 async def stored_revisions(engine: AsyncEngine) -> set[str] | None:
