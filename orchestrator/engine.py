@@ -79,9 +79,9 @@ class Engine:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             for t in done:
-                exc = t.exception()
-                if exc is not None:
-                    rt.events.emit("engine.worker_crashed", error=repr(exc))
+                crashed = t.exception()
+                if crashed is not None:
+                    rt.events.emit("engine.worker_crashed", error=repr(crashed))
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await heartbeat

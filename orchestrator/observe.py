@@ -129,7 +129,7 @@ def notice_console() -> Console:
     console = _state.get("console")
     if console is None:
         console = configure_logging()
-    return console  # type: ignore[no-any-return]
+    return console
 
 
 def notice(text: str, *, style: str | None = None) -> None:

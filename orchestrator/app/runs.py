@@ -122,7 +122,7 @@ def wave_planner(options: RunOptions) -> Any:
     seed = options.order_seed or 0
 
     def plan(rows: list[tuple[int, str, str]]) -> tuple[list[int], list[int]]:
-        ordered = order_keys(rows, options.order, seed)  # type: ignore[arg-type]
+        ordered = order_keys(rows, options.order, seed)
         return [int(j) for j in ordered], spec.sizes(len(rows))
 
     return plan

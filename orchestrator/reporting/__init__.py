@@ -6,7 +6,6 @@ in the middle; times carry their zone (UTC unless a ``tz`` names another); hints
 """
 
 from orchestrator.reporting.html import html_report
-from orchestrator.reporting.legacy import AUDIT_QUERIES, render_report, report_rows
 from orchestrator.reporting.report_table import ReportTablePrinter, print_report_table
 from orchestrator.reporting.streams import (
     REPORT_CSV_COLUMNS,
@@ -23,7 +22,6 @@ from orchestrator.reporting.tables import counts_table, print_flagged, print_his
 from orchestrator.reporting.text import csv_cell, duration, human_time, iso_time, shorten, zone, zone_label
 
 __all__ = [
-    "AUDIT_QUERIES",
     "REPORT_CSV_COLUMNS",
     "ReportTablePrinter",
     "ReportWriter",
@@ -39,9 +37,7 @@ __all__ = [
     "print_flagged",
     "print_history",
     "print_report_table",
-    "render_report",
     "report_record",
-    "report_rows",
     "run_record",
     "runs_table",
     "shorten",

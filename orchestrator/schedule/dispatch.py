@@ -40,7 +40,6 @@ from orchestrator.schedule.durations import format_duration
 from orchestrator.schedule.window import Interval, Window, format_instant
 from orchestrator.states import RunStatus
 
-
 _MAX_OCCURRENCES_SCANNED = 64
 
 

@@ -13,7 +13,7 @@ the cloud had ``reconcile_grace`` seconds to show a new job.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -236,7 +236,7 @@ async def _accept(
     rule: str,
     wf: tuple[NewWorkflow, ...],
     attempt_id: int | None,
-    facts: dict[str, object],
+    facts: Mapping[str, object],
 ) -> None:
     await moves.apply(
         rt,

@@ -10,6 +10,7 @@ tracked to its end.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -188,7 +189,7 @@ async def _postflight(rt: Runtime, job: JobRow, prog: Progress) -> None:
     )
 
 
-async def _succeed(rt: Runtime, job: JobRow, reason: str, facts: dict[str, object]) -> None:
+async def _succeed(rt: Runtime, job: JobRow, reason: str, facts: Mapping[str, object]) -> None:
     from orchestrator.store import Move
 
     move = Move(

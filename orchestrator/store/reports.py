@@ -862,3 +862,13 @@ async def window_report(conn: AsyncConnection, run_id: int, *, batch: int = STRE
         workflows=workflows,
         events=events,
     )
+
+
+async def run_sql(conn: AsyncConnection, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run one read-only audit query (a SELECT on the views, e.g. from docs/audit.md): (columns, rows)."""
+    from sqlalchemy import text
+
+    if not sql.lstrip().lower().startswith(("select", "with")):
+        raise ValueError("only SELECT queries are run here")
+    res = await conn.execute(text(sql))
+    return list(res.keys()), [tuple(r) for r in res.all()]

@@ -306,7 +306,7 @@ class _PgTx:
 
 
 def pg_down(exc: BaseException) -> DatabaseDown | None:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     if isinstance(
         exc,

@@ -1,0 +1,185 @@
+"""Read-only commands: ``status``, ``runs``, ``report``, ``flagged``, ``history``. They refuse a job table
+that does not exist (naming it) instead of creating an empty one, and show times with their zone."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from orchestrator.app.common import find_run, opened, show_time, zone
+from orchestrator.errors import UsageError
+from orchestrator.observe import SafeStream
+from orchestrator.states import JobStatus, RunStatus
+from orchestrator.store import JobStore, RunRow
+
+
+def counts_table(run: RunRow, counts: Mapping[JobStatus, int] | Mapping[str, int], *, title: str | None = None) -> Table:
+    from orchestrator import reporting
+
+    return reporting.counts_table(run, {str(k): v for k, v in counts.items()}, title=title)
+
+
+async def show_status(run_ref: str | None, *, db: str | None, tz: str | None, since: datetime | None,
+                      statuses: Sequence[str], out: Console) -> None:
+    """No RUN: the recent runs (filtered); RUN: its counts, window, wave, breaker, why it stopped, workers."""
+    zone_ = zone(tz)
+    async with opened(db, create=False) as store:
+        if run_ref is None:
+            await _runs(store, since=since, statuses=statuses, tz=tz, fmt="table", out=out)
+            return
+        run = await find_run(store, run_ref)
+        counts = await store.counts(run.id)
+        out.print(counts_table(run, counts))
+        await _controls_lines(store, run, zone_, out)
+        if run.stop_reason:
+            out.print(Text(f"last stop: {run.stop_reason}"))
+        workers = await store.live_workers(run.id)
+        if workers:
+            t = Table(title="live workers")
+            for col in ("role", "host", "pid", "since", "last heartbeat"):
+                t.add_column(col)
+            for w in workers:
+                t.add_row(
+                    Text(w.role), Text(w.host), Text(str(w.pid)),
+                    Text(show_time(w.started_at, zone_)), Text(show_time(w.heartbeat_at, zone_, "%H:%M:%S")),
+                )
+            out.print(t)
+        else:
+            out.print(Text("no live workers"))
+
+
+async def _controls_lines(store: JobStore, run: RunRow, tz: Any, out: Console) -> None:
+    """The window (local time and zone), the current wave, failures against the threshold."""
+    from orchestrator.options import RunOptions
+
+    try:
+        options = RunOptions.from_dict(run.options)
+    except ValueError:
+        return
+    state = await store.run_state(run.id, track=options.wait)
+    window = options.window_spec()
+    if window is not None:
+        from orchestrator.schedule.dispatch import window_phase
+
+        phase = window_phase(state.db_now, window, options.cutoff_delta())
+        interval = window.current_or_next(state.db_now)
+        where = "no later occurrence"
+        if interval is not None:
+            where = f"{show_time(interval.start, tz, '%Y-%m-%d %H:%M')} - {show_time(interval.end, tz, '%Y-%m-%d %H:%M')}"
+        out.print(Text(f"window: {options.window} (cutoff {options.cutoff}): {phase.phase.value}; {where}"))
+    if state.waves > 1:
+        out.print(Text(f"wave: {min(run.wave_open, state.waves)} of {state.waves} open "
+                       f"({state.open_unfinished} jobs of the open waves not finished)"))
+    breaker = options.breaker()
+    counted = max(0, state.failures - run.failures_acked)
+    if breaker is not None:
+        verdict = breaker.describe(counted, state.finished)
+        out.print(Text(f"failures: {counted} counted (limit --max-failures {options.max_failures}): {verdict}"))
+    elif state.failures:
+        out.print(Text(f"failures: {counted} counted (no --max-failures limit)"))
+
+
+async def show_runs(*, db: str | None, since: datetime | None, statuses: Sequence[str], tz: str | None,
+                    fmt: str, out: Console) -> None:
+    async with opened(db, create=False) as store:
+        await _runs(store, since=since, statuses=statuses, tz=tz, fmt=fmt, out=out)
+
+
+async def _runs(store: JobStore, *, since: datetime | None, statuses: Sequence[str], tz: str | None, fmt: str,
+                out: Console) -> None:
+    from orchestrator import reporting
+    from orchestrator.store import reports
+
+    zone(tz)
+    async with store.read() as conn:
+        runs = await reports.list_runs(conn, since=since, statuses=list(statuses) or None)
+    if fmt == "table":
+        if not runs:
+            out.print(Text("no runs" + (" matching" if since or statuses else " yet")))
+            return
+        out.print(reporting.runs_table(runs, tz=tz))
+    else:
+        reporting.write_records([reporting.run_record(s, tz) for s in runs], fmt, _stdout(out))
+
+
+async def show_report(run_ref: str, *, db: str | None, fmt: str, statuses: Sequence[str], tz: str | None,
+                      output: str | None, out: Console) -> None:
+    from orchestrator import reporting
+    from orchestrator.store import reports
+
+    zone(tz)
+    async with opened(db, create=False) as store:
+        run = await find_run(store, run_ref)
+        async with store.read() as conn:
+            if fmt == "html":
+                data = await reports.window_report(conn, run.id)
+                page = reporting.html_report(data, tz=tz)
+                if output is None:
+                    raise UsageError("report --format html needs -o FILE (one self-contained page)")
+                Path(output).write_text(page, encoding="utf-8")
+                out.print(Text(f"wrote {output}"))
+                return
+            rows = reports.report_rows(conn, run.id, statuses=list(statuses) or None)
+            if fmt == "table":
+                counts = await reports.status_counts(conn, run.id)
+                out.print(counts_table(run, counts))
+                await reporting.print_report_table(rows, out, tz=tz)
+                return
+            if output:
+                with open(output, "w", encoding="utf-8", newline="") as fh:
+                    await reporting.write_report(rows, fmt, fh, tz=tz)
+                return
+            await reporting.write_report(rows, fmt, _stdout(out), tz=tz)
+
+
+async def show_flagged(run_ref: str | None, *, db: str | None, rule: str | None, fmt: str, tz: str | None,
+                       out: Console) -> None:
+    from orchestrator import reporting
+    from orchestrator.store import reports
+
+    zone(tz)
+    async with opened(db, create=False) as store:
+        run = await find_run(store, run_ref)
+        async with store.read() as conn:
+            groups = await reports.flagged_by_rule(conn, run.id, rule=rule)
+        if fmt == "table":
+            reporting.print_flagged(groups, out, run_id=run.id, run_name=run.name, tz=tz)
+        elif fmt == "csv":
+            reporting.write_records(reporting.flagged_rows(groups, tz), "csv", _stdout(out))
+        else:
+            reporting.write_records([reporting.flagged_record(g, tz) for g in groups], "json", _stdout(out))
+
+
+async def show_history(*, db: str | None, proxy: str | None, instance: str | None, since: datetime | None,
+                       fmt: str, tz: str | None, out: Console) -> None:
+    from orchestrator import reporting
+    from orchestrator.store import reports
+
+    if not (proxy or instance):
+        raise UsageError("history: say which: --proxy ID or --instance ID")
+    zone(tz)
+    async with opened(db, create=False) as store, store.read() as conn:
+        entries = await reports.history(conn, proxy_id=proxy, instance_id=instance, since=since)
+    what = f"proxy {proxy}" if proxy else f"instance {instance}"
+    if fmt == "table":
+        if not entries:
+            out.print(Text(f"no history for {what}" + (" since then" if since else "")))
+            return
+        reporting.print_history(entries, out, tz=tz, title=f"history of {what}")
+    else:
+        reporting.write_records([reporting.history_record(e, tz) for e in entries], fmt, _stdout(out))
+
+
+def _stdout(out: Console) -> TextIO:
+    f = out.file
+    return f if isinstance(f, TextIO | SafeStream) else sys.stdout
+
+
+RUN_STATUSES = [s.value for s in RunStatus]
