@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -31,8 +31,17 @@ T = TypeVar("T")
 
 
 class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
-    def __init__(self, url: str, engine: AsyncEngine, backend: Backend, *, outage_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        engine: AsyncEngine,
+        backend: Backend,
+        *,
+        outage_timeout: float,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.url = url
+        self._clock = clock or (lambda: datetime.now(UTC))
         self.engine = engine
         self.dialect = backend.dialect
         self._backend = backend
@@ -50,7 +59,7 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
         return self._db_offset
 
     def db_now(self) -> datetime:
-        return datetime.now(UTC) + timedelta(seconds=self._db_offset)
+        return self._clock() + timedelta(seconds=self._db_offset)
 
     def set_outage_hook(self, hook: OutageHook | None) -> None:
         self.writer.set_outage_hook(hook)
@@ -89,12 +98,15 @@ async def open_store(
     migrate: bool = True,
     create: bool = True,
     outage_timeout: float = 60.0,
+    clock: Callable[[], datetime] | None = None,
+    inline: bool = False,
 ) -> JobStore:
     """Open the job table at ``url`` (or ORCHESTRATOR_DB, or ./orchestrator.db), upgraded to head.
 
     ``create`` False (read-only commands): a SQLite file that does not exist is refused, not created.
     Raises ``db.DatabaseUrlError`` (one line, exit 2) for a bad location, and the driver's error for a
-    database that cannot be reached (``db.explain_connect_error`` words it)."""
+    database that cannot be reached (``db.explain_connect_error`` words it). ``clock`` (UTC now) and
+    ``inline`` (SQLite batches on the loop's thread) are for tests on virtual time."""
     full = db.normalize_url(url)
     db.check_target(full, create=create)
     engine = db.create_engine(full)
@@ -108,10 +120,10 @@ async def open_store(
     backend: Backend
     if path is not None:
         secure_file(path)
-        backend = SqliteBackend(path)
+        backend = SqliteBackend(path, clock=clock or (lambda: datetime.now(UTC)), inline=inline)
     else:
         backend = PgBackend(db.asyncpg_dsn(full), describe=describe_url(full))
-    store = JobStore(full, engine, backend, outage_timeout=outage_timeout)
+    store = JobStore(full, engine, backend, outage_timeout=outage_timeout, clock=clock)
     await store.start()
     return store
 

@@ -177,8 +177,15 @@ class SqliteBackend:
 
     dialect = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self, path: str, *, clock: Callable[[], datetime] = utcnow, inline: bool = False
+    ) -> None:
+        """``clock``: the transaction clock (UTC now; a virtual clock in tests). ``inline``: run each batch
+        on the event loop's thread instead of the writer thread (tests on a virtual-time loop, where a
+        thread's wait would let virtual time jump)."""
         self.path = path
+        self._clock = clock
+        self._inline = inline
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -221,8 +228,10 @@ class SqliteBackend:
             return results
 
     async def run_batch(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        if self._inline:
+            return self._batch(ops, self._clock())
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._batch, ops, utcnow())
+        return await loop.run_in_executor(self._pool, self._batch, ops, self._clock())
 
     async def close(self) -> None:
         def shut() -> None:
@@ -232,6 +241,10 @@ class SqliteBackend:
                         self._conn.close()
                     self._conn = None
 
+        if self._inline:
+            shut()
+            self._pool.shutdown(wait=True)
+            return
         with contextlib.suppress(RuntimeError):
             await asyncio.get_running_loop().run_in_executor(self._pool, shut)
         self._pool.shutdown(wait=True)
