@@ -197,8 +197,8 @@ async def _unfinished(
     if existing.id in live:
         w = live[existing.id]
         raise UsageError(
-            f"refused: run {existing.id} ({existing.name}) of this inventory is live in pid {w.pid} on {w.host} "
-            f"(last heartbeat {w.heartbeat_at:%H:%M:%S} UTC)"
+            f"refused: run {existing.id} ({existing.name}) of this inventory is held by pid {w.pid} on {w.host}, "
+            f"live (last heartbeat {w.heartbeat_at:%H:%M:%S} UTC)"
         )
     if resume_mode != "resume" and existing.status is not RunStatus.PAUSED:
         if not (sys.stdin.isatty() and await _ask(f"run {existing.id} ({existing.name}) of this inventory is "

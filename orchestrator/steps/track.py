@@ -97,7 +97,7 @@ async def run_track(rt: Runtime, job: JobRow) -> None:
                 job,
                 Decision(
                     Action.FLAG,
-                    f"timed out after {waited:.0f}s waiting for workflow {w.workflow_id} ({last})",
+                    f"timed out waiting for workflow {w.workflow_id} ({last}) after {waited:.0f}s",
                     "track:timeout",
                     "check the workflow in the console; when it has ended run: orchestrator retry {run} "
                     "--flagged (the preflight skips the proxy if it already runs the target)",
@@ -195,7 +195,8 @@ async def _succeed(rt: Runtime, job: JobRow, reason: str, facts: Mapping[str, ob
     move = Move(
         frm=JobStatus.ACCEPTED,
         to=JobStatus.SUCCEEDED,
-        fields={**facts, "reason": reason, "hint": None, "rule": "postflight:at-target", "next_attempt_at": None},
+        fields={**facts, "reason": None, "hint": None, "rule": "postflight:at-target", "next_attempt_at": None},
+        event_reason=reason,  # the job's columns say the rest; the event log keeps the sentence
     )
     ok = await rt.store.move(job, move, worker_id=rt.worker_id)
     rt.lease.dropped(job.id)

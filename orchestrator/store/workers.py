@@ -1,9 +1,9 @@
 """Processes working on runs: registration (the runner lock and the proxy hold), heartbeats, leaving.
 
 A proxy may be held by one live run at a time, on both backends. "Live" means a registered process that
-has not left and is alive: on PostgreSQL its lease has not run out in the database's clock; on SQLite
-(one host by construction: the job table is a local file) its process still exists, whatever the clocks
-of two processes say. Registering checks, in the same transaction that registers (SQLite: one
+has not left, whose lease has not run out (in the database's clock on PostgreSQL; in the one host's clock
+on SQLite, a local file), and whose process still exists when it is on this host. A stalled process whose
+lease ran out may be taken over: the send fence (``runtime.LeaseKeeper``) keeps it from sending after. Registering checks, in the same transaction that registers (SQLite: one
 ``BEGIN IMMEDIATE``; PostgreSQL: a global advisory lock), that no other live run has an unfinished job on
 any of this run's unfinished proxies, so two runs started at once cannot both win.
 """
@@ -73,8 +73,6 @@ def is_live(w: WorkerRow, now: datetime, dialect: str) -> bool:
     here = w.host == socket.gethostname()
     if here and not pid_alive(w.pid):
         return False
-    if dialect == "sqlite" and here:
-        return True  # a stopped (SIGSTOP) process is still there: it must not be presumed dead
     return w.lease_expires_at > now
 
 

@@ -204,7 +204,10 @@ def test_mixed_fleet_ends_as_planned(sim_factory, tmp_path: Path, db_url: str) -
         "cannot": ("flagged", f"the cloud reports can_upgrade: false for {SOURCE}"),
         "above-latest": ("flagged", f"target {TARGET} is above the latest available version 2.23.18.000"),
         "wf-fails": ("flagged", f"workflow {wf[pid['wf-fails']][0]['id']} Failed: node restart timed out"),
-        "no-change": ("flagged", f"workflow completed but the proxy runs {SOURCE} (target {TARGET})"),
+        "no-change": (
+            "flagged",
+            f"workflow {wf[pid['no-change']][0]['id']} completed but the proxy runs {SOURCE} (target {TARGET})",
+        ),
         "hangs": ("flagged", f"timed out waiting for workflow {wf[pid['hangs']][0]['id']}"),
         "no-source": ("succeeded", ""),
     }
