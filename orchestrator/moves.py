@@ -109,7 +109,9 @@ async def apply(
         proxy=job.proxy_id,
         reason=decision.reason,
         rule=decision.rule,
-        hint=render_hint(decision.hint, rt.run_id) if move.to in (JobStatus.FLAGGED, JobStatus.FAILED) else None,
+        hint=render_hint(decision.hint, rt.run_id)
+        if move.to in (JobStatus.FLAGGED, JobStatus.FAILED)
+        else None,
     )
     return ok
 

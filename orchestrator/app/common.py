@@ -34,7 +34,9 @@ async def find_run(store: JobStore, ref: str | None, *, unfinished: bool = False
     if ref is None:
         run = await store.latest_run(unfinished=unfinished)
         if run is None:
-            raise UsageError("no unfinished run in this job table" if unfinished else "no run in this job table")
+            raise UsageError(
+                "no unfinished run in this job table" if unfinished else "no run in this job table"
+            )
         return run
     run = await store.find_run(ref)
     if run is None:

@@ -91,7 +91,9 @@ async def run_track(rt: Runtime, job: JobRow) -> None:
         waited = (rt.now() - accepted_at).total_seconds()
         if waited > rt.options.poll_timeout:
             w = prog.open[0]
-            last = f"last status {w.job_status or 'not yet visible'}" + (f" {w.progress}" if w.progress else "")
+            last = f"last status {w.job_status or 'not yet visible'}" + (
+                f" {w.progress}" if w.progress else ""
+            )
             await moves.apply(
                 rt,
                 job,
@@ -159,7 +161,11 @@ async def _postflight(rt: Runtime, job: JobRow, prog: Progress) -> None:
             frm=JobStatus.ACCEPTED,
         )
         return
-    facts = {"current_version": info.current_version, "latest_version": info.latest_version, "read_failures": 0}
+    facts = {
+        "current_version": info.current_version,
+        "latest_version": info.latest_version,
+        "read_failures": 0,
+    }
     tracked = ", ".join(w.workflow_id or "?" for w in prog.completed)
     if same_version(info.current_version, job.target_version):
         reason = (
@@ -195,7 +201,13 @@ async def _succeed(rt: Runtime, job: JobRow, reason: str, facts: Mapping[str, ob
     move = Move(
         frm=JobStatus.ACCEPTED,
         to=JobStatus.SUCCEEDED,
-        fields={**facts, "reason": None, "hint": None, "rule": "postflight:at-target", "next_attempt_at": None},
+        fields={
+            **facts,
+            "reason": None,
+            "hint": None,
+            "rule": "postflight:at-target",
+            "next_attempt_at": None,
+        },
         event_reason=reason,  # the job's columns say the rest; the event log keeps the sentence
     )
     ok = await rt.store.move(job, move, worker_id=rt.worker_id)

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, inspect, text
+from sqlalchemy import event, inspect, pool, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -103,7 +103,9 @@ def check_target(url: str | None, *, create: bool) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DatabaseUrlError(f"job table {path}: cannot create directory {parent}: {exc.strerror}") from None
+        raise DatabaseUrlError(
+            f"job table {path}: cannot create directory {parent}: {exc.strerror}"
+        ) from None
     try:
         # created owner-only: the job table holds the fleet's layout and the audit trail
         fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -134,7 +136,9 @@ def create_engine(url: str) -> AsyncEngine:
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # NullPool: a pooled aiosqlite connection keeps a thread that polls its queue every few ms for the
+        # whole run (6% of the run's CPU, measured); reports open a connection when they need one
+        engine = create_async_engine(url, connect_args={"timeout": 30}, poolclass=pool.NullPool)
         _configure_sqlite(engine)
         return engine
     from orchestrator.store.sql import PG_SETTINGS

@@ -64,9 +64,9 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
     def set_outage_hook(self, hook: OutageHook | None) -> None:
         self.writer.set_outage_hook(hook)
 
-    async def _submit(self, op: Op[T]) -> T:
+    async def _submit(self, op: Op[T], *, urgent: bool = False) -> T:
         if not self.is_postgres:
-            return await self.writer.submit(op)
+            return await self.writer.submit(op, urgent=urgent)
         sent = time.time()
 
         async def timed(tx: Tx) -> T:
@@ -75,7 +75,7 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
             self._db_offset = tx.now.timestamp() - max(sent, time.time() - 0.5)
             return await op(tx)
 
-        return await self.writer.submit(timed)
+        return await self.writer.submit(timed, urgent=urgent)
 
     async def start(self) -> None:
         self.writer.start()
@@ -135,5 +135,3 @@ def describe_url(url: str | None) -> str:
     if parsed.get_backend_name() == "sqlite":
         return f"sqlite:{parsed.database}"
     return db.safe_url(full)
-
-

@@ -152,7 +152,7 @@ async def apply_move(tx: Tx, job: JobRow, move: Move, worker_id: str | None) -> 
 class JobOps:
     """Mixin of ``JobStore``: the queue."""
 
-    async def _submit(self, op: Any) -> Any:  # provided by JobStore
+    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- claims
@@ -216,62 +216,54 @@ class JobOps:
             due = "(next_attempt_at IS NULL OR next_attempt_at <= :now)"
             follow = [S.UNKNOWN.value] + ([S.ACCEPTED.value] if track else [])
             fsql, fparams = in_clause("fs", follow)
-            chosen = [
-                job_row(r)
+            # candidates as (id, project, instance, sendable) only: full rows come back from the claim itself
+            chosen: list[int] = [
+                int(r[0])
                 for r in await tx.fetch(
-                    f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status IN {fsql} AND {due}"
-                    f" AND {free} ORDER BY next_attempt_at LIMIT :lim",
+                    f"SELECT id FROM jobs WHERE run_id = :run AND status IN {fsql} AND {due} AND {free}"
+                    " ORDER BY next_attempt_at LIMIT :lim",
                     {"run": run_id, "now": nts, "lim": limit, **fparams},
                 )
             ]
             room = limit - len(chosen)
             if allow_new and room > 0:
-                cands = [
-                    job_row(r)
-                    for r in await tx.fetch(
-                        f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status = 'retry_wait'"
-                        f" AND next_attempt_at <= :now AND {free} ORDER BY next_attempt_at LIMIT :lim",
-                        {"run": run_id, "now": nts, "lim": room * 4},
-                    )
-                ]
-                cands += [
-                    job_row(r)
-                    for r in await tx.fetch(
-                        f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status = 'pending'"
-                        f" AND wave <= :open AND {due} AND {free} ORDER BY wave, id LIMIT :lim",
-                        {"run": run_id, "now": nts, "lim": room * 4, "open": open_wave},
-                    )
-                ]
+                cands = await tx.fetch(
+                    "SELECT id, project_id, instance_id FROM jobs WHERE run_id = :run AND status = 'retry_wait'"
+                    f" AND next_attempt_at <= :now AND {free} ORDER BY next_attempt_at LIMIT :lim",
+                    {"run": run_id, "now": nts, "lim": room * 2},
+                )
+                cands += await tx.fetch(
+                    "SELECT id, project_id, instance_id FROM jobs WHERE run_id = :run AND status = 'pending'"
+                    f" AND wave <= :open AND {due} AND {free} ORDER BY wave, id LIMIT :lim",
+                    {"run": run_id, "now": nts, "lim": room * 2, "open": open_wave},
+                )
                 if cands:
-                    busy = await _busy_instances(tx, run_id, cands, track)
-                    for j in cands:
-                        key = (j.project_id, j.instance_id)
+                    busy = await _busy_instances(tx, run_id, {(str(c[1]), str(c[2])) for c in cands}, track)
+                    for job_id, project, instance in cands:
+                        key = (str(project), str(instance))
                         if busy.get(key, 0) >= per_instance:
                             continue
                         busy[key] = busy.get(key, 0) + 1
-                        chosen.append(j)
+                        chosen.append(int(job_id))
                         if len(chosen) >= limit:
                             break
             if not chosen:
                 return Claimed([], now)
             until = tx.ts(now + timedelta(seconds=lease_s))
-            ids_sql, ids = in_clause("j", [j.id for j in chosen])
-            won = {
-                int(r[0])
-                for r in await tx.fetch(
-                    f"UPDATE jobs SET claimed_by = :me, lease_expires_at = :until WHERE id IN {ids_sql}"
-                    f" AND {free} RETURNING id",
-                    {"me": worker_id, "until": until, "now": nts, **ids},
-                )
-            }
-            await tx.execute(
-                "UPDATE workers SET claimed = claimed + :n WHERE id = :me", {"n": len(won), "me": worker_id}
+            ids_sql, ids = in_clause("j", chosen)
+            rows = await tx.fetch(
+                f"UPDATE jobs SET claimed_by = :me, lease_expires_at = :until WHERE id IN {ids_sql}"
+                f" AND {free} RETURNING {JOB_COLS}",
+                {"me": worker_id, "until": until, "now": nts, **ids},
             )
-            lease = now + timedelta(seconds=lease_s)
-            out = [_claimed(j, worker_id, lease) for j in chosen if j.id in won]
+            await tx.execute(
+                "UPDATE workers SET claimed = claimed + :n WHERE id = :me", {"n": len(rows), "me": worker_id}
+            )
+            order = {job_id: i for i, job_id in enumerate(chosen)}
+            out = sorted((job_row(r) for r in rows), key=lambda j: order[j.id])
             return Claimed(out, now)
 
-        result: Claimed = await self._submit(op)
+        result: Claimed = await self._submit(op, urgent=True)
         return result
 
     async def release(self, job_id: int, worker_id: str) -> None:
@@ -293,14 +285,14 @@ class JobOps:
 
         async def op(tx: Tx) -> Intent | None:
             nts = tx.ts(tx.now)
-            n = await tx.execute(
+            won = await tx.fetchone(
                 "UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"
                 " next_attempt_at = NULL, intent_deadline = lease_expires_at WHERE id = :id"
                 " AND status IN ('pending', 'retry_wait') AND claimed_by = :me AND attempt_count = :prev"
-                " AND lease_expires_at > :now",
+                " AND lease_expires_at > :now RETURNING intent_deadline",
                 {"n": number, "now": nts, "id": job.id, "me": worker_id, "prev": job.attempt_count},
             )
-            if n != 1:
+            if won is None:
                 return None
             row = await tx.fetchone(
                 "INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
@@ -317,10 +309,9 @@ class JobOps:
                 to_status=JobStatus.IN_FLIGHT.value,
                 reason=f"upgrade call {number}",
             )
-            dl = await tx.fetchone("SELECT intent_deadline FROM jobs WHERE id = :id", {"id": job.id})
-            return Intent(int(row[0]), number, aware(dl[0]) if dl else None)
+            return Intent(int(row[0]), number, aware(won[0]))
 
-        result: Intent | None = await self._submit(op)
+        result: Intent | None = await self._submit(op, urgent=True)
         return result
 
     async def record_answer(
@@ -384,9 +375,7 @@ class JobOps:
             if read_failures is not None:
                 sets.append("read_failures = :rf")
                 params["rf"] = read_failures
-            await tx.execute(
-                f"UPDATE jobs SET {', '.join(sets)} WHERE id = :id AND claimed_by = :me", params
-            )
+            await tx.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = :id AND claimed_by = :me", params)
 
         await self._submit(op)
 
@@ -431,7 +420,8 @@ class JobOps:
         async def op(tx: Tx) -> None:
             if status is None:
                 await tx.execute(
-                    "UPDATE workflows SET checked_at = :now WHERE id = :id", {"now": tx.ts(tx.now), "id": row_id}
+                    "UPDATE workflows SET checked_at = :now WHERE id = :id",
+                    {"now": tx.ts(tx.now), "id": row_id},
                 )
                 return
             await tx.execute(
@@ -449,7 +439,9 @@ class JobOps:
 
         await self._submit(op)
 
-    async def attach_workflows(self, job: JobRow, attempt_id: int | None, workflows: Sequence[NewWorkflow]) -> None:
+    async def attach_workflows(
+        self, job: JobRow, attempt_id: int | None, workflows: Sequence[NewWorkflow]
+    ) -> None:
         async def op(tx: Tx) -> None:
             await insert_workflows(tx, job.id, attempt_id, workflows)
 
@@ -640,7 +632,9 @@ class JobOps:
                 wsql, wparams = in_clause("w", ids[i : i + 500])
                 out |= {
                     str(r[0])
-                    for r in await tx.fetch(f"SELECT workflow_id FROM workflows WHERE workflow_id IN {wsql}", wparams)
+                    for r in await tx.fetch(
+                        f"SELECT workflow_id FROM workflows WHERE workflow_id IN {wsql}", wparams
+                    )
                 }
             return out
 
@@ -674,7 +668,8 @@ class JobOps:
         async def op(tx: Tx) -> int:
             asql, aparams = in_clause("a", active)
             r = await tx.fetchone(
-                f"SELECT count(*) FROM jobs WHERE run_id = :run AND status IN {asql}", {"run": run_id, **aparams}
+                f"SELECT count(*) FROM jobs WHERE run_id = :run AND status IN {asql}",
+                {"run": run_id, **aparams},
             )
             return int(r[0]) if r else 0
 
@@ -683,32 +678,28 @@ class JobOps:
 
 
 async def _busy_instances(
-    tx: Tx, run_id: int, cands: list[JobRow], track: bool
+    tx: Tx, run_id: int, keys: set[tuple[str, str]], track: bool
 ) -> dict[tuple[str, str], int]:
-    """How many proxies of each candidate's instance are being upgraded now (the availability guard)."""
+    """How many proxies of each (project, instance) are being upgraded now (the availability guard)."""
     busy_states = [JobStatus.IN_FLIGHT.value, JobStatus.UNKNOWN.value] + (
         [JobStatus.ACCEPTED.value] if track else []
     )
     out: dict[tuple[str, str], int] = {}
-    instances = sorted({j.instance_id for j in cands})
+    instances = sorted({i for _p, i in keys})
     bsql, bparams = in_clause("b", busy_states)
     ssql, sparams = in_clause("s", _SENDABLE)
     for i in range(0, len(instances), 400):
         isql, iparams = in_clause("i", instances[i : i + 400])
+        # SQLite's planner otherwise walks the (run, status) index over every pending job of the run
+        hint = " INDEXED BY ix_jobs_run_instance" if tx.dialect == "sqlite" else ""
         for project, instance, n in await tx.fetch(
-            "SELECT project_id, instance_id, count(*) FROM jobs WHERE run_id = :run"
+            f"SELECT project_id, instance_id, count(*) FROM jobs{hint} WHERE run_id = :run"
             f" AND instance_id IN {isql} AND (status IN {bsql} OR (status IN {ssql}"
             " AND claimed_by IS NOT NULL AND lease_expires_at > :now)) GROUP BY project_id, instance_id",
             {"run": run_id, "now": tx.ts(tx.now), **iparams, **bparams, **sparams},
         ):
             out[(str(project), str(instance))] = int(n)
     return out
-
-
-def _claimed(j: JobRow, worker_id: str, lease: datetime) -> JobRow:
-    from dataclasses import replace
-
-    return replace(j, claimed_by=worker_id, lease_expires_at=lease)
 
 
 TERMINAL_VALUES = tuple(sorted(s.value for s in TERMINAL))

@@ -18,7 +18,7 @@ from orchestrator.store.sql import Tx, aware
 class PermitOps:
     """Mixin of ``JobStore``: send permits."""
 
-    async def _submit(self, op: Any) -> Any:  # provided by JobStore
+    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
         raise NotImplementedError
 
     async def try_send_slot(
@@ -71,12 +71,14 @@ class PermitOps:
             assert row is not None
             return int(row[0]), 0.0
 
-        result: tuple[int | None, float] = await self._submit(op)
+        result: tuple[int | None, float] = await self._submit(op, urgent=True)
         return result
 
     async def release_send_slot(self, slot_id: int) -> None:
         async def op(tx: Tx) -> None:
-            await tx.execute("UPDATE send_log SET done_at = :now WHERE id = :id", {"now": tx.ts(tx.now), "id": slot_id})
+            await tx.execute(
+                "UPDATE send_log SET done_at = :now WHERE id = :id", {"now": tx.ts(tx.now), "id": slot_id}
+            )
 
         await self._submit(op)
 

@@ -105,6 +105,8 @@ class _SqliteTx:
     def __init__(self, conn: sqlite3.Connection, now: datetime) -> None:
         self._conn = conn
         self.now = now
+        self._now_text = _sqlite_ts(now)
+        self.events: list[dict[str, Any]] = []  # store/events.py buffers the batch's events here
 
     async def execute(self, sql: str, params: Params = None) -> int:
         return self._conn.execute(sql, _sqlite_params(params)).rowcount
@@ -120,13 +122,19 @@ class _SqliteTx:
         return row
 
     def ts(self, value: datetime | None) -> Any:
-        # SQLAlchemy's SQLite DateTime format, so its readers parse what we write and text order is time
         if value is None:
             return None
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        if value is self.now:
+            return self._now_text
+        return _sqlite_ts(value)
 
     def json(self, value: Any) -> Any:
         return None if value is None else json.dumps(value)
+
+
+def _sqlite_ts(value: datetime) -> str:
+    # SQLAlchemy's SQLite DateTime format, so its readers parse what we write and text order is time
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 def _sqlite_params(params: Params) -> Mapping[str, Any]:
@@ -135,7 +143,7 @@ def _sqlite_params(params: Params) -> Mapping[str, Any]:
     out: dict[str, Any] = {}
     for k, v in params.items():
         if isinstance(v, datetime):
-            v = v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+            v = _sqlite_ts(v)
         elif isinstance(v, bool):
             v = int(v)
         out[k] = v
@@ -177,9 +185,7 @@ class SqliteBackend:
 
     dialect = "sqlite"
 
-    def __init__(
-        self, path: str, *, clock: Callable[[], datetime] = utcnow, inline: bool = False
-    ) -> None:
+    def __init__(self, path: str, *, clock: Callable[[], datetime] = utcnow, inline: bool = False) -> None:
         """``clock``: the transaction clock (UTC now; a virtual clock in tests). ``inline``: run each batch
         on the event loop's thread instead of the writer thread (tests on a virtual-time loop, where a
         thread's wait would let virtual time jump)."""
@@ -216,6 +222,8 @@ class SqliteBackend:
             tx = _SqliteTx(conn, now)
             try:
                 results = [_drive(op(tx)) for op in ops]
+                if tx.events:
+                    _drive(_flush_events(tx))
                 conn.execute("COMMIT")
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -290,6 +298,7 @@ class _PgTx:
     def __init__(self, conn: Any, now: datetime) -> None:
         self._conn = conn
         self.now = now
+        self.events: list[dict[str, Any]] = []
 
     async def execute(self, sql: str, params: Params = None) -> int:
         st = _pg(sql)
@@ -376,7 +385,10 @@ class PgBackend:
                 now = aware(await conn.fetchval("SELECT clock_timestamp()"))
                 assert now is not None
                 tx = _PgTx(conn, now)
-                return [await op(tx) for op in ops]
+                results = [await op(tx) for op in ops]
+                if tx.events:
+                    await _flush_events(tx)
+                return results
         except Exception as exc:
             down = pg_down(exc)
             if down is not None:
@@ -398,6 +410,12 @@ class PgBackend:
 
 
 Backend = SqliteBackend | PgBackend
+
+
+async def _flush_events(tx: Tx) -> None:
+    from orchestrator.store.events import flush
+
+    await flush(tx)
 
 
 def in_clause(prefix: str, values: Iterable[Any]) -> tuple[str, dict[str, Any]]:

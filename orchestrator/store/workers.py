@@ -176,7 +176,7 @@ async def register_in(
 class WorkerOps:
     """Mixin of ``JobStore``: registration, heartbeats, leaving, live workers."""
 
-    async def _submit(self, op: Any) -> Any:  # provided by JobStore
+    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
         raise NotImplementedError
 
     async def register(
@@ -224,7 +224,9 @@ class WorkerOps:
 
         async def op(tx: Tx) -> None:
             now = tx.ts(tx.now)
-            await tx.execute("UPDATE workers SET left_at = :now WHERE id = :me", {"now": now, "me": worker_id})
+            await tx.execute(
+                "UPDATE workers SET left_at = :now WHERE id = :me", {"now": now, "me": worker_id}
+            )
             # in-flight jobs keep their intent; their deadline is now (this process sends nothing more)
             await tx.execute(
                 "UPDATE jobs SET claimed_by = NULL, lease_expires_at = NULL,"
