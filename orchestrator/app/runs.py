@@ -344,29 +344,15 @@ async def _apply_inventory_changes(
     if added:
         n = await store.add_jobs(run.id, added, wave=max(1, run.wave_open))
         notice(f"  added to the run: {n} proxies new in the inventory")
-    from orchestrator.policy import Action, Decision
-    from orchestrator.store import Move
-
     for job in removed:
-        if job.status is JobStatus.PENDING and job.attempt_count == 0:
-            await store.move(
-                job,
-                Move(
-                    frm=JobStatus.PENDING,
-                    to=JobStatus.SKIPPED,
-                    fields={
-                        "reason": "removed from the inventory before it was sent",
-                        "rule": "inventory:removed",
-                    },
-                ),
-                worker_id=None,
-            )
+        if job.status is JobStatus.PENDING and await store.skip_removed(
+            job, "removed from the inventory before it was sent"
+        ):
             notice(f"  removed from the inventory, skipped (never sent): proxy {job.proxy_id}")
         else:
             notice(
                 f"  removed from the inventory but already {job.status.value}: proxy {job.proxy_id} is followed to its end"
             )
-    del Action, Decision
     for job, new in retargeted:
         if await store.retarget(job, new, f"target changed {job.target_version} -> {new} in the inventory"):
             notice(

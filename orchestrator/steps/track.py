@@ -10,7 +10,6 @@ tracked to its end.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -173,7 +172,7 @@ async def _postflight(rt: Runtime, job: JobRow, prog: Progress) -> None:
             if tracked
             else f"the proxy runs {info.current_version}; no workflow of this run was found to track"
         )
-        await _succeed(rt, job, reason, facts)
+        await moves.succeed(rt, job, reason, facts)
         return
     what = (
         f"workflow {tracked} completed but the proxy runs {info.current_version}"
@@ -193,26 +192,6 @@ async def _postflight(rt: Runtime, job: JobRow, prog: Progress) -> None:
         frm=JobStatus.ACCEPTED,
         facts=facts,
     )
-
-
-async def _succeed(rt: Runtime, job: JobRow, reason: str, facts: Mapping[str, object]) -> None:
-    from orchestrator.store import Move
-
-    move = Move(
-        frm=JobStatus.ACCEPTED,
-        to=JobStatus.SUCCEEDED,
-        fields={
-            **facts,
-            "reason": None,
-            "hint": None,
-            "rule": "postflight:at-target",
-            "next_attempt_at": None,
-        },
-        event_reason=reason,  # the job's columns say the rest; the event log keeps the sentence
-    )
-    ok = await rt.store.move(job, move, worker_id=rt.worker_id)
-    rt.lease.dropped(job.id)
-    rt.events.emit("job.succeeded" if ok else "job.move_lost", job=job.id, proxy=job.proxy_id, reason=reason)
 
 
 def _cloud_time(rt: Runtime, text: str | None) -> datetime | None:

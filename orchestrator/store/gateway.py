@@ -19,7 +19,7 @@ from typing import TypeVar
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from orchestrator.store import db
+import orchestrator.store.db as db
 from orchestrator.store.jobs import JobOps
 from orchestrator.store.permits import PermitOps
 from orchestrator.store.runs import RunOps

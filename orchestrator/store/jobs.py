@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orchestrator.store.events as events
 from orchestrator.states import ACTIVE, TERMINAL, JobStatus, check_move
-from orchestrator.store import events
 from orchestrator.store.decode import (
     ATTEMPT_COLS,
     JOB_COLS,
@@ -446,6 +446,22 @@ class JobOps:
             await insert_workflows(tx, job.id, attempt_id, workflows)
 
         await self._submit(op)
+
+    async def skip_removed(self, job: JobRow, reason: str) -> bool:
+        """A proxy removed from the inventory before anything was sent for it: pending -> skipped."""
+        move = Move(
+            frm=JobStatus.PENDING,
+            to=JobStatus.SKIPPED,
+            fields={"reason": reason, "rule": "inventory:removed"},
+        )
+
+        async def op(tx: Tx) -> bool:
+            if job.attempt_count:
+                return False
+            return await apply_move(tx, job, move, None)
+
+        result: bool = await self._submit(op)
+        return result
 
     async def retarget(self, job: JobRow, target_version: str, reason: str) -> bool:
         """A changed inventory target for a job never sent (guarded: pending, no attempt yet)."""

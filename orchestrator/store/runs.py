@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import orchestrator.store.events as events
 from orchestrator.states import TERMINAL, JobStatus, RunStatus
-from orchestrator.store import events
 from orchestrator.store.decode import RUN_COLS, run_row
 from orchestrator.store.rows import NewJob, Registration, RunRow, RunState
 from orchestrator.store.sql import Tx, aware

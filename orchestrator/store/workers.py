@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
+import orchestrator.store.events as events
 from orchestrator.states import TERMINAL
-from orchestrator.store import events
 from orchestrator.store.decode import WORKER_COLS, worker_row
 from orchestrator.store.rows import Registration, WorkerRow
 from orchestrator.store.sql import Tx, in_clause
