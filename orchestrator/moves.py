@@ -122,7 +122,13 @@ async def succeed(rt: Runtime, job: JobRow, reason: str, facts: Mapping[str, Any
     move = Move(
         frm=JobStatus.ACCEPTED,
         to=JobStatus.SUCCEEDED,
-        fields={**facts, "reason": None, "hint": None, "rule": "postflight:at-target", "next_attempt_at": None},
+        fields={
+            **facts,
+            "reason": None,
+            "hint": None,
+            "rule": "postflight:at-target",
+            "next_attempt_at": None,
+        },
         event_reason=reason,
     )
     ok = await rt.store.move(job, move, worker_id=rt.worker_id)

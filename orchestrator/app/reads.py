@@ -50,9 +50,10 @@ async def show_status(
         if run.stop_reason:
             out.print(Text(f"last stop: {run.stop_reason}"))
         workers = await store.live_workers(run.id)
+        claimed = await store.claimed_counts(run.id)
         if workers:
             t = Table(title="live workers")
-            for col in ("role", "host", "pid", "since", "last heartbeat"):
+            for col in ("role", "host", "pid", "since", "last heartbeat", "claimed now", "claimed total"):
                 t.add_column(col)
             for w in workers:
                 t.add_row(
@@ -61,6 +62,8 @@ async def show_status(
                     Text(str(w.pid)),
                     Text(show_time(w.started_at, zone_)),
                     Text(show_time(w.heartbeat_at, zone_, "%H:%M:%S")),
+                    Text(str(claimed.get(w.id, 0))),
+                    Text(str(w.claimed)),
                 )
             out.print(t)
         else:

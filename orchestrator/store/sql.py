@@ -354,32 +354,39 @@ def pg_down(exc: BaseException) -> DatabaseDown | None:
 
 
 class PgBackend:
-    """The writer's own asyncpg connection; reconnected after a failure."""
+    """The writer's own asyncpg connections (``parallel`` of them: batches are independent units of work,
+    so several commit at once and the server's cores share the load); each is reconnected after a
+    failure."""
 
     dialect = "postgresql"
 
-    def __init__(self, dsn: str, *, describe: str) -> None:
+    def __init__(self, dsn: str, *, describe: str, parallel: int = 4) -> None:
         self._dsn = dsn
         self._describe = describe
-        self._conn: Any = None
+        self.parallel = parallel
+        self._idle: list[Any] = []
+        self._all: set[Any] = set()
 
-    async def _connection(self) -> Any:
+    async def _connect(self) -> Any:
         import asyncpg
 
-        if self._conn is None or self._conn.is_closed():
-            try:
-                self._conn = await asyncpg.connect(
-                    self._dsn, server_settings=PG_SETTINGS, timeout=10, command_timeout=60
-                )
-            except Exception as exc:
-                down = pg_down(exc)
-                if down is not None:
-                    raise DatabaseDown(f"{down} (connecting to {self._describe})") from exc
-                raise
-        return self._conn
+        try:
+            conn = await asyncpg.connect(
+                self._dsn, server_settings=PG_SETTINGS, timeout=10, command_timeout=60
+            )
+        except Exception as exc:
+            down = pg_down(exc)
+            if down is not None:
+                raise DatabaseDown(f"{down} (connecting to {self._describe})") from exc
+            raise
+        self._all.add(conn)
+        return conn
 
     async def run_batch(self, ops: Sequence[Op[Any]]) -> list[Any]:
-        conn = await self._connection()
+        conn = self._idle.pop() if self._idle else await self._connect()
+        if conn.is_closed():
+            self._all.discard(conn)
+            conn = await self._connect()
         try:
             async with conn.transaction():
                 now = aware(await conn.fetchval("SELECT clock_timestamp()"))
@@ -388,23 +395,21 @@ class PgBackend:
                 results = [await op(tx) for op in ops]
                 if tx.events:
                     await _flush_events(tx)
-                return results
         except Exception as exc:
             down = pg_down(exc)
             if down is not None:
-                await self._drop()
+                self._all.discard(conn)
+                with contextlib.suppress(Exception):
+                    conn.terminate()
                 raise down from exc
+            self._idle.append(conn)
             raise
-
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.terminate()
+        self._idle.append(conn)
+        return results
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        conns, self._all, self._idle = list(self._all), set(), []
+        for conn in conns:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 5)
 

@@ -248,6 +248,20 @@ class WorkerOps:
         result: list[WorkerRow] = await self._submit(op)
         return result
 
+    async def claimed_counts(self, run_id: int) -> dict[str, int]:
+        """Worker id -> jobs it holds now (for ``status``)."""
+
+        async def op(tx: Tx) -> dict[str, int]:
+            rows = await tx.fetch(
+                "SELECT claimed_by, count(*) FROM jobs WHERE run_id = :run AND claimed_by IS NOT NULL"
+                " GROUP BY claimed_by",
+                {"run": run_id},
+            )
+            return {str(k): int(v) for k, v in rows}
+
+        result: dict[str, int] = await self._submit(op)
+        return result
+
     async def live_runs(self, run_ids: Iterable[int]) -> dict[int, WorkerRow]:
         """Run id -> one live process of it, for the given runs."""
         wanted = set(run_ids)

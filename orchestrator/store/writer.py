@@ -109,14 +109,30 @@ class GroupCommitWriter:
         return batch
 
     async def _loop(self) -> None:
+        # SQLite: one batch at a time (one writer). PostgreSQL: up to `parallel` batches commit at once
+        # on their own connections (each batch is an independent unit of work).
+        parallel = max(1, getattr(self._backend, "parallel", 1))
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(t: asyncio.Task[None]) -> None:
+            running.discard(t)
+            self._ready.set()
+
         while True:
-            if not self._urgent and not self._normal:
-                if self._closing:
-                    return
-                self._ready.clear()
-                await self._ready.wait()
+            self._ready.clear()
+            while (self._urgent or self._normal) and len(running) < parallel:
+                batch = self._take()
+                if parallel == 1:
+                    await self._apply(batch)
+                    continue
+                task = asyncio.create_task(self._apply(batch))
+                running.add(task)
+                task.add_done_callback(finished)
+            if not running and not (self._urgent or self._normal) and self._closing:
+                return
+            if (self._urgent or self._normal) and len(running) < parallel:
                 continue
-            await self._apply(self._take())
+            await self._ready.wait()
 
     async def _apply(self, batch: list[_Item]) -> None:
         if self._dead is not None:
