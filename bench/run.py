@@ -171,16 +171,17 @@ def orchestrator_cmd() -> list[str]:
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _proc_cpu(pid: int) -> float | None:
-    """utime + stime of a live process in seconds, from /proc (None once it is gone)."""
+def _proc_usage(pid: int) -> tuple[float, float] | None:
+    """(utime + stime in seconds, RSS in MB) of a live process, from /proc (None once it is gone)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK, int(fields[21]) * _PAGE / 2**20
 
 
 @dataclass
@@ -198,6 +199,7 @@ class Child:
     cpu_s: float = 0.0
     maxrss_mb: float = 0.0
     signalled: list[str] = field(default_factory=list)
+    killed_over_rss: bool = False
 
     def signal(self, sig: signal.Signals) -> None:
         if self.code is None:
@@ -205,10 +207,16 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(sig)
 
-    def sample(self) -> None:
-        cpu = _proc_cpu(self.popen.pid)
-        if cpu is not None:
-            self.samples.append((time.time(), cpu))
+    def sample(self, rss_cap_mb: float) -> None:
+        """Record CPU; SIGKILL the child if its RSS passed the cap (the machine is shared)."""
+        usage = _proc_usage(self.popen.pid)
+        if usage is None:
+            return
+        self.samples.append((time.time(), usage[0]))
+        if usage[1] > rss_cap_mb and "SIGKILL" not in self.signalled:
+            log(f"  {self.tag}: RSS {usage[1]:.0f} MB over the cap of {rss_cap_mb:.0f} MB: killed")
+            self.killed_over_rss = True
+            self.signal(signal.SIGKILL)
 
     def reap(self, block: bool) -> bool:
         """Reap the child with ``wait4`` (its own rusage: CPU and peak RSS). True once it has exited."""
@@ -263,10 +271,12 @@ def wait_all(
     children: list[Child],
     *,
     timeout: float,
+    rss_cap_mb: float,
     poll: Callable[[float], None] | None = None,
 ) -> None:
     """Wait for every child, sampling CPU every 0.2 s and calling ``poll(elapsed)`` (which may signal
-    them). Past ``timeout`` seconds they get SIGINT, and SIGKILL 60 s later."""
+    them). Past ``timeout`` seconds they get SIGINT, and SIGKILL 60 s later; a child whose RSS passes
+    ``rss_cap_mb`` is killed at once."""
     t0 = time.monotonic()
     interrupted_at: float | None = None
     while True:
@@ -274,7 +284,7 @@ def wait_all(
             return
         for c in children:
             if c.code is None:
-                c.sample()
+                c.sample(rss_cap_mb)
         elapsed = time.monotonic() - t0
         if poll is not None:
             poll(elapsed)
@@ -389,7 +399,7 @@ def orch_run(
             for c in children:
                 c.signal(signal.SIGINT)
 
-    wait_all(children, timeout=ctx.args.budget, poll=poll)
+    wait_all(children, timeout=ctx.args.budget, rss_cap_mb=ctx.args.rss_cap_mb, poll=poll)
     st = ctx.server.stats()
     cpu = sum(c.cpu_s for c in children)
     ups = st["upgrades"]
@@ -439,7 +449,7 @@ def bare_run(ctx: Ctx, csv_path: Path, *, latency_ms: float, concurrency: int = 
         [str(BENCH / "bare_client.py"), str(csv_path), ctx.server.url, "--concurrency", str(concurrency)],
         cmd=[PY],
     )
-    wait_all([child], timeout=ctx.args.budget)
+    wait_all([child], timeout=ctx.args.budget, rss_cap_mb=ctx.args.rss_cap_mb)
     st = ctx.server.stats()
     res: dict[str, Any] = {
         "calls_per_s": st["upgrade_rate"],
@@ -463,6 +473,10 @@ def stopped_note(runs: list[dict[str, Any]], n: int) -> str:
         return ""
     done = med([float(r["upgrades"]) for r in stopped])
     return f"stopped at {fmt(done)} of {n:,} calls (half or --budget)"
+
+
+def notes(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 def errors_of(runs: list[dict[str, Any]]) -> str:
@@ -575,7 +589,7 @@ def group_memory(ctx: Ctx) -> None:
         for r in range(ctx.args.repeat):
             log(f"memory: validate {path.name}, repeat {r + 1}/{ctx.args.repeat}")
             child = spawn(ctx, "validate", ["validate", str(path)])
-            wait_all([child], timeout=ctx.args.budget)
+            wait_all([child], timeout=ctx.args.budget, rss_cap_mb=ctx.args.rss_cap_mb)
             runs.append(
                 {
                     "wall_s": child.wall_s,
@@ -646,7 +660,7 @@ def group_resume(ctx: Ctx) -> None:
                 seen["first_upgrade"] = time.time()  # within 0.2 s; the stats give the exact time below
                 child.signal(signal.SIGINT)
 
-        wait_all([child], timeout=ctx.args.budget, poll=poll)
+        wait_all([child], timeout=ctx.args.budget, rss_cap_mb=ctx.args.rss_cap_mb, poll=poll)
         st = ctx.server.stats()
         res = {
             "to_first_call_s": st["first_call"] - child.started if st["first_call"] else None,
@@ -691,7 +705,7 @@ def group_report(ctx: Ctx) -> None:
         for r in range(ctx.args.repeat):
             log(f"report: --format {kind}, repeat {r + 1}/{ctx.args.repeat}")
             child = spawn(ctx, f"report-{kind}", ["report", fx["name"], "--db", fx["db"], "--format", kind])
-            wait_all([child], timeout=ctx.args.budget)
+            wait_all([child], timeout=ctx.args.budget, rss_cap_mb=ctx.args.rss_cap_mb)
             res: dict[str, Any] = {
                 "wall_s": child.wall_s,
                 "maxrss_mb": child.maxrss_mb,
@@ -699,10 +713,14 @@ def group_report(ctx: Ctx) -> None:
                 "code": child.code,
                 "bytes": child.out_path.stat().st_size,
             }
-            if child.code != 0:
+            if child.killed_over_rss:
+                res["error"] = f"killed: RSS over --rss-cap-mb {ctx.args.rss_cap_mb:.0f}"
+            elif child.code != 0:
                 res["error"] = child.tail()
             child.out_path.unlink(missing_ok=True)
             runs.append(res)
+            if child.killed_over_rss:
+                break  # the same again would only load the shared machine
         wall, rss = med([x["wall_s"] for x in runs]), med([x["maxrss_mb"] for x in runs])
         size = med([float(x["bytes"]) for x in runs]) or 0.0
         note = f"{size / 1e6:.1f} MB written" + (f"; {errors_of(runs)}" if errors_of(runs) else "")
@@ -749,7 +767,7 @@ def group_track(ctx: Ctx) -> None:
             "track",
             f"tracking path, {n:,} proxies, 0 ms (preflight, polls at 1 s, postflight): calls per proxy",
             fmt(per_proxy, 2),
-            notes=f"calls: {mix}; " + "; ".join(x for x in (stopped_note(runs, n), errors_of(runs)) if x),
+            notes=notes(f"calls: {mix}", stopped_note(runs, n), errors_of(runs)),
         )
     )
     ctx.rows.append(
@@ -942,8 +960,12 @@ def group_workers(ctx: Ctx) -> None:
             fmt(med(pairs), 2, "x"),
             ">= 2.5x",
             verdict(med(pairs), ">=", 2.5),
-            f"--concurrency {c} for one process (latency bound {c / 0.05:,.0f} calls/s), {5 * c} run-wide "
-            "for five; " + "; ".join(x for x in (stopped_note(one + five, n), errors_of(one + five)) if x),
+            notes(
+                f"--concurrency {c} for one process (latency bound {c / 0.05:,.0f} calls/s), {5 * c} "
+                "run-wide for five (the cap is run-wide on PostgreSQL)",
+                stopped_note(one + five, n),
+                errors_of(one + five),
+            ),
         )
     )
     rate = ctx.args.pg_rate
