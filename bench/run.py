@@ -264,7 +264,21 @@ def spawn(ctx: Ctx, tag: str, args: list[str], *, cmd: list[str] | None = None) 
             cwd=ctx.tmp,
             env=child_env(),
         )
-    return Child(tag, popen, started, out_path, err_path)
+    child = Child(tag, popen, started, out_path, err_path)
+    _SPAWNED.append(child)
+    return child
+
+
+_SPAWNED: list[Child] = []
+
+
+def kill_leftovers() -> None:
+    """Kill and reap every child still alive (a group that failed half-way must leave nothing running)."""
+    for c in _SPAWNED:
+        if c.code is None and c.popen.poll() is None:
+            c.signal(signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                c.reap(block=True)
 
 
 def wait_all(
@@ -1071,6 +1085,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pg-rate", default="200/s", help="run-wide rate of the rate-limited workers row [200/s]"
     )
     ap.add_argument(
+        "--rss-cap-mb", type=float, default=3000.0, help="kill a child whose RSS passes this [3000]"
+    )
+    ap.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (inventories, dbs, logs)"
     )
     args = ap.parse_args(argv)
@@ -1102,12 +1119,14 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     RUNNERS[group](ctx)
                 except Exception as exc:  # one broken group must not lose the others' figures
+                    kill_leftovers()
                     failed = True
                     log(f"group {group} failed: {type(exc).__name__}: {exc}")
                     ctx.rows.append(
                         Row(group, group, "-", result="error", notes=f"{type(exc).__name__}: {exc}")
                     )
     finally:
+        kill_leftovers()
         server.stop()
         stop_pg(ctx)
         if not args.keep:
