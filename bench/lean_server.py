@@ -62,6 +62,7 @@ class State:
         self.routes = array("b")  # its route index
         self.requests = 0
         self.upgrades = 0
+        self.cpu0 = _cpu()
 
     def record(self, route: int) -> float:
         now = time.time()
@@ -75,7 +76,6 @@ class State:
             counts[ROUTES[r]] += 1
         up = sorted(t for t, r in zip(self.times, self.routes, strict=True) if r == UPGRADE)
         every = sorted(self.times)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
         out: dict[str, Any] = {
             "counts": counts,
             "calls": len(every),
@@ -87,11 +87,16 @@ class State:
             "upgrade_rate": (len(up) - 1) / (up[-1] - up[0]) if len(up) > 1 and up[-1] > up[0] else None,
             "busiest_1s_all": busiest(every, 1.0),
             "busiest_1s_upgrade": busiest(up, 1.0),
-            "server_cpu_s": usage.ru_utime + usage.ru_stime,
+            "server_cpu_s": _cpu() - self.cpu0,  # since the last reset
             "latency_ms": self.latency_s * 1000.0,
             "job_delay_s": self.job_delay_s,
         }
         return out
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def busiest(times: list[float], period: float) -> int:
