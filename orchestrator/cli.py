@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from orchestrator.errors import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, InputErrors, UsageError
+from orchestrator.errors import (
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+    DatabaseUnavailable,
+    InputErrors,
+    UsageError,
+)
 from orchestrator.limiter import parse_rate
 from orchestrator.observe import SafeStream, configure_logging, notice
 from orchestrator.states import JobStatus, RunStatus
@@ -51,8 +58,6 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 
 async def _guard(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    from orchestrator.store import DatabaseUnavailable
-
     try:
         return await coro_fn()
     except InputErrors as exc:

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 from orchestrator.errors import UsageError
 from orchestrator.store import JobStore, RunRow, open_store
-from orchestrator.store import db as dbmod
+from orchestrator.store import urls as dbmod
 
 
 @contextlib.asynccontextmanager

@@ -293,10 +293,17 @@ async def resume_loaded(
         raise
     left = sum(n for s, n in counts.items() if s not in TERMINAL)
     notice(f"resuming run {run.id} ({run.name}): {left} jobs not finished")
-    inv_notify = None
-    if inventory is not None or os.path.exists(run.inventory_path):
-        with contextlib.suppress(Exception):
-            inv_notify = load_inventory_checked(inventory or run.inventory_path, options.endpoint_override)
+    path = inventory or run.inventory_path
+
+    def notify_url() -> str | None:
+        # read only when a notification is due (the end of the run): parsing a 100k inventory here
+        # would delay the first call by seconds
+        inv = None
+        if not proc.notify and os.path.exists(path):
+            with contextlib.suppress(Exception):
+                inv = load_inventory_checked(path, options.endpoint_override)
+        return _notify_url(proc.notify, inv)
+
     return await drive(
         store,
         run,
@@ -306,7 +313,7 @@ async def resume_loaded(
         proc=proc,
         out=out,
         cloud=cloud,
-        notify_url=_notify_url(proc.notify, inv_notify),
+        notify_url=notify_url,
     )
 
 
@@ -398,7 +405,7 @@ async def drive(
     proc: ProcessOptions,
     out: Console,
     cloud: CloudApi | None = None,
-    notify_url: str | None = None,
+    notify_url: str | Callable[[], str | None] | None = None,
     install_signals: bool = True,
 ) -> int:
     """Work on ``run`` in this process (already registered as ``worker_id``) until it is finished or
@@ -468,7 +475,7 @@ async def _finish(
     result: EngineResult,
     role: str,
     out: Console,
-    notify_url: str | None,
+    notify_url: str | Callable[[], str | None] | None,
     metrics: Any,
     proc: ProcessOptions,
 ) -> int:
@@ -506,12 +513,10 @@ async def _finish(
             )
         elif code != EXIT_USAGE:
             notice(f"{left} jobs not finished; continue with: orchestrator resume {run.id}")
-    if (
-        notify_url
-        and role == "runner"
-        and (result.finished or status in (RunStatus.PAUSED, RunStatus.HALTED))
-    ):
-        await _notify(store, run, notify_url, status, code, reason or "finished", counts)
+    if role == "runner" and (result.finished or status in (RunStatus.PAUSED, RunStatus.HALTED)):
+        url = notify_url() if callable(notify_url) else notify_url
+        if url:
+            await _notify(store, run, url, status, code, reason or "finished", counts)
     return code
 
 

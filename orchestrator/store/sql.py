@@ -53,8 +53,6 @@ class DatabaseDown(Exception):
     """The job table cannot be used right now; the message names the cause (never a password)."""
 
 
-class DatabaseUnavailable(Exception):
-    """The job table stayed unusable longer than the outage budget: the run must stop (exit 3)."""
 
 
 class Tx(Protocol):
@@ -328,7 +326,7 @@ class _PgTx:
 
 
 def pg_down(exc: BaseException) -> DatabaseDown | None:
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     if isinstance(
         exc,

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from orchestrator.store.sql import Backend, DatabaseDown, DatabaseUnavailable, Op
+from orchestrator.errors import DatabaseUnavailable
+from orchestrator.store.sql import Backend, DatabaseDown, Op
 
 T = TypeVar("T")
 OutageHook = Callable[[str, str], None]  # (event, cause): "db.down" / "db.recovered"
