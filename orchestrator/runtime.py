@@ -45,6 +45,8 @@ class SendGate(Protocol):
 
     def slot(self) -> Any: ...
 
+    async def close(self) -> None: ...
+
 
 class LeaseKeeper:
     """The fence between "this process recorded an intent" and "this process sends": a job may be sent

@@ -454,6 +454,9 @@ async def drive(
                 result = await engine.run()
         finally:
             restore()
+            if rt.gate is not None:
+                with contextlib.suppress(Exception):
+                    await rt.gate.close()
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await feeder

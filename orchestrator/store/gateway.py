@@ -173,5 +173,3 @@ async def stored_revision(url: str) -> str | None:
 
 
 describe_url = urls.describe_url
-
-

@@ -119,6 +119,58 @@ async def complete_attempt(tx: Tx, attempt_id: int, answer: AttemptAnswer) -> No
     )
 
 
+def _answer_values(tx: Tx, answer: AttemptAnswer) -> dict[str, Any]:
+    return {
+        "sent": tx.ts(answer.sent_at),
+        "outcome": answer.outcome,
+        "hs": answer.http_status,
+        "ec": answer.error_code,
+        "em": answer.error_msg,
+        "rid": answer.request_id,
+        "rule": answer.rule,
+        "tr": answer.transport,
+    }
+
+
+async def _answer_pg(
+    tx: Tx, job: JobRow, attempt_id: int, answer: AttemptAnswer, move: Move, worker_id: str
+) -> bool:
+    """PostgreSQL: the attempt's answer and the job's guarded move in one statement (one round trip);
+    the attempt is completed whether or not the move wins, as on SQLite."""
+    sets, params = _move_values(tx, move)
+    n = await tx.fetchone(
+        "WITH a AS (UPDATE attempts SET answered_at = :now, sent_at = COALESCE(:sent, sent_at),"
+        " outcome = :outcome, http_status = :hs, error_code = :ec, error_msg = :em, request_id = :rid,"
+        " rule = :rule, transport = :tr WHERE id = :aid RETURNING id),"
+        f" j AS (UPDATE jobs SET {sets} WHERE id = :id AND status = :frm"
+        " AND (claimed_by = :me OR claimed_by IS NULL) RETURNING id)"
+        " SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM a)",
+        {
+            **params,
+            **_answer_values(tx, answer),
+            "aid": attempt_id,
+            "to": move.to.value,
+            "now": tx.ts(tx.now),
+            "id": job.id,
+            "frm": move.frm.value,
+            "me": worker_id,
+        },
+    )
+    if not n or int(n[0]) != 1:
+        return False
+    await events.append(
+        tx,
+        run_id=job.run_id,
+        job_id=job.id,
+        kind="move",
+        from_status=move.frm.value,
+        to_status=move.to.value,
+        rule=move.fields.get("rule"),
+        reason=move.event_reason or move.fields.get("reason"),
+    )
+    return True
+
+
 async def apply_move(tx: Tx, job: JobRow, move: Move, worker_id: str | None) -> bool:
     """The one guarded move (see the module docstring); returns whether it won."""
     check_move(move.frm, move.to)
@@ -256,9 +308,6 @@ class JobOps:
                 f" AND {free} RETURNING {JOB_COLS}",
                 {"me": worker_id, "until": until, "now": nts, **ids},
             )
-            await tx.execute(
-                "UPDATE workers SET claimed = claimed + :n WHERE id = :me", {"n": len(rows), "me": worker_id}
-            )
             order = {job_id: i for i, job_id in enumerate(chosen)}
             out = sorted((job_row(r) for r in rows), key=lambda j: order[j.id])
             return Claimed(out, now)
@@ -285,21 +334,46 @@ class JobOps:
 
         async def op(tx: Tx) -> Intent | None:
             nts = tx.ts(tx.now)
-            won = await tx.fetchone(
-                "UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"
-                " next_attempt_at = NULL, intent_deadline = lease_expires_at WHERE id = :id"
-                " AND status IN ('pending', 'retry_wait') AND claimed_by = :me AND attempt_count = :prev"
-                " AND lease_expires_at > :now RETURNING intent_deadline",
-                {"n": number, "now": nts, "id": job.id, "me": worker_id, "prev": job.attempt_count},
-            )
-            if won is None:
-                return None
-            row = await tx.fetchone(
-                "INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
-                " VALUES (:job, :n, :me, :now, 'in_flight', :off) RETURNING id",
-                {"job": job.id, "n": number, "me": worker_id, "now": nts, "off": cloud_offset_s},
-            )
-            assert row is not None
+            params = {
+                "n": number,
+                "now": nts,
+                "id": job.id,
+                "me": worker_id,
+                "prev": job.attempt_count,
+                "off": cloud_offset_s,
+            }
+            if tx.dialect == "postgresql":
+                # one round trip: the guarded move and the attempt row in one statement
+                both = await tx.fetchone(
+                    "WITH j AS (UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"
+                    " next_attempt_at = NULL, intent_deadline = lease_expires_at WHERE id = :id"
+                    " AND status IN ('pending', 'retry_wait') AND claimed_by = :me AND attempt_count = :prev"
+                    " AND lease_expires_at > :now RETURNING id, intent_deadline)"
+                    " INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
+                    " SELECT j.id, :n, :me, :now, 'in_flight', :off FROM j RETURNING id,"
+                    " (SELECT intent_deadline FROM j)",
+                    params,
+                )
+                if both is None:
+                    return None
+                attempt_id, deadline = int(both[0]), aware(both[1])
+            else:
+                won = await tx.fetchone(
+                    "UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"
+                    " next_attempt_at = NULL, intent_deadline = lease_expires_at WHERE id = :id"
+                    " AND status IN ('pending', 'retry_wait') AND claimed_by = :me AND attempt_count = :prev"
+                    " AND lease_expires_at > :now RETURNING intent_deadline",
+                    params,
+                )
+                if won is None:
+                    return None
+                row = await tx.fetchone(
+                    "INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
+                    " VALUES (:job, :n, :me, :now, 'in_flight', :off) RETURNING id",
+                    {"job": job.id, "n": number, "me": worker_id, "now": nts, "off": cloud_offset_s},
+                )
+                assert row is not None
+                attempt_id, deadline = int(row[0]), aware(won[0])
             await events.append(
                 tx,
                 run_id=job.run_id,
@@ -309,7 +383,7 @@ class JobOps:
                 to_status=JobStatus.IN_FLIGHT.value,
                 reason=f"upgrade call {number}",
             )
-            return Intent(int(row[0]), number, aware(won[0]))
+            return Intent(attempt_id, number, deadline)
 
         result: Intent | None = await self._submit(op, urgent=True)
         return result
@@ -331,6 +405,10 @@ class JobOps:
         check_move(move.frm, move.to)  # a bug fails here, before it can fail a whole commit batch
 
         async def op(tx: Tx) -> bool:
+            if tx.dialect == "postgresql":
+                won = await _answer_pg(tx, job, attempt_id, answer, move, worker_id)
+                await insert_workflows(tx, job.id, attempt_id, workflows)
+                return won
             await complete_attempt(tx, attempt_id, answer)
             await insert_workflows(tx, job.id, attempt_id, workflows)
             plain = Move(

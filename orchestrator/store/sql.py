@@ -53,8 +53,6 @@ class DatabaseDown(Exception):
     """The job table cannot be used right now; the message names the cause (never a password)."""
 
 
-
-
 class Tx(Protocol):
     """One open transaction. ``now``: the transaction's clock (the database server's on PostgreSQL)."""
 

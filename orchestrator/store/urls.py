@@ -165,5 +165,3 @@ def explain_connect_error(url: str, exc: BaseException) -> str:
     if "://" in text:
         text = safe_url(text)
     return f"cannot open the job table at {where}: {type(exc).__name__}: {text}"
-
-

@@ -194,26 +194,38 @@ class WorkerOps:
         result: Registration = await self._submit(op)
         return result
 
-    async def heartbeat(self, worker_id: str, lease_s: float) -> tuple[bool, set[int], datetime]:
-        """Extend this process's lease and its claims' leases (only claims still unexpired).
+    async def heartbeat(
+        self, worker_id: str, lease_s: float, *, claimed: int = 0
+    ) -> tuple[bool, set[int], datetime]:
+        """Extend this process's lease and its claims' leases (only claims still unexpired); ``claimed``
+        adds the jobs claimed since the last heartbeat to the worker's total (``status``).
 
         Returns (alive, ids of the jobs whose claims were renewed, the database's now). ``alive`` False:
-        the registration was closed by another process that presumed this one dead: stop at once."""
+        the registration was closed by another process that presumed this one dead: stop at once.
+        On PostgreSQL rows another batch of this process is moving right now are skipped, not waited
+        for (``SKIP LOCKED``: batches commit in parallel and must never wait on each other in a cycle);
+        those jobs are being released by that batch."""
 
         async def op(tx: Tx) -> tuple[bool, set[int], datetime]:
             until = tx.ts(tx.now + timedelta(seconds=lease_s))
             n = await tx.execute(
-                "UPDATE workers SET heartbeat_at = :now, lease_expires_at = :until"
+                "UPDATE workers SET heartbeat_at = :now, lease_expires_at = :until, claimed = claimed + :c"
                 " WHERE id = :me AND left_at IS NULL",
-                {"now": tx.ts(tx.now), "until": until, "me": worker_id},
+                {"now": tx.ts(tx.now), "until": until, "me": worker_id, "c": claimed},
             )
             if n == 0:
                 return False, set(), tx.now
-            rows = await tx.fetch(
-                "UPDATE jobs SET lease_expires_at = :until WHERE claimed_by = :me AND lease_expires_at > :now"
-                " RETURNING id",
-                {"until": until, "me": worker_id, "now": tx.ts(tx.now)},
-            )
+            if tx.dialect == "postgresql":
+                sql = (
+                    "UPDATE jobs SET lease_expires_at = :until WHERE id IN (SELECT id FROM jobs"
+                    " WHERE claimed_by = :me AND lease_expires_at > :now FOR UPDATE SKIP LOCKED) RETURNING id"
+                )
+            else:
+                sql = (
+                    "UPDATE jobs SET lease_expires_at = :until WHERE claimed_by = :me AND lease_expires_at > :now"
+                    " RETURNING id"
+                )
+            rows = await tx.fetch(sql, {"until": until, "me": worker_id, "now": tx.ts(tx.now)})
             return True, {int(r[0]) for r in rows}, tx.now
 
         result: tuple[bool, set[int], datetime] = await self._submit(op)
