@@ -59,7 +59,6 @@ class Engine:
         self._queue: asyncio.Queue[JobRow | None] = asyncio.Queue(maxsize=2 * n)
         self._wake = asyncio.Event()
         self._busy = 0  # jobs claimed by the feeder and not finished yet (queued or in a worker)
-        self._claimed_since_heartbeat = 0
         self._db_down: DatabaseUnavailable | None = None
 
     async def run(self) -> EngineResult:
@@ -131,7 +130,6 @@ class Engine:
                 per_instance=rt.options.per_instance,
             )
             rt.lease.claimed((j.id for j in claimed.jobs), submitted)
-            self._claimed_since_heartbeat += len(claimed.jobs)
             for job in claimed.jobs:
                 self._busy += 1  # counted before the queue hand-off so `free` never overshoots
                 await self._queue.put(job)
@@ -217,11 +215,8 @@ class Engine:
         while True:
             await asyncio.sleep(rt.options.heartbeat)
             submitted = rt.mono()
-            claimed, self._claimed_since_heartbeat = self._claimed_since_heartbeat, 0
             try:
-                alive, renewed, _db_now = await rt.store.heartbeat(
-                    rt.worker_id, rt.options.lease, claimed=claimed
-                )
+                alive, renewed, _db_now = await rt.store.heartbeat(rt.worker_id, rt.options.lease)
             except DatabaseUnavailable as exc:
                 self._db_down = exc
                 rt.request_stop(str(exc), EXIT_STOPPED)

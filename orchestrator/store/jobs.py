@@ -308,6 +308,11 @@ class JobOps:
                 f" AND {free} RETURNING {JOB_COLS}",
                 {"me": worker_id, "until": until, "now": nts, **ids},
             )
+            # a heartbeat never waits for a claim's rows (SKIP LOCKED), so taking the worker row here,
+            # after the job rows, cannot close a wait cycle between parallel batches
+            await tx.execute(
+                "UPDATE workers SET claimed = claimed + :n WHERE id = :me", {"n": len(rows), "me": worker_id}
+            )
             order = {job_id: i for i, job_id in enumerate(chosen)}
             out = sorted((job_row(r) for r in rows), key=lambda j: order[j.id])
             return Claimed(out, now)
