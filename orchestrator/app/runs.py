@@ -28,7 +28,7 @@ from orchestrator.cloud.api import CloudApi
 from orchestrator.engine import Engine, EngineResult
 from orchestrator.errors import EXIT_HALTED, EXIT_OK, EXIT_PROBLEMS, EXIT_STOPPED, EXIT_USAGE, UsageError
 from orchestrator.observe import RunEvents, notice
-from orchestrator.options import RunOptions, build_options
+from orchestrator.options import RunOptions, build_options, cli_overrides
 from orchestrator.outcomes import HttpFailure, TransportFailure, TransportKind
 from orchestrator.runtime import Runtime
 from orchestrator.schedule.dispatch import Confirm
@@ -266,7 +266,11 @@ async def resume_loaded(
 
         out.print(counts_table(run, counts))
         return exit_code_for(counts)
-    stored = RunOptions.from_dict(run.options)
+    stored_raw = dict(run.options)
+    for key in RunOptions.__dataclass_fields__:
+        if key in cli_overrides(kw):
+            stored_raw.pop(key, None)  # replaced by the command line: a bad stored value may be corrected
+    stored = RunOptions.stored(stored_raw, run.id)
     try:
         # every way an option enters a run goes through RunOptions' validation (the endpoint validator)
         options = build_options(stored, kw)
@@ -280,7 +284,8 @@ async def resume_loaded(
     for dead in reg.taken_over:
         notice(f"took over from a dead process: pid {dead.pid} on {dead.host}")
     try:
-        changed = options.changed_from(stored)
+        now_opts = options.to_dict()
+        changed = [k for k, v in now_opts.items() if run.options.get(k, getattr(RunOptions(), k)) != v]
         if changed:
             await store.set_run_options(run.id, options.to_dict(), changed)
         if ack:
@@ -385,7 +390,7 @@ async def join_run(run_ref: str | None, *, db: str | None, proc: ProcessOptions,
         if run.status is RunStatus.FINISHED:
             out.print(Text(f"run {run.id} is finished; nothing to do"))
             return EXIT_OK
-        options = RunOptions.from_dict(run.options)
+        options = RunOptions.stored(run.options, run.id)
         try:
             reg = await store.register(run.id, role="worker", lease_s=options.lease, exclusive=False)
         except (RunLocked, ProxiesHeld) as exc:
