@@ -225,6 +225,16 @@ class Bench:
             ).fetchall()
         return [(str(a), str(b), c) for a, b, c in rows]
 
+    def move_reasons(self, pid: str = P1) -> list[tuple[str, str | None]]:
+        """The job's status moves from the event log: (to, the reason the event records)."""
+        with sqlite3.connect(self.db_path) as conn:
+            rows = conn.execute(
+                "SELECT e.to_status, e.reason FROM events e JOIN jobs j ON j.id = e.job_id"
+                " WHERE j.run_id = ? AND j.proxy_id = ? AND e.kind = 'move' ORDER BY e.id",
+                (self.run_id, pid),
+            ).fetchall()
+        return [(str(a), b) for a, b in rows]
+
     def now(self) -> float:
         return loop_time()
 
