@@ -173,8 +173,12 @@ class Engine:
         rt = self.rt
         delay = 1.0
         nd = await rt.store.next_due(rt.run_id, track=track)
-        if nd is not None:
-            delay = min(delay, max(0.02, (nd - rt.now()).total_seconds()))
+        now = rt.now()
+        # a job already due was just offered to the claim (or every worker is busy): what holds it (the
+        # availability guard, a closed wave, the controls) changes when a job ends (the wake event) or on
+        # the tick, so waiting 20 ms for it again would only spin on the job table
+        if nd is not None and nd > now:
+            delay = min(delay, max(0.02, (nd - now).total_seconds()))
         if isinstance(decision, WaitUntil):
             rt.events.emit("run.waiting", until=decision.at.isoformat(), reason=decision.reason)
             delay = min(delay, max(0.02, (decision.at - _now_utc()).total_seconds()))
