@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 from orchestrator.errors import EXIT_STOPPED
 from orchestrator.runtime import Runtime
@@ -181,7 +180,7 @@ class Engine:
             delay = min(delay, max(0.02, (nd - now).total_seconds()))
         if isinstance(decision, WaitUntil):
             rt.events.emit("run.waiting", until=decision.at.isoformat(), reason=decision.reason)
-            delay = min(delay, max(0.02, (decision.at - _now_utc()).total_seconds()))
+            delay = min(delay, max(0.02, (decision.at - rt.now()).total_seconds()))
         self._wake.clear()
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(rt.stop_requested.wait())]
         await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
@@ -251,9 +250,3 @@ class Engine:
             await run_track(self.rt, job)
         else:
             await self.rt.store.release(job.id, self.rt.worker_id)
-
-
-def _now_utc() -> datetime:
-    from datetime import UTC
-
-    return datetime.now(UTC)
