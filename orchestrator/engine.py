@@ -57,6 +57,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._busy = 0
         self._db_down: DatabaseUnavailable | None = None
+        self._marked_wave = 0  # the last wave this process recorded as finished
 
     async def run(self) -> EngineResult:
         rt = self.rt
@@ -140,8 +141,20 @@ class Engine:
         decision = ctl.decision
         state = ctl.state
         assert state is not None
-        if state.open_unfinished == 0 and state.total > 0 and state.waves > state.run.wave_open:
+        if (
+            state.open_unfinished == 0
+            and state.total > 0
+            and state.waves > state.run.wave_open
+            and self._marked_wave != state.run.wave_open
+        ):
             await rt.store.mark_wave_done(rt.run_id, state.run.wave_open)
+            self._marked_wave = state.run.wave_open
+            # --pause-between counts from that mark: decide again on a state that has it (the one read
+            # before knew no end of this wave, and the next wave opened at once)
+            ctl.update(await rt.store.run_state(rt.run_id))
+            decision = ctl.decision
+            state = ctl.state
+            assert state is not None
         if isinstance(decision, Stop) and not decision.new_upgrades_only:
             rt.request_stop(decision.reason, decision.exit_code, decision.run_status.value)
             return decision
