@@ -34,6 +34,9 @@ from orchestrator.steps.upgrade import run_upgrade
 from orchestrator.store import DatabaseUnavailable, JobRow
 
 ERROR_BACKOFF_S = 10.0  # an unexpected error on a job: look at it again after this long
+# Idle, the feeder looks at the job table again after at most this long: other processes' moves, an
+# operator's re-queue and the window's boundaries are noticed by this tick (its own workers wake it at once).
+IDLE_S = 1.0
 PRUNE_EVERY_S = 60.0
 
 Confirmer = Callable[[Confirm], Awaitable[bool | None]]
@@ -49,9 +52,11 @@ class EngineResult:
 
 
 class Engine:
-    def __init__(self, rt: Runtime, *, confirm: Confirmer | None = None) -> None:
+    def __init__(self, rt: Runtime, *, confirm: Confirmer | None = None, idle_s: float = IDLE_S) -> None:
+        """``idle_s``: the feeder's idle tick (seconds; tests of long windows on virtual time raise it)."""
         self.rt = rt
         self._confirm = confirm
+        self._idle_s = idle_s
         n = rt.options.concurrency
         self._queue: asyncio.Queue[JobRow | None] = asyncio.Queue(maxsize=n)
         self._wake = asyncio.Event()
@@ -183,7 +188,7 @@ class Engine:
 
     async def _idle(self, track: bool, decision: object) -> None:
         rt = self.rt
-        delay = 1.0
+        delay = self._idle_s
         nd = await rt.store.next_due(rt.run_id, track=track)
         now = rt.now()
         # a job already due was just offered to the claim (or every worker is busy): what holds it (the
