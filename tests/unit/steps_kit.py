@@ -321,6 +321,30 @@ class Bench:
             await self.step(pid)
         raise AssertionError(f"{pid} did not end in {max_steps} steps: {self.steps[-10:]}")
 
+    async def other_process(self, options: RunOptions | None = None) -> Bench:
+        """A second process on the same run (a ``worker``: its own registration, runtime, lease keeper and
+        limiter; this run's options unless given) over the same job table and cloud; it shares this
+        bench's event recorder."""
+        loop = asyncio.get_running_loop()
+        options = options or self.rt.options
+        reg = await self.store.register(
+            self.run_id, role="worker", lease_s=options.lease, exclusive=False, worker_id=new_worker_id()
+        )
+        rt = await build_runtime(
+            self.store,
+            self.run_id,
+            options,
+            worker_id=reg.worker_id,
+            role="worker",
+            cloud=self.cloud,
+            events=self.events,
+            since=self.rt.now(),
+            mono=loop.time,
+        )
+        return Bench(
+            self.fleet, self.cloud, self.store, rt, self.run_id, self.db_path, self.events, self.skew_s
+        )
+
     async def engine(self, *, idle_s: float = IDLE_S, timeout_s: float = 7 * 86400) -> EngineResult:
         """The whole engine until it returns (virtual time; ``timeout_s`` guards against a hang)."""
         return await asyncio.wait_for(Engine(self.rt, idle_s=idle_s).run(), timeout_s)

@@ -277,3 +277,19 @@ def test_refused_credentials_stop_the_run_with_no_further_upgrade_call(tmp_path:
         assert statuses[P3] is S.RETRY_WAIT  # resendable once the credential is fixed
 
     run_bench(tmp_path, body, fleet=SPREAD, options=make_options(concurrency=1))
+
+
+# ------------------------------------------------------------------------------------ heartbeat and fence
+def test_heartbeats_keep_a_claim_good_past_its_first_lease(tmp_path: Path) -> None:
+    """The upgrade waits a minute for its permit (rate 1/min: the preflight read took the first); the
+    engine's heartbeat renews the claim meanwhile, so the fence lets the call leave once, at 60 s."""
+
+    async def body(b: Bench) -> None:
+        result = await b.engine()
+        assert result.finished
+        (call,) = b.upgrade_calls()
+        assert call["received_at"] - EPOCH == pytest.approx(60.0, abs=0.5)
+        assert b.cloud.not_sent == [] and "upgrade.fenced" not in b.events.names()
+        assert (await b.job()).status is S.SUCCEEDED
+
+    run_bench(tmp_path, body, options=make_options(rate="1/min", lease=30.0, heartbeat=5.0))

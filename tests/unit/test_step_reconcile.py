@@ -9,6 +9,8 @@ longer leave, its timeout passed and the cloud had its grace, then resent a boun
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from orchestrator.policy.decide import NOTHING_STARTED_HINT, NOTHING_STARTED_RUL
 from orchestrator.simulator.fleet import JOB_NAME
 from orchestrator.states import JobStatus
 from orchestrator.steps.reconcile import LOOK_HINT, MAX_PAGES, PAGE
+from orchestrator.steps.upgrade import run_upgrade
 from tests.unit.steps_kit import (
     INST_A,
     INST_B,
@@ -133,6 +136,38 @@ def test_another_proxys_workflow_on_the_same_instance_is_never_taken(tmp_path: P
         assert await b.workflow_ids(P1) == []
 
     run_bench(tmp_path, body, proxies=[proxy(P1), proxy(P2)])
+
+
+def test_a_sender_that_stopped_after_its_call_left_is_reconciled_by_the_process_that_takes_over(
+    tmp_path: Path,
+) -> None:
+    """Process A's call reached the cloud (applied) and A stopped before the answer (killed while
+    waiting); once A's lease ran out process B claims the job (unknown), finds the workflow and tracks
+    it: never resent."""
+
+    async def body(a: Bench) -> None:
+        a.inject("upgrade", Fault.lost(timeout=True))  # the answer would take 30 s: A is gone before
+        job = await a.claim()
+        sender = asyncio.create_task(run_upgrade(a.rt, job))
+        await advance(5.0)
+        assert a.fleet.proxies[P1].upgrade_calls == 1 and (await a.job()).status is S.IN_FLIGHT
+        sender.cancel()  # A dies: nothing more is written by it
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        b = await a.other_process()
+        await advance(a.rt.options.lease)
+        taken = await b.claim()
+        assert taken.status is S.UNKNOWN and taken.intent_deadline is not None
+        await b.run_step(taken)
+        job = await b.job()
+        assert (job.status, job.rule) == (S.ACCEPTED, "reconcile:found-workflow")
+        assert await a.workflow_ids() == a.issued()
+        (attempt,) = await a.attempts()
+        assert (attempt.outcome, attempt.http_status, attempt.worker) == ("reconciled", None, a.rt.worker_id)
+        job = await b.settle()
+        assert job.status is S.SUCCEEDED and a.fleet.proxies[P1].upgrade_calls == 1
+
+    run_bench(tmp_path, body)
 
 
 # ------------------------------------------------------------------------- what the listing shows

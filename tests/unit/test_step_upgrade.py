@@ -446,29 +446,13 @@ def test_a_stalled_sender_never_sends_after_another_process_took_its_job_over(tm
     """Issue 11 kind 1 in miniature: process A records its intent and waits for a permit past its lease;
     process B takes the job over (unknown), reconciles, finds nothing once A's intent deadline passed and
     resends. A's late call is fenced: exactly one upgrade call reaches the cloud, its workflow recorded."""
-    from orchestrator.app.runtime import build_runtime
-    from orchestrator.store import new_worker_id
 
     async def body(a: Bench) -> None:
-        loop = asyncio.get_running_loop()
-        reg = await a.store.register(
-            a.run_id, role="worker", lease_s=30.0, exclusive=False, worker_id=new_worker_id()
-        )
-        b_rt = await build_runtime(
-            a.store,
-            a.run_id,
-            make_options(),
-            worker_id=reg.worker_id,
-            role="worker",
-            cloud=a.cloud,
-            since=a.rt.now(),
-            mono=loop.time,
-        )
         job = await a.claim()
         stalled = asyncio.create_task(run_upgrade(a.rt, job))  # waits 60 s for its permit
         await advance(31.0)
         assert (await a.job()).status is S.IN_FLIGHT and a.upgrade_calls() == []
-        b = Bench(a.fleet, a.cloud, a.store, b_rt, a.run_id, a.db_path, a.events)
+        b = await a.other_process(make_options())  # its own limiter is not short of permits
         taken = await b.claim()
         assert (taken.status, taken.rule) == (S.UNKNOWN, None)
         assert (
@@ -484,7 +468,7 @@ def test_a_stalled_sender_never_sends_after_another_process_took_its_job_over(tm
         assert await a.workflow_ids() == a.issued()
         attempts = await a.attempts()
         assert [x.outcome for x in attempts] == ["not_sent", "accepted"]
-        assert attempts[1].worker == reg.worker_id
+        assert attempts[1].worker == b.rt.worker_id
 
     run_bench(tmp_path, body, options=make_options(rate="1/min", lease=30.0))
 
