@@ -173,7 +173,7 @@ def test_an_answer_that_does_not_prove_a_refusal_is_reconciled_and_the_real_work
         assert [w.source for w in await b.workflows()] == ["reconciled"]
         # the attempt keeps what the cloud answered; its outcome says what reconcile found
         (attempt,) = await b.attempts()
-        assert (attempt.outcome, attempt.rule) == ("reconciled", kind.rule)
+        assert (attempt.outcome, attempt.rule) == ("reconciled", "reconcile:found-workflow")
         assert (attempt.http_status, attempt.transport) == (kind.http, kind.transport)
         assert attempt.answered_at is not None and attempt.answered_at <= job.updated_at
         job = await b.settle()
