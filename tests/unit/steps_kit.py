@@ -34,7 +34,7 @@ import sqlite3
 import tempfile
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -467,7 +467,3 @@ def run_bench(
 def advance(seconds: float) -> Awaitable[None]:
     """Let ``seconds`` of virtual time pass."""
     return asyncio.sleep(seconds)
-
-
-def after(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)

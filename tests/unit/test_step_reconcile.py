@@ -399,3 +399,18 @@ def test_resends_after_nothing_started_are_bounded_by_the_rules_backoff(
         assert b.cloud.pending_faults() == 0
 
     run_bench(tmp_path, body, options=make_options(policy=policy))
+
+
+@pytest.mark.parametrize("route", ["proxy_version", "immediate_jobs"])
+def test_refused_credentials_while_reconciling_stop_the_run_and_keep_the_job_unknown(
+    tmp_path: Path, route: str
+) -> None:
+    async def body(b: Bench) -> None:
+        await lost_call(b)
+        b.inject(route, Fault.http(401, "APIGW.0301"))
+        job = await b.step()
+        assert (job.status, job.read_failures) == (S.UNKNOWN, 1)
+        assert b.rt.stop_requested.is_set() and b.rt.stop_exit_code == 2
+        assert await b.workflow_ids() == [] and len(b.upgrade_calls()) == 1
+
+    run_bench(tmp_path, body)

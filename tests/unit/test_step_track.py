@@ -337,3 +337,18 @@ def test_a_partial_accept_whose_accepted_workflow_failed_is_flagged_by_the_failu
     run_bench(
         tmp_path, body, proxies=[proxy(P1, nodes=2, reject=SUBNET_MSG, reject_nodes=[1], workflow="fail")]
     )
+
+
+def test_refused_credentials_while_polling_stop_the_run_and_keep_tracking_for_the_resume(
+    tmp_path: Path,
+) -> None:
+    async def body(b: Bench) -> None:
+        await b.step()
+        b.inject("job", Fault.http(401, "APIGW.0301"))
+        job = await b.step()
+        assert job.status is S.ACCEPTED and job.next_attempt_at is not None
+        assert b.rt.stop_requested.is_set() and b.rt.stop_exit_code == 2
+        (wf,) = await b.workflows()
+        assert (wf.job_status, wf.checked_at is not None) == (None, True)
+
+    run_bench(tmp_path, body)

@@ -511,3 +511,72 @@ def test_a_requeued_job_waits_for_its_earlier_workflow_instead_of_resending(tmp_
         options=make_options(poll_timeout=60.0),
         scenario_extra={"workflow": {"pending_s": 5, "running_s": 60, "job_visible_after_s": 100}},
     )
+
+
+# ----------------------------------------------------------------------------------- bounded, stopped
+@pytest.mark.parametrize(
+    ("fault", "rule", "counts"),
+    [
+        (Fault.http(409, "DBS.200019"), "default:busy", False),
+        (Fault.http(429, "APIGW.0308"), "default:throttled", True),
+    ],
+    ids=["busy", "throttled"],
+)
+def test_proven_refusals_are_resent_a_bounded_number_of_times(
+    tmp_path: Path, fault: Fault, rule: str, counts: bool
+) -> None:
+    async def body(b: Bench) -> None:
+        b.inject("upgrade", *[fault] * 8)
+        job = await b.settle()
+        assert (job.status, job.rule, job.counts_failure) == (S.FAILED, rule, counts)
+        assert job.reason is not None and job.reason.startswith("gave up after 8 attempts: HTTP ")
+        assert len(b.upgrade_calls()) == 8 and b.issued() == []
+        assert "reconcile" not in b.steps
+
+    run_bench(tmp_path, body)
+
+
+def test_a_stop_before_the_send_leaves_the_job_unsent_and_released(tmp_path: Path) -> None:
+    """A stop (signal, window end, breaker) that arrives during the preflight read: no intent, no call;
+    what preflight learned is kept for the resume."""
+
+    async def body(b: Bench) -> None:
+        b.inject("proxy_version", Fault.delay(5.0))
+        job = await b.claim()
+        step = asyncio.create_task(run_upgrade(b.rt, job))
+        await advance(1.0)
+        b.rt.request_stop("stopped by a signal")
+        await step
+        after = await b.job()
+        assert (after.status, after.attempt_count, after.claimed_by) == (S.PENDING, 0, None)
+        assert after.current_version == OLD
+        assert b.upgrade_calls() == [] and b.cloud.not_sent == []
+        job = await b.claim()  # a stopped process claims nothing new; a resumed one would send it
+        await run_upgrade(b.rt, job)
+        assert b.upgrade_calls() == [] and (await b.job()).status is S.PENDING
+
+    run_bench(tmp_path, body)
+
+
+def test_a_requeued_job_found_at_target_after_unsettled_attempts_is_reconciled_not_skipped(
+    tmp_path: Path,
+) -> None:
+    """``retry --failed`` after reconcile gave up ("nothing started"): the proxy now runs the target
+    (the cloud did it after all, unseen). Preflight must not end the job ``skipped``: reconcile, then
+    postflight."""
+    policy = {"backoff": {"max_attempts": 2, "initial": 1.0}}
+
+    async def body(b: Bench) -> None:
+        b.inject("upgrade", Fault.lost(applied=False), Fault.lost(applied=False))
+        job = await b.settle()
+        assert (job.status, job.rule) == (S.FAILED, "reconcile:nothing-started")
+        b.fleet.patch({"proxies": {P1: {"current_version": NEW}}})
+        assert (await b.store.requeue(b.run_id, statuses=[S.FAILED])).moved == 1
+        job = await b.step()
+        assert (job.status, job.rule) == (S.UNKNOWN, "preflight:at-target-after-resend")
+        job = await b.settle()
+        assert (job.status, job.rule) == (S.SUCCEEDED, "postflight:at-target")
+        assert all(to != "skipped" for _, to, _ in b.moves())
+        assert len(b.upgrade_calls()) == 2
+
+    run_bench(tmp_path, body, options=make_options(policy=policy))
