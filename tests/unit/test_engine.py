@@ -21,6 +21,7 @@ import pytest
 from orchestrator.cloud.fake import Fault
 from orchestrator.errors import EXIT_HALTED, EXIT_STOPPED, EXIT_USAGE
 from orchestrator.states import JobStatus
+from tests import simlog
 from tests.unit.steps_kit import (
     EPOCH,
     INST_A,
@@ -106,6 +107,35 @@ def test_without_waiting_for_workflows_the_run_ends_at_accept(tmp_path: Path) ->
         assert b.calls("job") == [] and len(b.upgrade_calls()) == 6
 
     run_bench(tmp_path, body, fleet=SPREAD, options=make_options(wait=False, concurrency=6))
+
+
+def test_answers_that_prove_nothing_in_a_run_are_reconciled_never_resent_and_every_workflow_recorded(
+    tmp_path: Path,
+) -> None:
+    """Issue 11's acceptance on the fake's log: no upgrade call after an accepted one, and every workflow
+    id the cloud issued is in the job table, with lost, gateway and malformed answers mixed in a run."""
+    faults = {
+        P1: Fault.lost(),
+        P2: Fault.gateway(502),
+        P3: Fault.null_workflow_id(),
+        P4: Fault.lost(timeout=True),
+        P5: Fault.lower_case_state(),
+    }
+
+    async def body(b: Bench) -> None:
+        for pid, fault in faults.items():
+            b.inject("upgrade", fault, pid=pid)
+        result = await b.engine()
+        assert result.finished
+        assert {j.status for j in await b.store.jobs(b.run_id)} == {S.SUCCEEDED}
+        assert simlog.sent_after_applied(b.cloud.log) == {}
+        assert simlog.applied_per_proxy(b.cloud.log) == dict.fromkeys(PROXIES, 1)
+        recorded = {w for p in PROXIES for w in await b.workflow_ids(p)}
+        assert simlog.created_workflow_ids(b.cloud.log) == recorded == set(b.issued())
+        sources = {p: {w.source for w in await b.workflows(p)} for p in PROXIES}
+        assert sources == {**{p: {"reconciled"} for p in faults}, P6: {"answer"}}
+
+    run_bench(tmp_path, body, fleet=SPREAD, options=make_options(concurrency=6))
 
 
 # ------------------------------------------------------------------------------------------------ waves
