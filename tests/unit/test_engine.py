@@ -323,3 +323,26 @@ def test_heartbeats_keep_a_claim_good_past_its_first_lease(tmp_path: Path) -> No
         assert (await b.job()).status is S.SUCCEEDED
 
     run_bench(tmp_path, body, options=make_options(rate="1/min", lease=30.0, heartbeat=5.0))
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["stop", "wait-for-window"])
+def test_a_run_started_before_its_window_stops_or_waits_for_it(tmp_path: Path, wait: bool) -> None:
+    window = f"{at(7200).isoformat()}/PT1H"
+
+    async def body(b: Bench) -> None:
+        result = await b.engine(idle_s=60.0)
+        if not wait:
+            assert (result.exit_code, result.run_status) == (EXIT_STOPPED, "paused")
+            assert result.stop_reason is not None
+            assert result.stop_reason.startswith("outside the maintenance window; the next one opens ")
+            assert b.cloud.log == [] and b.now() < 1.0
+            return
+        assert result.finished
+        sent = call_times(b)
+        assert len(sent) == 6 and 7200.0 <= min(sent.values()) < 7201.0
+        # waited on the window's own moment, not in a 20 ms loop
+        assert 0 < b.events.names().count("run.waiting") <= 7200 / 60 + 5
+
+    run_bench(
+        tmp_path, body, fleet=SPREAD, options=make_options(window=window, wait_for_window=wait, concurrency=6)
+    )
