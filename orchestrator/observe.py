@@ -265,7 +265,9 @@ class RunEvents:
                 del self._calls[:2048]
             if self.metrics is not None:
                 with contextlib.suppress(Exception):
-                    self.metrics.call(fields.get("route", "?"), fields.get("outcome", "?"), fields.get("latency_s", 0.0))
+                    self.metrics.call(
+                        fields.get("route", "?"), fields.get("outcome", "?"), fields.get("latency_s", 0.0)
+                    )
             return
         level = "debug" if event in _QUIET_EVENTS else "info"
         if event.endswith(_WARN_SUFFIXES):

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 from orchestrator.errors import UsageError
 from orchestrator.store import JobStore, RunRow, open_store
-from orchestrator.store import db as dbmod
+from orchestrator.store import urls as dbmod
 
 
 @contextlib.asynccontextmanager
@@ -34,7 +34,9 @@ async def find_run(store: JobStore, ref: str | None, *, unfinished: bool = False
     if ref is None:
         run = await store.latest_run(unfinished=unfinished)
         if run is None:
-            raise UsageError("no unfinished run in this job table" if unfinished else "no run in this job table")
+            raise UsageError(
+                "no unfinished run in this job table" if unfinished else "no run in this job table"
+            )
         return run
     run = await store.find_run(ref)
     if run is None:

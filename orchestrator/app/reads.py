@@ -20,14 +20,23 @@ from orchestrator.states import JobStatus, RunStatus
 from orchestrator.store import JobStore, RunRow
 
 
-def counts_table(run: RunRow, counts: Mapping[JobStatus, int] | Mapping[str, int], *, title: str | None = None) -> Table:
+def counts_table(
+    run: RunRow, counts: Mapping[JobStatus, int] | Mapping[str, int], *, title: str | None = None
+) -> Table:
     from orchestrator import reporting
 
     return reporting.counts_table(run, {str(k): v for k, v in counts.items()}, title=title)
 
 
-async def show_status(run_ref: str | None, *, db: str | None, tz: str | None, since: datetime | None,
-                      statuses: Sequence[str], out: Console) -> None:
+async def show_status(
+    run_ref: str | None,
+    *,
+    db: str | None,
+    tz: str | None,
+    since: datetime | None,
+    statuses: Sequence[str],
+    out: Console,
+) -> None:
     """No RUN: the recent runs (filtered); RUN: its counts, window, wave, breaker, why it stopped, workers."""
     zone_ = zone(tz)
     async with opened(db, create=False) as store:
@@ -41,14 +50,20 @@ async def show_status(run_ref: str | None, *, db: str | None, tz: str | None, si
         if run.stop_reason:
             out.print(Text(f"last stop: {run.stop_reason}"))
         workers = await store.live_workers(run.id)
+        claimed = await store.claimed_counts(run.id)
         if workers:
             t = Table(title="live workers")
-            for col in ("role", "host", "pid", "since", "last heartbeat"):
+            for col in ("role", "host", "pid", "since", "last heartbeat", "claimed now", "claimed total"):
                 t.add_column(col)
             for w in workers:
                 t.add_row(
-                    Text(w.role), Text(w.host), Text(str(w.pid)),
-                    Text(show_time(w.started_at, zone_)), Text(show_time(w.heartbeat_at, zone_, "%H:%M:%S")),
+                    Text(w.role),
+                    Text(w.host),
+                    Text(str(w.pid)),
+                    Text(show_time(w.started_at, zone_)),
+                    Text(show_time(w.heartbeat_at, zone_, "%H:%M:%S")),
+                    Text(str(claimed.get(w.id, 0))),
+                    Text(str(w.claimed)),
                 )
             out.print(t)
         else:
@@ -75,25 +90,39 @@ async def _controls_lines(store: JobStore, run: RunRow, tz: Any, out: Console) -
             where = f"{show_time(interval.start, tz, '%Y-%m-%d %H:%M')} - {show_time(interval.end, tz, '%Y-%m-%d %H:%M')}"
         out.print(Text(f"window: {options.window} (cutoff {options.cutoff}): {phase.phase.value}; {where}"))
     if state.waves > 1:
-        out.print(Text(f"wave: {min(run.wave_open, state.waves)} of {state.waves} open "
-                       f"({state.open_unfinished} jobs of the open waves not finished)"))
+        out.print(
+            Text(
+                f"wave: {min(run.wave_open, state.waves)} of {state.waves} open "
+                f"({state.open_unfinished} jobs of the open waves not finished)"
+            )
+        )
     breaker = options.breaker()
     counted = max(0, state.failures - run.failures_acked)
     if breaker is not None:
         verdict = breaker.describe(counted, state.finished)
-        out.print(Text(f"failures: {counted} counted (limit --max-failures {options.max_failures}): {verdict}"))
+        out.print(
+            Text(f"failures: {counted} counted (limit --max-failures {options.max_failures}): {verdict}")
+        )
     elif state.failures:
         out.print(Text(f"failures: {counted} counted (no --max-failures limit)"))
 
 
-async def show_runs(*, db: str | None, since: datetime | None, statuses: Sequence[str], tz: str | None,
-                    fmt: str, out: Console) -> None:
+async def show_runs(
+    *, db: str | None, since: datetime | None, statuses: Sequence[str], tz: str | None, fmt: str, out: Console
+) -> None:
     async with opened(db, create=False) as store:
         await _runs(store, since=since, statuses=statuses, tz=tz, fmt=fmt, out=out)
 
 
-async def _runs(store: JobStore, *, since: datetime | None, statuses: Sequence[str], tz: str | None, fmt: str,
-                out: Console) -> None:
+async def _runs(
+    store: JobStore,
+    *,
+    since: datetime | None,
+    statuses: Sequence[str],
+    tz: str | None,
+    fmt: str,
+    out: Console,
+) -> None:
     from orchestrator import reporting
     from orchestrator.store import reports
 
@@ -109,8 +138,16 @@ async def _runs(store: JobStore, *, since: datetime | None, statuses: Sequence[s
         reporting.write_records([reporting.run_record(s, tz) for s in runs], fmt, _stdout(out))
 
 
-async def show_report(run_ref: str, *, db: str | None, fmt: str, statuses: Sequence[str], tz: str | None,
-                      output: str | None, out: Console) -> None:
+async def show_report(
+    run_ref: str,
+    *,
+    db: str | None,
+    fmt: str,
+    statuses: Sequence[str],
+    tz: str | None,
+    output: str | None,
+    out: Console,
+) -> None:
     from orchestrator import reporting
     from orchestrator.store import reports
 
@@ -139,8 +176,9 @@ async def show_report(run_ref: str, *, db: str | None, fmt: str, statuses: Seque
             await reporting.write_report(rows, fmt, _stdout(out), tz=tz)
 
 
-async def show_flagged(run_ref: str | None, *, db: str | None, rule: str | None, fmt: str, tz: str | None,
-                       out: Console) -> None:
+async def show_flagged(
+    run_ref: str | None, *, db: str | None, rule: str | None, fmt: str, tz: str | None, out: Console
+) -> None:
     from orchestrator import reporting
     from orchestrator.store import reports
 
@@ -157,8 +195,16 @@ async def show_flagged(run_ref: str | None, *, db: str | None, rule: str | None,
             reporting.write_records([reporting.flagged_record(g, tz) for g in groups], "json", _stdout(out))
 
 
-async def show_history(*, db: str | None, proxy: str | None, instance: str | None, since: datetime | None,
-                       fmt: str, tz: str | None, out: Console) -> None:
+async def show_history(
+    *,
+    db: str | None,
+    proxy: str | None,
+    instance: str | None,
+    since: datetime | None,
+    fmt: str,
+    tz: str | None,
+    out: Console,
+) -> None:
     from orchestrator import reporting
     from orchestrator.store import reports
 

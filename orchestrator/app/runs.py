@@ -91,7 +91,9 @@ def load_inventory_checked(path: str, endpoint: str | None) -> Any:
     return load_inventory(path, endpoint_override=endpoint)
 
 
-def options_for_inventory(base: RunOptions, kw: Mapping[str, Any], inv: Any, policy_file: str | None) -> RunOptions:
+def options_for_inventory(
+    base: RunOptions, kw: Mapping[str, Any], inv: Any, policy_file: str | None
+) -> RunOptions:
     """The run's options: the command line over the inventory's ``window:``, and the resolved policy (a
     separate file wins over the inventory's ``policy:`` block), stored so a resume keeps them."""
     from orchestrator.policy import inventory_policy, load_policy_file, policy_to_dict
@@ -179,8 +181,17 @@ async def run_inventory(
             f"run {run.id} ({run.name}): {inv.count} proxies, rate {options.rate}, concurrency "
             f"{options.concurrency}, job table {describe_url(db)}"
         )
-        return await drive(store, run, options, role="runner", worker_id=worker_id, proc=proc, out=out,
-                           cloud=cloud, notify_url=notify_url)
+        return await drive(
+            store,
+            run,
+            options,
+            role="runner",
+            worker_id=worker_id,
+            proc=proc,
+            out=out,
+            cloud=cloud,
+            notify_url=notify_url,
+        )
 
 
 async def _unfinished(
@@ -201,8 +212,14 @@ async def _unfinished(
             f"live (last heartbeat {w.heartbeat_at:%H:%M:%S} UTC)"
         )
     if resume_mode != "resume" and existing.status is not RunStatus.PAUSED:
-        if not (sys.stdin.isatty() and await _ask(f"run {existing.id} ({existing.name}) of this inventory is "
-                                                   f"{existing.status.value}; resume it? [Y/n]", default=True)):
+        if not (
+            sys.stdin.isatty()
+            and await _ask(
+                f"run {existing.id} ({existing.name}) of this inventory is "
+                f"{existing.status.value}; resume it? [Y/n]",
+                default=True,
+            )
+        ):
             raise UsageError(
                 f"run {existing.id} ({existing.name}) of this inventory is unfinished ({existing.status.value}):"
                 " pass --resume to continue it or --new-run to start over"
@@ -225,7 +242,9 @@ async def resume_run(
 ) -> int:
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref, unfinished=run_ref is None)
-        return await resume_loaded(store, run, kw=kw, proc=proc, out=out, inventory=None, ack=ack, cloud=cloud)
+        return await resume_loaded(
+            store, run, kw=kw, proc=proc, out=out, inventory=None, ack=ack, cloud=cloud
+        )
 
 
 async def resume_loaded(
@@ -274,15 +293,33 @@ async def resume_loaded(
         raise
     left = sum(n for s, n in counts.items() if s not in TERMINAL)
     notice(f"resuming run {run.id} ({run.name}): {left} jobs not finished")
-    inv_notify = None
-    if inventory is not None or os.path.exists(run.inventory_path):
-        with contextlib.suppress(Exception):
-            inv_notify = load_inventory_checked(inventory or run.inventory_path, options.endpoint_override)
-    return await drive(store, run, options, role="runner", worker_id=reg.worker_id, proc=proc, out=out,
-                       cloud=cloud, notify_url=_notify_url(proc.notify, inv_notify))
+    path = inventory or run.inventory_path
+
+    def notify_url() -> str | None:
+        # read only when a notification is due (the end of the run): parsing a 100k inventory here
+        # would delay the first call by seconds
+        inv = None
+        if not proc.notify and os.path.exists(path):
+            with contextlib.suppress(Exception):
+                inv = load_inventory_checked(path, options.endpoint_override)
+        return _notify_url(proc.notify, inv)
+
+    return await drive(
+        store,
+        run,
+        options,
+        role="runner",
+        worker_id=reg.worker_id,
+        proc=proc,
+        out=out,
+        cloud=cloud,
+        notify_url=notify_url,
+    )
 
 
-async def _apply_inventory_changes(store: JobStore, run: RunRow, inventory: str | None, options: RunOptions) -> None:
+async def _apply_inventory_changes(
+    store: JobStore, run: RunRow, inventory: str | None, options: RunOptions
+) -> None:
     """A changed inventory: new proxies join the run, removed ones are skipped if never sent, a changed
     target applies to proxies not yet sent. Unchanged (same bytes) is known without parsing it."""
     from orchestrator.inventory import file_sha256
@@ -314,26 +351,24 @@ async def _apply_inventory_changes(store: JobStore, run: RunRow, inventory: str 
     if added:
         n = await store.add_jobs(run.id, added, wave=max(1, run.wave_open))
         notice(f"  added to the run: {n} proxies new in the inventory")
-    from orchestrator.policy import Action, Decision
-    from orchestrator.store import Move
-
     for job in removed:
-        if job.status is JobStatus.PENDING and job.attempt_count == 0:
-            await store.move(
-                job,
-                Move(frm=JobStatus.PENDING, to=JobStatus.SKIPPED,
-                     fields={"reason": "removed from the inventory before it was sent", "rule": "inventory:removed"}),
-                worker_id=None,
-            )
+        if job.status is JobStatus.PENDING and await store.skip_removed(
+            job, "removed from the inventory before it was sent"
+        ):
             notice(f"  removed from the inventory, skipped (never sent): proxy {job.proxy_id}")
         else:
-            notice(f"  removed from the inventory but already {job.status.value}: proxy {job.proxy_id} is followed to its end")
-    del Action, Decision
+            notice(
+                f"  removed from the inventory but already {job.status.value}: proxy {job.proxy_id} is followed to its end"
+            )
     for job, new in retargeted:
         if await store.retarget(job, new, f"target changed {job.target_version} -> {new} in the inventory"):
-            notice(f"  target changed {job.target_version} -> {new}: proxy {job.proxy_id} (not yet sent) will get {new}")
+            notice(
+                f"  target changed {job.target_version} -> {new}: proxy {job.proxy_id} (not yet sent) will get {new}"
+            )
         else:
-            notice(f"  target changed to {new} but proxy {job.proxy_id} is already {job.status.value}: keeps {job.target_version}")
+            notice(
+                f"  target changed to {new} but proxy {job.proxy_id} is already {job.status.value}: keeps {job.target_version}"
+            )
     await store.set_run_inventory(run.id, abspath(path), inv.sha256)
 
 
@@ -370,7 +405,7 @@ async def drive(
     proc: ProcessOptions,
     out: Console,
     cloud: CloudApi | None = None,
-    notify_url: str | None = None,
+    notify_url: str | Callable[[], str | None] | None = None,
     install_signals: bool = True,
 ) -> int:
     """Work on ``run`` in this process (already registered as ``worker_id``) until it is finished or
@@ -383,8 +418,15 @@ async def drive(
             cloud, closer = built.api, built.close
         since = datetime.now(UTC)
         rt = await build_runtime(
-            store, run.id, options, worker_id=worker_id, role=role, cloud=cloud, since=since,
-            confirm=options.confirm and not proc.yes, metrics=metrics,
+            store,
+            run.id,
+            options,
+            worker_id=worker_id,
+            role=role,
+            cloud=cloud,
+            since=since,
+            confirm=options.confirm and not proc.yes,
+            metrics=metrics,
         )
         store.set_outage_hook(lambda event, cause: rt.events.emit(event, cause=cause))
         refused = await probe_credentials(rt)
@@ -412,6 +454,9 @@ async def drive(
                 result = await engine.run()
         finally:
             restore()
+            if rt.gate is not None:
+                with contextlib.suppress(Exception):
+                    await rt.gate.close()
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await feeder
@@ -433,7 +478,7 @@ async def _finish(
     result: EngineResult,
     role: str,
     out: Console,
-    notify_url: str | None,
+    notify_url: str | Callable[[], str | None] | None,
     metrics: Any,
     proc: ProcessOptions,
 ) -> int:
@@ -466,16 +511,27 @@ async def _finish(
         left = sum(n for s, n in counts.items() if s not in TERMINAL)
         notice(f"stopped: {reason}")
         if code == EXIT_HALTED:
-            notice(f"{left} jobs not finished; after deciding: orchestrator resume {run.id} --ack (or --max-failures N)")
+            notice(
+                f"{left} jobs not finished; after deciding: orchestrator resume {run.id} --ack (or --max-failures N)"
+            )
         elif code != EXIT_USAGE:
             notice(f"{left} jobs not finished; continue with: orchestrator resume {run.id}")
-    if notify_url and role == "runner" and (result.finished or status in (RunStatus.PAUSED, RunStatus.HALTED)):
-        await _notify(store, run, notify_url, status, code, reason or "finished", counts)
+    if role == "runner" and (result.finished or status in (RunStatus.PAUSED, RunStatus.HALTED)):
+        url = notify_url() if callable(notify_url) else notify_url
+        if url:
+            await _notify(store, run, url, status, code, reason or "finished", counts)
     return code
 
 
-async def _notify(store: JobStore, run: RunRow, url: str, status: RunStatus, code: int, reason: str,
-                  counts: Mapping[JobStatus, int]) -> None:
+async def _notify(
+    store: JobStore,
+    run: RunRow,
+    url: str,
+    status: RunStatus,
+    code: int,
+    reason: str,
+    counts: Mapping[JobStatus, int],
+) -> None:
     from orchestrator.notify import notify, summary_payload
 
     flagged = [
@@ -484,8 +540,13 @@ async def _notify(store: JobStore, run: RunRow, url: str, status: RunStatus, cod
     ]
     event = {RunStatus.FINISHED: "run.finished", RunStatus.PAUSED: "run.paused"}.get(status, "run.halted")
     payload = summary_payload(
-        event=event, run_id=str(run.id), status=status.value, exit_code=code, reason=reason,
-        counts={k.value: v for k, v in counts.items() if v}, flagged=flagged,
+        event=event,
+        run_id=str(run.id),
+        status=status.value,
+        exit_code=code,
+        reason=reason,
+        counts={k.value: v for k, v in counts.items() if v},
+        flagged=flagged,
     )
     await notify(url, payload)
 
@@ -514,14 +575,15 @@ async def probe_credentials(rt: Runtime) -> str | None:
 
 
 async def _progress(rt: Runtime, events: RunEvents) -> None:
-    """Feed the whole run's counts to the progress display (from the controls' read, at most 1/s)."""
+    """Feed the whole run's counts to the progress display (the controls' latest read: no extra query)."""
+    seen = None
     while True:
         await asyncio.sleep(1.0)
         with contextlib.suppress(Exception):
             ctl = rt.controls
-            if ctl is not None and ctl.state is not None:
-                counts = await rt.store.counts(rt.run_id)
-                events.update({k.value: v for k, v in counts.items()})
+            if ctl is not None and ctl.state is not None and ctl.state is not seen:
+                seen = ctl.state
+                events.update(dict(seen.by_status))
 
 
 def _install_signals(rt: Runtime) -> Callable[[], None]:
@@ -592,7 +654,11 @@ async def _ask(prompt: str, *, default: bool) -> bool:
 
 
 def _notify_url(given: str | None, inv: Any) -> str | None:
-    url = given or (getattr(inv, "notify", None) if inv is not None else None) or os.environ.get("ORCHESTRATOR_NOTIFY_URL")
+    url = (
+        given
+        or (getattr(inv, "notify", None) if inv is not None else None)
+        or os.environ.get("ORCHESTRATOR_NOTIFY_URL")
+    )
     if not url:
         return None
     from orchestrator.notify import check_notify_url

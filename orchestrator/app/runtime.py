@@ -44,7 +44,9 @@ async def build_cloud(options: RunOptions, env: Mapping[str, str] | None = None)
     env = os.environ if env is None else env
     session = make_session(ca_bundle=options.ca_bundle)
     try:
-        creds = credentials_from_env(env, iam_endpoint=env.get("ORCHESTRATOR_IAM_ENDPOINT") or None, session=session)
+        creds = credentials_from_env(
+            env, iam_endpoint=env.get("ORCHESTRATOR_IAM_ENDPOINT") or None, session=session
+        )
     except AuthError as exc:
         await session.close()
         raise UsageError(f"credentials: {exc}") from None

@@ -216,6 +216,7 @@ class RunState:
     last_wave_finished_at: datetime | None
     db_now: datetime
     next_wave_size: int = 0
+    by_status: Mapping[str, int] = field(default_factory=dict)  # job counts by status value
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,6 @@ from orchestrator.policy.decide import NOTHING_STARTED_HINT, NOTHING_STARTED_RUL
 from orchestrator.simulator.fleet import JOB_NAME
 from orchestrator.states import JobStatus
 from orchestrator.steps.reconcile import LOOK_HINT, MAX_PAGES, PAGE
-from orchestrator.steps.upgrade import run_upgrade
 from tests.unit.steps_kit import (
     INST_A,
     INST_B,
@@ -36,6 +35,7 @@ from tests.unit.steps_kit import (
     make_options,
     proxy,
     run_bench,
+    upgrade_step,
 )
 
 S = JobStatus
@@ -148,7 +148,7 @@ def test_a_sender_that_stopped_after_its_call_left_is_reconciled_by_the_process_
     async def body(a: Bench) -> None:
         a.inject("upgrade", Fault.lost(timeout=True))  # the answer would take 30 s: A is gone before
         job = await a.claim()
-        sender = asyncio.create_task(run_upgrade(a.rt, job))
+        sender = asyncio.create_task(upgrade_step(a.rt, job))
         await advance(5.0)
         assert a.fleet.proxies[P1].upgrade_calls == 1 and (await a.job()).status is S.IN_FLIGHT
         sender.cancel()  # A dies: nothing more is written by it

@@ -19,7 +19,6 @@ from orchestrator.cloud.fake import Fault
 from orchestrator.errors import EXIT_USAGE
 from orchestrator.policy.decide import PARTIAL_ACCEPT_RULE
 from orchestrator.states import JobStatus
-from orchestrator.steps.upgrade import run_upgrade
 from tests.unit.steps_kit import (
     NEW,
     OLD,
@@ -31,6 +30,7 @@ from tests.unit.steps_kit import (
     make_options,
     proxy,
     run_bench,
+    upgrade_step,
 )
 
 S = JobStatus
@@ -389,7 +389,7 @@ def test_a_resend_that_meets_busy_or_already_at_target_after_an_unsettled_attemp
         created = b.fleet.workflows[b.issued()[0]].created_at
         await advance(max(0.0, created + resend_at - b.fleet.clock()))
         claimed = await b.claim()
-        await run_upgrade(b.rt, claimed)
+        await upgrade_step(b.rt, claimed)
         job = await b.job()
         assert (job.status, job.rule) == (S.UNKNOWN, guard), met
         assert len(b.upgrade_calls()) == 2 and b.upgrade_calls()[-1]["effect"] == "none"
@@ -414,7 +414,7 @@ def test_a_job_whose_claim_lapsed_before_its_intent_is_not_sent(tmp_path: Path) 
     async def body(b: Bench) -> None:
         job = await b.claim()
         await advance(b.rt.options.lease + 1)  # no heartbeat: the claim lapsed
-        await run_upgrade(b.rt, job)
+        await upgrade_step(b.rt, job)
         assert b.upgrade_calls() == []
         assert "job.intent_lost" in b.events.names()
         after = await b.job()
@@ -449,7 +449,7 @@ def test_a_stalled_sender_never_sends_after_another_process_took_its_job_over(tm
 
     async def body(a: Bench) -> None:
         job = await a.claim()
-        stalled = asyncio.create_task(run_upgrade(a.rt, job))  # waits 60 s for its permit
+        stalled = asyncio.create_task(upgrade_step(a.rt, job))  # waits 60 s for its permit
         await advance(31.0)
         assert (await a.job()).status is S.IN_FLIGHT and a.upgrade_calls() == []
         b = await a.other_process(make_options())  # its own limiter is not short of permits
@@ -543,7 +543,7 @@ def test_a_stop_before_the_send_leaves_the_job_unsent_and_released(tmp_path: Pat
     async def body(b: Bench) -> None:
         b.inject("proxy_version", Fault.delay(5.0))
         job = await b.claim()
-        step = asyncio.create_task(run_upgrade(b.rt, job))
+        step = asyncio.create_task(upgrade_step(b.rt, job))
         await advance(1.0)
         b.rt.request_stop("stopped by a signal")
         await step
@@ -552,7 +552,7 @@ def test_a_stop_before_the_send_leaves_the_job_unsent_and_released(tmp_path: Pat
         assert after.current_version == OLD
         assert b.upgrade_calls() == [] and b.cloud.not_sent == []
         job = await b.claim()  # a stopped process claims nothing new; a resumed one would send it
-        await run_upgrade(b.rt, job)
+        await upgrade_step(b.rt, job)
         assert b.upgrade_calls() == [] and (await b.job()).status is S.PENDING
 
     run_bench(tmp_path, body)
