@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 from orchestrator.errors import EXIT_STOPPED
 from orchestrator.runtime import Runtime
@@ -35,6 +34,9 @@ from orchestrator.steps.upgrade import run_upgrade
 from orchestrator.store import DatabaseUnavailable, JobRow
 
 ERROR_BACKOFF_S = 10.0  # an unexpected error on a job: look at it again after this long
+# Idle, the feeder looks at the job table again after at most this long: other processes' moves, an
+# operator's re-queue and the window's boundaries are noticed by this tick (its own workers wake it at once).
+IDLE_S = 1.0
 PRUNE_EVERY_S = 60.0
 
 Confirmer = Callable[[Confirm], Awaitable[bool | None]]
@@ -50,9 +52,11 @@ class EngineResult:
 
 
 class Engine:
-    def __init__(self, rt: Runtime, *, confirm: Confirmer | None = None) -> None:
+    def __init__(self, rt: Runtime, *, confirm: Confirmer | None = None, idle_s: float = IDLE_S) -> None:
+        """``idle_s``: the feeder's idle tick (seconds; tests of long windows on virtual time raise it)."""
         self.rt = rt
         self._confirm = confirm
+        self._idle_s = idle_s
         n = rt.options.concurrency
         # claimed jobs wait here for a free worker: up to one more pool's worth, so a claim (a commit)
         # brings a batch of work instead of one job each time a worker frees up
@@ -60,6 +64,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._busy = 0  # jobs claimed by the feeder and not finished yet (queued or in a worker)
         self._db_down: DatabaseUnavailable | None = None
+        self._marked_wave = 0  # the last wave this process recorded as finished
 
     async def run(self) -> EngineResult:
         rt = self.rt
@@ -155,8 +160,21 @@ class Engine:
         decision = ctl.decision
         state = ctl.state
         assert state is not None
-        if fresh and state.open_unfinished == 0 and state.total > 0 and state.waves > state.run.wave_open:
+        if (
+            fresh
+            and state.open_unfinished == 0
+            and state.total > 0
+            and state.waves > state.run.wave_open
+            and self._marked_wave != state.run.wave_open
+        ):
             await rt.store.mark_wave_done(rt.run_id, state.run.wave_open)
+            self._marked_wave = state.run.wave_open
+            # --pause-between counts from that mark: decide again on a state that has it (the one read
+            # before knew no end of this wave, and the next wave opened at once)
+            ctl.update(await rt.store.run_state(rt.run_id, track=rt.options.wait))
+            decision = ctl.decision
+            state = ctl.state
+            assert state is not None
         if isinstance(decision, Stop) and not decision.new_upgrades_only:
             rt.request_stop(decision.reason, decision.exit_code, decision.run_status.value)
             return decision
@@ -195,13 +213,17 @@ class Engine:
 
     async def _idle(self, track: bool, decision: object) -> None:
         rt = self.rt
-        delay = 1.0
+        delay = self._idle_s
         nd = await rt.store.next_due(rt.run_id, track=track)
-        if nd is not None:
-            delay = min(delay, max(0.02, (nd - rt.now()).total_seconds()))
+        now = rt.now()
+        # a job already due was just offered to the claim (or every worker is busy): what holds it (the
+        # availability guard, a closed wave, the controls) changes when a job ends (the wake event) or on
+        # the tick, so waiting 20 ms for it again would only spin on the job table
+        if nd is not None and nd > now:
+            delay = min(delay, max(0.02, (nd - now).total_seconds()))
         if isinstance(decision, WaitUntil):
             rt.events.emit("run.waiting", until=decision.at.isoformat(), reason=decision.reason)
-            delay = min(delay, max(0.02, (decision.at - _now_utc()).total_seconds()))
+            delay = min(delay, max(0.02, (decision.at - rt.now()).total_seconds()))
         self._wake.clear()
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(rt.stop_requested.wait())]
         await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
@@ -295,9 +317,3 @@ class Engine:
         else:
             await self.rt.store.release(job.id, self.rt.worker_id)
         return None
-
-
-def _now_utc() -> datetime:
-    from datetime import UTC
-
-    return datetime.now(UTC)

@@ -55,7 +55,9 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
             return None
     is_unsettled = unsettled(attempts, workflows)
     source = job.source_version or job.current_version
-    if (rt.options.preflight and job.status is JobStatus.PENDING) or source is None:
+    # a retry after a failed preflight read has never been judged (no version read is recorded): judge it
+    judged = job.status is not JobStatus.PENDING and job.current_version is not None
+    if (rt.options.preflight and not judged) or source is None:
         checked = await _preflight(rt, job, is_unsettled)
         if checked is None:
             return None

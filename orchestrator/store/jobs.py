@@ -100,10 +100,16 @@ async def insert_workflows(
 
 
 async def complete_attempt(tx: Tx, attempt_id: int, answer: AttemptAnswer) -> None:
+    """Record how an attempt ended. When reconcile completes it later (``reconciled``/``lost`` with its
+    rule) the first answer's facts (when it came, HTTP status, error, request id, transport failure) are
+    kept: the audit keeps what the cloud answered. A ``not_sent`` attempt stays one, with its rule."""
     await tx.execute(
-        "UPDATE attempts SET answered_at = :now, sent_at = COALESCE(:sent, sent_at), outcome = :outcome,"
-        " http_status = :hs, error_code = :ec, error_msg = :em, request_id = :rid, rule = :rule,"
-        " transport = :tr WHERE id = :id",
+        "UPDATE attempts SET answered_at = COALESCE(answered_at, :now), sent_at = COALESCE(:sent, sent_at),"
+        " outcome = CASE WHEN outcome = 'not_sent' THEN outcome ELSE :outcome END,"
+        " http_status = COALESCE(http_status, :hs), error_code = COALESCE(error_code, :ec),"
+        " error_msg = COALESCE(error_msg, :em), request_id = COALESCE(request_id, :rid),"
+        " rule = CASE WHEN outcome = 'not_sent' THEN rule ELSE :rule END,"
+        " transport = COALESCE(transport, :tr) WHERE id = :id",
         {
             "now": tx.ts(tx.now),
             "sent": tx.ts(answer.sent_at),
