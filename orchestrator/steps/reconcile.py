@@ -195,6 +195,17 @@ async def run_reconcile(rt: Runtime, job: JobRow) -> None:
         )
         return
     if same_version(info.current_version, job.target_version):
+        if rt.now() < win.settle_at:
+            # the upgrade happened; its workflow may not be listed yet: wait for the listing to catch up
+            # rather than lose the workflow id from the audit trail
+            wait = (win.settle_at - rt.now()).total_seconds() + 0.05
+            await moves.reschedule(
+                rt,
+                job,
+                min(wait, rt.options.reconcile_grace or wait),
+                reason="the proxy runs the target: looking for the workflow that did it",
+            )
+            return
         await _accept(
             rt,
             job,
