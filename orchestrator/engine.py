@@ -143,6 +143,12 @@ class Engine:
         assert state is not None
         if state.open_unfinished == 0 and state.total > 0 and state.waves > state.run.wave_open:
             await rt.store.mark_wave_done(rt.run_id, state.run.wave_open)
+            if state.last_wave_finished_at is None:
+                # read before the wave's end was recorded (here or by another process): decided on that
+                # read, the next wave would open at once, without its --pause-between
+                ctl.update(await rt.store.run_state(rt.run_id))
+                decision, state = ctl.decision, ctl.state
+                assert state is not None
         if isinstance(decision, Stop) and not decision.new_upgrades_only:
             rt.request_stop(decision.reason, decision.exit_code, decision.run_status.value)
             return decision
