@@ -75,11 +75,13 @@ class ReportLayout:
 def _workflow_lines(row: ReportRow, prefix: str) -> list[str]:
     lines: list[str] = []
     for w in row.workflows:
-        if not w.workflow_id:  # a REJECT item carries no workflow id
+        if not w.workflow_id:  # an item without a workflow id
             lines.append(Clipped(prefix + w.state))
             continue
         lines.append(Clipped(prefix + w.workflow_id))
-        if w.status != "Completed":  # the usual end is left out: the unusual ones stand out
+        if w.state != "ACCEPT":  # a REJECT item has an id but no workflow to poll
+            lines.append(f"  {w.state}")
+        elif w.status != "Completed":  # the usual end is left out: the unusual ones stand out
             lines.append(f"  {w.status or 'not polled yet'}")
     return lines
 
