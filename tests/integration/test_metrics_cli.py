@@ -87,10 +87,10 @@ def check_families(samples: dict[str, dict[tuple[tuple[str, str], ...], float]],
     assert samples["orchestrator_throttles_total"][()] == 0
 
 
-def test_metrics_during_a_run_equal_the_simulator_log(sim_factory: Any, tmp_path: Path) -> None:
+def test_metrics_during_a_run_equal_the_simulator_log(sim_factory: Any, tmp_path: Path, db_url: str) -> None:
     sim = sim_factory(scenario(8))
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
-    db = f"sqlite:///{tmp_path / 'jobs.db'}"
+    db = db_url
     prom = tmp_path / "run.prom"
     log = tmp_path / "run.log"
     # two waves an hour apart: after wave 1 the run waits, alive and idle, with its metrics up
@@ -130,10 +130,12 @@ def test_metrics_during_a_run_equal_the_simulator_log(sim_factory: Any, tmp_path
     assert jobs_gauge(final) == table_counts(db)
 
 
-def test_textfile_of_a_cron_run_equals_the_simulator_log(sim_factory: Any, tmp_path: Path) -> None:
+def test_textfile_of_a_cron_run_equals_the_simulator_log(
+    sim_factory: Any, tmp_path: Path, db_url: str
+) -> None:
     sim = sim_factory(scenario(10))
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
-    db = f"sqlite:///{tmp_path / 'jobs.db'}"
+    db = db_url
     prom = tmp_path / "textfile" / "orchestrator.prom"
     prom.parent.mkdir()
     r = cli("run", str(inv), "--db", db, "--endpoint", sim.url, *FAST, "--metrics-textfile", str(prom))
