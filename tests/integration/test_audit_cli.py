@@ -196,7 +196,7 @@ def test_history_runs_events_and_flagged_groups(sim_factory: Any, tmp_path: Path
     }
     assert {e["ref"] for e in mine if e["kind"] == "workflow"} == issued
 
-    text = ok(cli("history", *db, "--proxy", P1, "--tz", "Asia/Shanghai")).out
+    text = ok(cli("history", *db, "--proxy", P1, env={"TZ": "Asia/Shanghai"})).out  # TZ as --tz
     assert "at (Asia/Shanghai)" in text and "first-window" in text
     assert text.index("in_flight -> flagged") < text.index("accepted -> succeeded") < text.index("skipped")
     csv_lines = ok(cli("history", *db, "--proxy", P1, "--format", "csv")).out.strip().splitlines()
@@ -215,8 +215,10 @@ def test_history_runs_events_and_flagged_groups(sim_factory: Any, tmp_path: Path
         (2, LONG_NAME, "finished"),
         (1, "first-window", "finished"),
     ]
-    later = as_json(cli("runs", *db, "--since", between.isoformat(), "--format", "json"))
-    assert [r["id"] for r in later] == [2]
+    later = as_json(
+        cli("runs", *db, "--since", between.isoformat(), "--format", "json", env={"TZ": "Asia/Shanghai"})
+    )
+    assert [r["id"] for r in later] == [2] and later[0]["created_at"].endswith("+08:00")
     assert as_json(cli("runs", *db, "--status", "stopped", "--format", "json")) == []
     assert "no runs matching" in ok(cli("runs", *db, "--status", "halted")).out
     narrow = {"COLUMNS": "80"}
