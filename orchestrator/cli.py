@@ -80,6 +80,18 @@ def _rate(_ctx: click.Context, _p: click.Parameter, value: str | None) -> str | 
     return value
 
 
+def _textfile(_ctx: click.Context, _p: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from orchestrator.metrics import check_textfile_path
+
+    try:
+        check_textfile_path(value)  # refused before the run starts, not silently after it
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _since(_ctx: click.Context, _p: click.Parameter, value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -178,6 +190,7 @@ def process_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--metrics-textfile",
             type=click.Path(dir_okay=False),
+            callback=_textfile,
             help="Write metrics for node_exporter's textfile collector (.prom)",
         ),
         tz_option,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -126,16 +126,16 @@ async def _runs(
     from orchestrator import reporting
     from orchestrator.store import reports
 
-    zone(tz)
+    tz_ = display_zone(tz)
     async with store.read() as conn:
         runs = await reports.list_runs(conn, since=since, statuses=list(statuses) or None)
     if fmt == "table":
         if not runs:
             out.print(Text("no runs" + (" matching" if since or statuses else " yet")))
             return
-        out.print(reporting.runs_table(runs, tz=tz))
+        out.print(reporting.runs_table(runs, tz=tz_))
     else:
-        reporting.write_records([reporting.run_record(s, tz) for s in runs], fmt, _stdout(out))
+        reporting.write_records([reporting.run_record(s, tz_) for s in runs], fmt, _stdout(out))
 
 
 async def show_report(
@@ -151,13 +151,13 @@ async def show_report(
     from orchestrator import reporting
     from orchestrator.store import reports
 
-    zone(tz)
+    tz_ = display_zone(tz)
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref)
         async with store.read() as conn:
             if fmt == "html":
                 data = await reports.window_report(conn, run.id)
-                page = reporting.html_report(data, tz=tz)
+                page = reporting.html_report(data, tz=tz_)
                 if output is None:
                     raise UsageError("report --format html needs -o FILE (one self-contained page)")
                 Path(output).write_text(page, encoding="utf-8")
@@ -167,13 +167,13 @@ async def show_report(
             if fmt == "table":
                 counts = await reports.status_counts(conn, run.id)
                 out.print(counts_table(run, counts))
-                await reporting.print_report_table(rows, out, tz=tz)
+                await reporting.print_report_table(rows, out, tz=tz_)
                 return
             if output:
                 with open(output, "w", encoding="utf-8", newline="") as fh:
-                    await reporting.write_report(rows, fmt, fh, tz=tz)
+                    await reporting.write_report(rows, fmt, fh, tz=tz_)
                 return
-            await reporting.write_report(rows, fmt, _stdout(out), tz=tz)
+            await reporting.write_report(rows, fmt, _stdout(out), tz=tz_)
 
 
 async def show_flagged(
@@ -182,17 +182,17 @@ async def show_flagged(
     from orchestrator import reporting
     from orchestrator.store import reports
 
-    zone(tz)
+    tz_ = display_zone(tz)
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref)
         async with store.read() as conn:
             groups = await reports.flagged_by_rule(conn, run.id, rule=rule)
         if fmt == "table":
-            reporting.print_flagged(groups, out, run_id=run.id, run_name=run.name, tz=tz)
+            reporting.print_flagged(groups, out, run_id=run.id, run_name=run.name, tz=tz_)
         elif fmt == "csv":
-            reporting.write_records(reporting.flagged_rows(groups, tz), "csv", _stdout(out))
+            reporting.write_records(reporting.flagged_rows(groups, tz_), "csv", _stdout(out))
         else:
-            reporting.write_records([reporting.flagged_record(g, tz) for g in groups], "json", _stdout(out))
+            reporting.write_records([reporting.flagged_record(g, tz_) for g in groups], "json", _stdout(out))
 
 
 async def show_history(
@@ -210,7 +210,7 @@ async def show_history(
 
     if not (proxy or instance):
         raise UsageError("history: say which: --proxy ID or --instance ID")
-    zone(tz)
+    tz_ = display_zone(tz)
     async with opened(db, create=False) as store, store.read() as conn:
         entries = await reports.history(conn, proxy_id=proxy, instance_id=instance, since=since)
     what = f"proxy {proxy}" if proxy else f"instance {instance}"
@@ -218,9 +218,16 @@ async def show_history(
         if not entries:
             out.print(Text(f"no history for {what}" + (" since then" if since else "")))
             return
-        reporting.print_history(entries, out, tz=tz, title=f"history of {what}")
+        reporting.print_history(entries, out, tz=tz_, title=f"history of {what}")
     else:
-        reporting.write_records([reporting.history_record(e, tz) for e in entries], fmt, _stdout(out))
+        reporting.write_records([reporting.history_record(e, tz_) for e in entries], fmt, _stdout(out))
+
+
+def display_zone(tz: str | None) -> tzinfo | None:
+    """The zone the renderers show times in: ``--tz``, else ``TZ``, else UTC (None: the renderers' UTC,
+    labelled "UTC"). Raises UsageError for an unknown zone."""
+    z = zone(tz)
+    return None if getattr(z, "key", None) in ("UTC", "Etc/UTC", "Etc/UCT", "UCT", "Zulu") else z
 
 
 def _stdout(out: Console) -> TextIO:

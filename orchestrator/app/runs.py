@@ -29,7 +29,7 @@ from orchestrator.engine import Engine, EngineResult
 from orchestrator.errors import EXIT_HALTED, EXIT_OK, EXIT_PROBLEMS, EXIT_STOPPED, EXIT_USAGE, UsageError
 from orchestrator.observe import RunEvents, notice
 from orchestrator.options import RunOptions, build_options, cli_overrides
-from orchestrator.outcomes import HttpFailure, TransportFailure, TransportKind
+from orchestrator.outcomes import HttpFailure, TransportFailure, TransportKind, outcome_label
 from orchestrator.runtime import Runtime
 from orchestrator.schedule.dispatch import Confirm
 from orchestrator.states import TERMINAL, JobStatus, RunStatus
@@ -416,7 +416,7 @@ async def drive(
     """Work on ``run`` in this process (already registered as ``worker_id``) until it is finished or
     stopped; always leaves the registration. Returns the exit code and prints the summary."""
     closer = None
-    metrics = _metrics(proc)
+    metrics, server = _metrics(proc)
     try:
         if cloud is None:
             built = await build_cloud(options)
@@ -434,11 +434,6 @@ async def drive(
             metrics=metrics,
         )
         store.set_outage_hook(lambda event, cause: rt.events.emit(event, cause=cause))
-        refused = await probe_credentials(rt)
-        if refused is not None:
-            if role == "runner":
-                await store.set_run_status(run.id, RunStatus.STOPPED, refused)
-            raise UsageError(refused)
         counts = await store.counts(run.id)
         events = RunEvents(
             total=sum(counts.values()),
@@ -446,8 +441,13 @@ async def drive(
             rate_per_s=_per_s(options.rate),
             metrics=metrics,
         )
-        rt.events = events
+        rt.events = events  # before the probe: its call is one the metrics and the calls/s count
         events.update({k.value: v for k, v in counts.items()})
+        refused = await probe_credentials(rt)
+        if refused is not None:
+            if role == "runner":
+                await store.set_run_status(run.id, RunStatus.STOPPED, refused)
+            raise UsageError(refused)
         if role == "runner":
             await store.set_run_status(run.id, RunStatus.RUNNING)
         _warn_clock(rt)
@@ -457,6 +457,9 @@ async def drive(
         try:
             with events:
                 result = await engine.run()
+                # the last frame and the jobs gauge show where the run ended, not the last 1 s sample
+                with contextlib.suppress(Exception):
+                    events.update({k.value: v for k, v in (await store.counts(run.id)).items()})
         finally:
             restore()
             if rt.gate is not None:
@@ -472,8 +475,13 @@ async def drive(
         if closer is not None:
             await closer()
         if metrics is not None and proc.metrics_textfile:
-            with contextlib.suppress(Exception):
+            try:
                 metrics.write_textfile(proc.metrics_textfile)
+            except Exception as exc:  # the run's outcome stands; say why the collector will miss it
+                notice(f"warning: could not write --metrics-textfile {proc.metrics_textfile}: {exc}")
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.close()
 
 
 async def _finish(
@@ -566,7 +574,9 @@ async def probe_credentials(rt: Runtime) -> str | None:
     if job is None:
         return None
     async with rt.permit("proxy_version") as on_sent:
+        t0 = rt.mono()
         res = await rt.cloud.proxy_version(rt.ref(job), on_sent=on_sent)
+        rt.events.emit("call", route="proxy_version", outcome=outcome_label(res), latency_s=rt.mono() - t0)
     if isinstance(res, HttpFailure) and res.http_status in (401, 403):
         what = "refused the credentials" if res.http_status == 401 else "denied permission"
         return (
@@ -675,15 +685,22 @@ def _notify_url(given: str | None, inv: Any) -> str | None:
     return url
 
 
-def _metrics(proc: ProcessOptions) -> Any:
+def _metrics(proc: ProcessOptions) -> tuple[Any, Any]:
+    """This process's metrics (None without ``--metrics-*``) and their ``/metrics`` server (None without
+    ``--metrics-port``)."""
     if proc.metrics_port is None and not proc.metrics_textfile:
-        return None
+        return None, None
     from orchestrator.metrics import Metrics
 
     m = Metrics()
-    if proc.metrics_port is not None:
-        m.serve(proc.metrics_port, host=proc.metrics_host)
-    return m
+    if proc.metrics_port is None:
+        return m, None
+    try:
+        server = m.serve(proc.metrics_port, host=proc.metrics_host)
+    except OSError as exc:
+        raise UsageError(f"--metrics-port {proc.metrics_port} on {proc.metrics_host}: {exc}") from None
+    notice(f"metrics: {server.url}")  # the port it bound when 0 (any free port) was asked
+    return m, server
 
 
 def _per_s(rate: str) -> float:

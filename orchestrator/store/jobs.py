@@ -646,11 +646,20 @@ class JobOps:
                 {**params, "now": nts, "f": False},
             )
             if moved:
-                await tx.execute(
+                reopened = await tx.execute(
                     "UPDATE runs SET status = 'stopped', finished_at = NULL, stop_reason = 're-queued'"
                     " WHERE id = :run AND status = 'finished'",
                     {"run": run_id},
                 )
+                if reopened:  # the run's own move is in the log too (its next one starts from 'stopped')
+                    await events.append(
+                        tx,
+                        run_id=run_id,
+                        kind="run",
+                        from_status="finished",
+                        to_status="stopped",
+                        reason="re-queued",
+                    )
             return Requeued(moved, running)
 
         result: Requeued = await self._submit(op)

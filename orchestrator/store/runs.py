@@ -11,7 +11,7 @@ import orchestrator.store.events as events
 from orchestrator.states import TERMINAL, JobStatus, RunStatus
 from orchestrator.store.decode import RUN_COLS, run_row
 from orchestrator.store.rows import NewJob, Registration, RunRow, RunState
-from orchestrator.store.sql import Tx, aware
+from orchestrator.store.sql import Tx, aware, from_json
 from orchestrator.store.workers import lock_registry, register_in
 
 _JOB_INSERT = (
@@ -282,11 +282,15 @@ class RunOps:
                     in_flight += n
             w = await tx.fetchone("SELECT max(wave) FROM jobs WHERE run_id = :run", {"run": run_id})
             waves = int(w[0]) if w and w[0] is not None else 1
-            last = None
+            # when the open wave (not any earlier one) finished: --pause-between counts from there
+            done_at = None
             if waves > 1:
-                last = await tx.fetchone(
-                    "SELECT max(at) FROM events WHERE run_id = :run AND kind = 'wave-done'", {"run": run_id}
-                )
+                for at, detail in await tx.fetch(
+                    "SELECT at, detail FROM events WHERE run_id = :run AND kind = 'wave-done'",
+                    {"run": run_id},
+                ):
+                    if (from_json(detail) or {}).get("wave") == run.wave_open:
+                        done_at = aware(at)
             return RunState(
                 run=run,
                 total=total,
@@ -296,7 +300,7 @@ class RunOps:
                 in_flight=in_flight,
                 open_unfinished=open_unfinished,
                 waves=waves,
-                last_wave_finished_at=aware(last[0]) if last else None,
+                last_wave_finished_at=done_at,
                 db_now=tx.now,
                 next_wave_size=next_size,
                 by_status=by_status,
@@ -314,8 +318,6 @@ class RunOps:
                 "SELECT detail FROM events WHERE run_id = :run AND kind = 'wave-done'", {"run": run_id}
             )
             for (detail,) in seen:
-                from orchestrator.store.sql import from_json
-
                 if (from_json(detail) or {}).get("wave") == wave:
                     return
             await events.append(
