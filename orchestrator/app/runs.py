@@ -56,6 +56,20 @@ class ProcessOptions:
     metrics_host: str = "127.0.0.1"
     metrics_textfile: str | None = None
     tz: str | None = None
+    # opened by ``with_metrics`` before anything is written (a port that cannot be bound refuses the run
+    # before it exists, not after)
+    metrics: Any = None
+    metrics_server: Any = None
+
+
+def with_metrics(proc: ProcessOptions) -> ProcessOptions:
+    """``proc`` with its metrics opened (``--metrics-port`` bound now). Raises UsageError."""
+    if proc.metrics is not None:
+        return proc
+    from dataclasses import replace
+
+    m, server = _metrics(proc)
+    return replace(proc, metrics=m, metrics_server=server)
 
 
 def exit_code_for(counts: Mapping[JobStatus, int]) -> int:
@@ -155,6 +169,7 @@ async def run_inventory(
 
         options = options.override(order_seed=new_seed())
     notify_url = _notify_url(proc.notify, inv)
+    proc = with_metrics(proc)
     if cloud is None:
         check_credentials_config()  # a half-configured credential creates no run
     async with opened(db, create=True, outage_timeout=options.db_outage_timeout) as store:
@@ -276,6 +291,7 @@ async def resume_loaded(
         options = build_options(stored, kw)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    proc = with_metrics(proc)
     # the runner lock first: a refused resume must not touch a run another process is working on
     try:
         reg = await store.register(run.id, role="runner", lease_s=options.lease, exclusive=True)
@@ -391,6 +407,7 @@ async def join_run(run_ref: str | None, *, db: str | None, proc: ProcessOptions,
             out.print(Text(f"run {run.id} is finished; nothing to do"))
             return EXIT_OK
         options = RunOptions.stored(run.options, run.id)
+        proc = with_metrics(proc)
         try:
             reg = await store.register(run.id, role="worker", lease_s=options.lease, exclusive=False)
         except (RunLocked, ProxiesHeld) as exc:
@@ -416,7 +433,8 @@ async def drive(
     """Work on ``run`` in this process (already registered as ``worker_id``) until it is finished or
     stopped; always leaves the registration. Returns the exit code and prints the summary."""
     closer = None
-    metrics, server = _metrics(proc)
+    proc = with_metrics(proc)
+    metrics, server = proc.metrics, proc.metrics_server
     try:
         if cloud is None:
             built = await build_cloud(options)
