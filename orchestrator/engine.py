@@ -60,7 +60,7 @@ class Engine:
         n = rt.options.concurrency
         # claimed jobs wait here for a free worker: up to one more pool's worth, so a claim (a commit)
         # brings a batch of work instead of one job each time a worker frees up
-        self._queue: asyncio.Queue[JobRow | None] = asyncio.Queue(maxsize=2 * n)
+        self._queue: asyncio.Queue[JobRow | None] = asyncio.Queue(maxsize=4 * n)
         self._wake = asyncio.Event()
         self._busy = 0  # jobs claimed by the feeder and not finished yet (queued or in a worker)
         self._db_down: DatabaseUnavailable | None = None
@@ -68,7 +68,10 @@ class Engine:
 
     async def run(self) -> EngineResult:
         rt = self.rt
-        n = rt.options.concurrency
+        # twice as many workers as call slots (Runtime.permit caps calls in flight at --concurrency): a
+        # worker records its job's intent while the others' calls are in flight, so a commit's latency
+        # never leaves a call slot idle
+        n = 2 * rt.options.concurrency
         workers = [asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(n)]
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         finished = False
@@ -118,8 +121,8 @@ class Engine:
             allow_new = isinstance(decision, Start)
             # jobs held (queued or in a worker) stay under two pools' worth; claim again as soon as less
             # than one pool's worth waits in the queue
-            free = 2 * rt.options.concurrency - (self._busy - len(rt.tails))
-            if free <= 0 or self._queue.qsize() >= rt.options.concurrency:
+            free = 4 * rt.options.concurrency - (self._busy - len(rt.tails))
+            if free <= 0 or self._queue.qsize() >= 2 * rt.options.concurrency:
                 # enough work is queued: wait until a worker takes some (no database round trip)
                 await self._wait_for_room()
                 continue

@@ -111,6 +111,7 @@ class Runtime:
     mono: Mono = time.monotonic
     tails: set[asyncio.Task[Any]] = field(default_factory=set)
     _tail_slots: asyncio.Semaphore | None = None
+    _calls: asyncio.Semaphore | None = None
 
     def now(self) -> datetime:
         """The job table's clock (see the module docstring)."""
@@ -167,19 +168,24 @@ class Runtime:
 
     @asynccontextmanager
     async def permit(self, route: str = "call") -> AsyncIterator[Callable[[], None] | None]:
-        """One call's start permit: this process's limiter (which also carries the throttle slowdown)
-        and, when several processes share the run, the run-wide gate. Yields the hook the cloud client
-        calls when the request really leaves, so the limiter's window is kept on send times."""
+        """One call's start permit, held until its answer: one of this process's ``concurrency`` call
+        slots (the engine runs more workers than that, so the next calls' intents are recorded while
+        these calls are in flight), this process's limiter (which also carries the throttle slowdown) and,
+        when several processes share the run, the run-wide gate. Yields the hook the cloud client calls
+        when the request really leaves, so the limiter's window is kept on send times."""
         t0 = self.mono()
-        start = await self.limiter.acquire()
-        on_sent = start.sent if start is not None else None
-        if self.gate is not None:
-            async with self.gate.slot():
-                self._waited(t0)
-                yield on_sent
-            return
-        self._waited(t0)
-        yield on_sent
+        if self._calls is None:
+            self._calls = asyncio.Semaphore(max(1, self.options.concurrency))
+        async with self._calls:
+            start = await self.limiter.acquire()
+            on_sent = start.sent if start is not None else None
+            if self.gate is not None:
+                async with self.gate.slot():
+                    self._waited(t0)
+                    yield on_sent
+                return
+            self._waited(t0)
+            yield on_sent
 
     def _waited(self, t0: float) -> None:
         if self.metrics is not None:
