@@ -115,7 +115,7 @@ class Engine:
             decision = await self._controls()
             if rt.stop_requested.is_set():
                 break
-            allow_new = isinstance(decision, Start)
+            allow_new = isinstance(decision, Start) and (rt.controls is None or rt.controls.allow_new)
             # jobs held (queued or in a worker) stay under two pools' worth; claim again as soon as less
             # than one pool's worth waits in the queue
             free = 2 * rt.options.concurrency - (self._busy - len(rt.tails))
