@@ -38,6 +38,7 @@ ERROR_BACKOFF_S = 10.0  # an unexpected error on a job: look at it again after t
 # operator's re-queue and the window's boundaries are noticed by this tick (its own workers wake it at once).
 IDLE_S = 1.0
 PRUNE_EVERY_S = 60.0
+WAITING_LOG_EVERY_S = 60.0  # waiting for a window or a wave's pause: one log line a minute
 
 Confirmer = Callable[[Confirm], Awaitable[bool | None]]
 """Asks an operator about a wave: True yes, False no, None nobody can be asked (not a terminal)."""
@@ -65,6 +66,7 @@ class Engine:
         self._busy = 0  # jobs claimed by the feeder and not finished yet (queued or in a worker)
         self._db_down: DatabaseUnavailable | None = None
         self._marked_wave = 0  # the last wave this process recorded as finished
+        self._waiting_logged: tuple[str, float] | None = None  # (reason, monotonic time) of the last line
 
     async def run(self) -> EngineResult:
         rt = self.rt
@@ -222,8 +224,17 @@ class Engine:
         if nd is not None and nd > now:
             delay = min(delay, max(0.02, (nd - now).total_seconds()))
         if isinstance(decision, WaitUntil):
-            rt.events.emit("run.waiting", until=decision.at.isoformat(), reason=decision.reason)
-            delay = min(delay, max(0.02, (decision.at - rt.now()).total_seconds()))
+            left = (decision.at - rt.now()).total_seconds()
+            last = self._waiting_logged
+            if last is None or last[0] != decision.reason or rt.mono() - last[1] >= WAITING_LOG_EVERY_S:
+                self._waiting_logged = (decision.reason, rt.mono())
+                rt.events.emit(
+                    "run.waiting",
+                    until=decision.at.isoformat(),
+                    reason=decision.reason,
+                    left_s=round(max(0.0, left)),
+                )
+            delay = min(delay, max(0.02, left))
         self._wake.clear()
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(rt.stop_requested.wait())]
         await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
