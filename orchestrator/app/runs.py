@@ -187,6 +187,10 @@ async def run_inventory(
                 waves=wave_planner(options),
             )
         except UnfinishedRun as exc:
+            # the inventory's window (unless the command line gives one) holds for the run it resumes: a
+            # window edited in the file replaces the stored one, as resume --window would
+            if kw.get("window") is None and inv.window is not None:
+                kw = {**kw, "window": inv.window}
             return await _unfinished(store, exc.run, resume_mode, inventory, kw, proc, out, cloud)
         except ProxiesHeld as exc:
             raise UsageError(f"refused: {exc}") from None
