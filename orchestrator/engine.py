@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from orchestrator.errors import EXIT_STOPPED
 from orchestrator.runtime import Runtime
 from orchestrator.schedule.dispatch import Confirm, Start, Stop, WaitUntil
-from orchestrator.states import JobStatus
+from orchestrator.states import JobStatus, RunStatus
 from orchestrator.steps.reconcile import run_reconcile
 from orchestrator.steps.track import run_track
 from orchestrator.steps.upgrade import run_upgrade
@@ -183,7 +183,12 @@ class Engine:
         if isinstance(decision, Confirm):
             answer = None if self._confirm is None or rt.role != "runner" else await self._confirm(decision)
             if answer is None and rt.role != "runner":
-                return decision  # workers wait for the runner to open the wave
+                if state.run.status is not RunStatus.HALTED:
+                    return decision  # workers wait for the runner to open the wave
+                # the runner could not ask (off a terminal) and stopped the run: nobody will open it
+                stop = decision.declined()
+                rt.request_stop(stop.reason, stop.exit_code, stop.run_status.value)
+                return stop
             if answer:
                 if await rt.store.open_wave(
                     rt.run_id, frm=state.run.wave_open, to=decision.wave, reason="confirmed by the operator"
