@@ -296,7 +296,7 @@ def test_wait_for_window_waits_then_runs(
 ) -> None:
     sim = sim_factory(scenario(4))
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
-    opens = int(time.time()) + 10
+    opens = int(time.time()) + 15  # after the processes started (a loaded machine takes seconds)
     code, codes, text = drive(
         db_url,
         run_args(inv, db_url, sim, "--rate", "20/s", "--window", f"{iso(opens)}/PT2M", "--wait-for-window"),
