@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from orchestrator.errors import EXIT_STOPPED
 from orchestrator.runtime import Runtime
 from orchestrator.schedule.dispatch import Confirm, Start, Stop, WaitUntil
-from orchestrator.states import JobStatus
+from orchestrator.states import JobStatus, RunStatus
 from orchestrator.steps.reconcile import run_reconcile
 from orchestrator.steps.track import run_track
 from orchestrator.steps.upgrade import run_upgrade
@@ -38,6 +38,7 @@ ERROR_BACKOFF_S = 10.0  # an unexpected error on a job: look at it again after t
 # operator's re-queue and the window's boundaries are noticed by this tick (its own workers wake it at once).
 IDLE_S = 1.0
 PRUNE_EVERY_S = 60.0
+WAITING_LOG_EVERY_S = 60.0  # waiting for a window or a wave's pause: one log line a minute
 
 Confirmer = Callable[[Confirm], Awaitable[bool | None]]
 """Asks an operator about a wave: True yes, False no, None nobody can be asked (not a terminal)."""
@@ -65,6 +66,7 @@ class Engine:
         self._busy = 0  # jobs claimed by the feeder and not finished yet (queued or in a worker)
         self._db_down: DatabaseUnavailable | None = None
         self._marked_wave = 0  # the last wave this process recorded as finished
+        self._waiting_logged: tuple[str, float] | None = None  # (reason, monotonic time) of the last line
 
     async def run(self) -> EngineResult:
         rt = self.rt
@@ -118,7 +120,7 @@ class Engine:
             decision = await self._controls()
             if rt.stop_requested.is_set():
                 break
-            allow_new = isinstance(decision, Start)
+            allow_new = isinstance(decision, Start) and (rt.controls is None or rt.controls.allow_new)
             # jobs held (queued or in a worker) stay under two pools' worth; claim again as soon as less
             # than one pool's worth waits in the queue
             free = 4 * rt.options.concurrency - (self._busy - len(rt.tails))
@@ -184,7 +186,12 @@ class Engine:
         if isinstance(decision, Confirm):
             answer = None if self._confirm is None or rt.role != "runner" else await self._confirm(decision)
             if answer is None and rt.role != "runner":
-                return decision  # workers wait for the runner to open the wave
+                if state.run.status is not RunStatus.HALTED:
+                    return decision  # workers wait for the runner to open the wave
+                # the runner could not ask (off a terminal) and stopped the run: nobody will open it
+                stop = decision.declined()
+                rt.request_stop(stop.reason, stop.exit_code, stop.run_status.value)
+                return stop
             if answer:
                 if await rt.store.open_wave(
                     rt.run_id, frm=state.run.wave_open, to=decision.wave, reason="confirmed by the operator"
@@ -225,8 +232,17 @@ class Engine:
         if nd is not None and nd > now:
             delay = min(delay, max(0.02, (nd - now).total_seconds()))
         if isinstance(decision, WaitUntil):
-            rt.events.emit("run.waiting", until=decision.at.isoformat(), reason=decision.reason)
-            delay = min(delay, max(0.02, (decision.at - rt.now()).total_seconds()))
+            left = (decision.at - rt.now()).total_seconds()
+            last = self._waiting_logged
+            if last is None or last[0] != decision.reason or rt.mono() - last[1] >= WAITING_LOG_EVERY_S:
+                self._waiting_logged = (decision.reason, rt.mono())
+                rt.events.emit(
+                    "run.waiting",
+                    until=decision.at.isoformat(),
+                    reason=decision.reason,
+                    left_s=round(max(0.0, left)),
+                )
+            delay = min(delay, max(0.02, left))
         self._wake.clear()
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(rt.stop_requested.wait())]
         await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)

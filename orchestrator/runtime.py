@@ -214,9 +214,15 @@ class Controls:
     recorded, so the breaker stops the next send here without waiting for a read)."""
 
     def __init__(
-        self, decide: Callable[[RunState, int], Any], *, refresh_s: float = 1.0, mono: Mono = time.monotonic
+        self,
+        decide: Callable[[RunState, int], Any],
+        *,
+        refresh_s: float = 1.0,
+        mono: Mono = time.monotonic,
+        now: Callable[[], datetime] | None = None,
     ):
         self._decide = decide
+        self._now = now
         self._base_refresh_s = refresh_s
         self.refresh_s = refresh_s
         self._mono = mono
@@ -246,9 +252,23 @@ class Controls:
         self._extra_failures += 1
         self.decision = self._decide(self.state, self._extra_failures)
 
+    def db_now(self) -> datetime:
+        """The job table's clock now (``now`` when given, else the last read's clock moved on by this
+        process's monotonic clock)."""
+        if self._now is not None:
+            return self._now()
+        assert self.state is not None
+        return self.state.db_now + timedelta(seconds=self._mono() - self._read_at)
+
     @property
     def allow_new(self) -> bool:
-        return self.decision is None or isinstance(self.decision, Start)
+        """Whether a new upgrade may start now: the decision in force is a ``Start`` whose ``until`` (the
+        window's end minus the cutoff) has not passed, even if the next read is still a moment away."""
+        if self.decision is None:
+            return True
+        if not isinstance(self.decision, Start):
+            return False
+        return self.decision.until is None or self.state is None or self.db_now() < self.decision.until
 
     @property
     def open_wave(self) -> int:

@@ -49,6 +49,8 @@ async def show_status(
         await _controls_lines(store, run, zone_, out)
         if run.stop_reason:
             out.print(Text(f"last stop: {run.stop_reason}"))
+        elif run.status in (RunStatus.STOPPED, RunStatus.PAUSED, RunStatus.HALTED):
+            out.print(Text(f"last stop: {run.status.value} (no reason recorded)"))
         workers = await store.live_workers(run.id)
         claimed = await store.claimed_counts(run.id)
         if workers:
@@ -71,8 +73,11 @@ async def show_status(
 
 
 async def _controls_lines(store: JobStore, run: RunRow, tz: Any, out: Console) -> None:
-    """The window (local time and zone), the current wave, failures against the threshold."""
+    """The window (in its own zone, and in ``tz`` when that differs), the open wave and what holds the
+    next one back, failures against the threshold."""
+    from orchestrator.app.runtime import make_decider
     from orchestrator.options import RunOptions
+    from orchestrator.schedule.dispatch import Confirm, Phase, Start, Stop, WaitUntil, window_phase
 
     try:
         options = RunOptions.from_dict(run.options)
@@ -81,30 +86,60 @@ async def _controls_lines(store: JobStore, run: RunRow, tz: Any, out: Console) -
     state = await store.run_state(run.id, track=options.wait)
     window = options.window_spec()
     if window is not None:
-        from orchestrator.schedule.dispatch import window_phase
-
-        phase = window_phase(state.db_now, window, options.cutoff_delta())
-        interval = window.current_or_next(state.db_now)
-        where = "no later occurrence"
-        if interval is not None:
-            where = f"{show_time(interval.start, tz, '%Y-%m-%d %H:%M')} - {show_time(interval.end, tz, '%Y-%m-%d %H:%M')}"
-        out.print(Text(f"window: {options.window} (cutoff {options.cutoff}): {phase.phase.value}; {where}"))
+        now = state.db_now
+        ws = window_phase(now, window, options.cutoff_delta())
+        out.print(Text(f"window: {options.window} (cutoff {options.cutoff})"))
+        iv = ws.interval
+        if iv is not None and ws.last_start is not None:
+            start, end, last = (_when(t, iv.zone, tz) for t in (iv.start, iv.end, ws.last_start))
+            line = {
+                Phase.OPEN: f"open now, {start} - {end}; no new upgrade after {last}",
+                Phase.CLOSING: f"closing: no new upgrade since {last}; the window ends {end}",
+                Phase.OUTSIDE: f"closed; the next one opens {start}, ends {end}",
+            }.get(ws.phase, "")
+            out.print(Text(f"  {line}"))
+        else:
+            out.print(Text("  over: no later occurrence (resume --window W gives a new one)"))
     if state.waves > 1:
+        wave = min(run.wave_open, state.waves)
         out.print(
             Text(
-                f"wave: {min(run.wave_open, state.waves)} of {state.waves} open "
+                f"wave: {wave} of {state.waves} open "
                 f"({state.open_unfinished} jobs of the open waves not finished)"
             )
         )
+    if run.status in (RunStatus.RUNNING, RunStatus.CREATED) and state.not_started:
+        # what the controls say now (as a process that started now would see them)
+        decision = make_decider(options, since=state.db_now, confirm=options.confirm)(state, 0)
+        held = ""
+        if isinstance(decision, Start):
+            held = decision.note
+        elif isinstance(decision, WaitUntil | Stop):
+            held = decision.reason
+        elif isinstance(decision, Confirm):
+            held = f"wave {decision.wave} ({decision.size} proxies) awaits confirmation"
+        if held:
+            out.print(Text(f"held back: {held}"))
     breaker = options.breaker()
     counted = max(0, state.failures - run.failures_acked)
+    acked = f", {run.failures_acked} acknowledged" if run.failures_acked else ""
     if breaker is not None:
         verdict = breaker.describe(counted, state.finished)
-        out.print(
-            Text(f"failures: {counted} counted (limit --max-failures {options.max_failures}): {verdict}")
-        )
+        limit = f"limit --max-failures {options.max_failures}"
+        out.print(Text(f"failures: {counted} counted{acked} ({limit}): {verdict}"))
     elif state.failures:
-        out.print(Text(f"failures: {counted} counted (no --max-failures limit)"))
+        out.print(Text(f"failures: {counted} counted{acked} (no --max-failures limit)"))
+
+
+def _when(t: datetime, window_zone: Any, tz: Any) -> str:
+    """``Sat 2026-12-12 01:00 Asia/Shanghai``, then the viewer's reading (``--tz``/TZ, else UTC) when
+    that zone is another one: ``(2026-12-11 17:00 UTC)``."""
+    from orchestrator.schedule.window import format_instant, zone_name
+
+    text = format_instant(t, window_zone)
+    if zone_name(window_zone) != zone_name(tz):
+        text += f" ({show_time(t, tz, '%Y-%m-%d %H:%M')})"
+    return text
 
 
 async def show_runs(

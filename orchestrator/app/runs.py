@@ -187,6 +187,10 @@ async def run_inventory(
                 waves=wave_planner(options),
             )
         except UnfinishedRun as exc:
+            # the inventory's window (unless the command line gives one) holds for the run it resumes: a
+            # window edited in the file replaces the stored one, as resume --window would
+            if kw.get("window") is None and inv.window is not None:
+                kw = {**kw, "window": inv.window}
             return await _unfinished(store, exc.run, resume_mode, inventory, kw, proc, out, cloud)
         except ProxiesHeld as exc:
             raise UsageError(f"refused: {exc}") from None
@@ -524,6 +528,8 @@ async def _finish(
         code = result.exit_code if result.exit_code is not None else EXIT_STOPPED
         status = RunStatus(result.run_status) if result.run_status else RunStatus.STOPPED
         reason = result.stop_reason or "stopped"
+        if status in (RunStatus.PAUSED, RunStatus.HALTED):
+            reason = await _settled_reason(rt, status, reason)
     if role == "runner" or result.finished:
         try:
             if role == "runner" or await store.active_count(run.id, track=rt.options.wait) == 0:
@@ -552,6 +558,22 @@ async def _finish(
         if url:
             await _notify(store, run, url, status, code, reason or "finished", counts)
     return code
+
+
+async def _settled_reason(rt: Runtime, status: RunStatus, reason: str) -> str:
+    """The controls' reason once the drain is over: the stop was decided while calls were still queued
+    for a permit (counted in flight, then not sent after all), so its counts may be stale."""
+    from orchestrator.schedule.dispatch import Stop
+
+    if rt.controls is None:
+        return reason
+    try:
+        decision = rt.controls.update(await rt.store.run_state(rt.run_id, track=rt.options.wait))
+    except Exception:
+        return reason
+    if isinstance(decision, Stop) and not decision.new_upgrades_only and decision.run_status is status:
+        return decision.reason
+    return reason
 
 
 async def _notify(

@@ -141,7 +141,7 @@ async def build_runtime(
         metrics=metrics,
         mono=mono,
     )
-    rt.controls = Controls(make_decider(options, since=since, confirm=confirm), mono=mono)
+    rt.controls = Controls(make_decider(options, since=since, confirm=confirm), mono=mono, now=store.db_now)
     if store.is_postgres:
         from orchestrator.gate import SharedGate
 

@@ -31,7 +31,7 @@ Exit codes and run statuses are the project's (``orchestrator.errors``, ``orches
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 
 from orchestrator.errors import EXIT_HALTED, EXIT_STOPPED
@@ -99,11 +99,14 @@ class RunView:
 class Start:
     """New upgrades may start for jobs with ``wave <= open_wave``. ``opens``: this answer opens wave
     ``open_wave``; persist ``runs.wave_open`` first (conditional on the value read). ``note``: why no
-    later wave may start yet, for ``status`` (empty when nothing holds back)."""
+    later wave may start yet, for ``status`` (empty when nothing holds back). ``until`` (UTC; None: no
+    window): the answer holds only before this instant, the window's end minus the cutoff, however
+    long the caller keeps it before asking again (the send fence checks it; not part of equality)."""
 
     open_wave: int
     opens: bool = False
     note: str = ""
+    until: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,11 @@ def dispatch(now: datetime, view: RunView) -> Decision:
     stop = _breaker_stop(now, view, state) or _window_stop(now, view, state)
     if stop is not None:
         return stop
-    return _waves(now, view, state)
+    decision = _waves(now, view, state)
+    if isinstance(decision, Start) and state.phase is Phase.OPEN:
+        # read at most once a second, an answer must not outlive the cutoff it was given under
+        decision = replace(decision, until=state.last_start)
+    return decision
 
 
 def _breaker_stop(now: datetime, view: RunView, state: WindowState) -> Stop | None:
