@@ -121,6 +121,7 @@ def configure_logging(*, fmt: str = "console", level: str = "info", stream: Text
     )
     _state["console"] = console
     _state["json"] = fmt == "json"
+    _state["level"] = level
     return console
 
 
@@ -165,6 +166,7 @@ class RunEvents:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.log = structlog.get_logger("orchestrator")
+        self._debug = _state.get("level") == "debug"
         self.console = console or notice_console()
         self.show = self.console.is_terminal if progress is None else progress
         self.total = total
@@ -274,6 +276,8 @@ class RunEvents:
         level = "debug" if event in _QUIET_EVENTS else "info"
         if event.endswith(_WARN_SUFFIXES):
             level = "warning"
+        elif level == "debug" and not self._debug:
+            return  # per-job chatter costs CPU on every call even when the logger drops it
         with contextlib.suppress(Exception):
             getattr(self.log, level)(event, **{k: v for k, v in fields.items() if v is not None})
 

@@ -59,9 +59,11 @@ class GroupCommitWriter:
         max_batch: int = 256,
         outage_timeout: float = 60.0,
         on_outage: OutageHook | None = None,
+        linger_s: float = 0.005,
     ) -> None:
         self._backend = backend
         self._max_batch = max_batch
+        self.linger_s = linger_s
         self.outage_timeout = outage_timeout
         self._on_outage = on_outage
         self._urgent: deque[_Item] = deque()
@@ -90,8 +92,9 @@ class GroupCommitWriter:
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         (self._urgent if urgent else self._normal).append(_Item(op, fut))
         self._ready.set()
-        # shield: a worker cancelled while its answer is being committed must not cancel the commit
-        return await asyncio.shield(fut)
+        # No shield needed: the op is queued and will run and commit whatever happens to this caller;
+        # a cancelled caller only stops waiting for its result (``_apply`` skips done futures).
+        return await fut
 
     async def close(self) -> None:
         if self._task is None:
@@ -122,6 +125,10 @@ class GroupCommitWriter:
         while True:
             self._ready.clear()
             while (self._urgent or self._normal) and len(running) < parallel:
+                if not self._urgent and len(self._normal) < self._max_batch and self.linger_s > 0:
+                    # nothing waits on these (answers commit in the background): let a few more join
+                    # the batch, so a slow trickle of answers costs one commit per few ms, not one each
+                    await asyncio.sleep(self.linger_s)
                 batch = self._take()
                 if parallel == 1:
                     await self._apply(batch)
