@@ -79,11 +79,13 @@ async def apply(
     answer: AttemptAnswer | None = None,
     workflows: tuple[NewWorkflow, ...] = (),
     answer_recorded_alone: bool = False,
+    effects_done: bool = False,
 ) -> bool:
     """Move ``job`` as ``decision`` says (guarded on ``frm`` and this process's claim), with its run-wide
     effects. With ``attempt_id`` and ``answer`` (and ``answer_recorded_alone``) the attempt's answer and
     workflows are recorded even if the move loses. Returns whether the move won."""
-    effects(rt, decision)
+    if not effects_done:
+        effects(rt, decision)
     move = plan_move(decision, frm=frm, now=rt.now(), poll_initial=rt.options.poll_initial, facts=facts)
     if answer_recorded_alone and attempt_id is not None and answer is not None:
         ok = await rt.store.record_answer(
@@ -100,9 +102,14 @@ async def apply(
         )
         ok = await rt.store.move(job, move, worker_id=rt.worker_id)
     rt.lease.dropped(job.id)
-    if ok and move.fields.get("counts_failure") and move.to in (JobStatus.FLAGGED, JobStatus.FAILED):
-        if rt.controls is not None:
-            rt.controls.note_failure()
+    if (
+        ok
+        and not effects_done
+        and move.fields.get("counts_failure")
+        and move.to in (JobStatus.FLAGGED, JobStatus.FAILED)
+        and rt.controls is not None
+    ):
+        rt.controls.note_failure()
     rt.events.emit(
         f"job.{move.to.value}" if ok else "job.move_lost",
         job=job.id,
@@ -137,8 +144,9 @@ async def succeed(rt: Runtime, job: JobRow, reason: str, facts: Mapping[str, Any
     return ok
 
 
-def effects(rt: Runtime, decision: Decision) -> None:
-    """The run-wide effects of a decision: slow down on throttling, stop the run on a refused credential."""
+def effects(rt: Runtime, decision: Decision, *, note_failure: bool = False) -> None:
+    """The run-wide effects of a decision: slow down on throttling, stop the run on a refused credential,
+    and (``note_failure``) count a failure for the breaker at once, before its move has committed."""
     if decision.throttle:
         rt.limiter.throttled(decision.retry_after)
         rt.events.emit("run.throttled", retry_after=decision.retry_after)
@@ -148,6 +156,13 @@ def effects(rt: Runtime, decision: Decision) -> None:
     if decision.action is Action.STOP_RUN:
         hint = render_hint(decision.hint, rt.run_id)
         rt.request_stop(f"{decision.reason}. {hint or ''}".strip(), exit_code=EXIT_USAGE)
+    if (
+        note_failure
+        and decision.counts_failure
+        and decision.action in (Action.FLAG, Action.FAIL)
+        and rt.controls is not None
+    ):
+        rt.controls.note_failure()
 
 
 async def reschedule(

@@ -80,14 +80,17 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
             rt.ref(job), source, job.target_version, on_sent=on_sent, may_send=rt.send_fence(job)
         )
         _observe(rt, "upgrade", outcome, rt.mono() - t0)
-    decision = decide(
-        outcome,
-        attempt=intent.number,
-        policy=rt.policy,
-        rng=rt.rng,
-        stage=Stage.UPGRADE,
-        earlier_attempt_unsettled=is_unsettled,
-    )
+        decision = decide(
+            outcome,
+            attempt=intent.number,
+            policy=rt.policy,
+            rng=rt.rng,
+            stage=Stage.UPGRADE,
+            earlier_attempt_unsettled=is_unsettled,
+        )
+        # the run-wide effects (throttle, a refused credential's stop, the breaker's count) take hold
+        # before this call slot frees: no other call leaves on a stale view while the record commits
+        moves.effects(rt, decision, note_failure=True)
     answer, items = _answer(outcome, decision, sent_at)
     in_flight = _as_status(job, JobStatus.IN_FLIGHT, intent.number)
     # the record of what the cloud answered commits in its own task: Ctrl-C cannot skip it, and the worker
@@ -102,6 +105,7 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
             answer=answer,
             workflows=items,
             answer_recorded_alone=True,
+            effects_done=True,
         )
     )
 

@@ -59,7 +59,7 @@ class GroupCommitWriter:
         max_batch: int = 256,
         outage_timeout: float = 60.0,
         on_outage: OutageHook | None = None,
-        linger_s: float = 0.005,
+        linger_s: float = 0.0,
     ) -> None:
         self._backend = backend
         self._max_batch = max_batch
