@@ -100,10 +100,14 @@ async def insert_workflows(
 
 
 async def complete_attempt(tx: Tx, attempt_id: int, answer: AttemptAnswer) -> None:
+    # Reconcile completes an attempt a second time (outcome and rule only): what the cloud answered, and
+    # when, stays as first recorded (the audit trail of a 502 page or a busy resend must not be erased).
     await tx.execute(
-        "UPDATE attempts SET answered_at = :now, sent_at = COALESCE(:sent, sent_at), outcome = :outcome,"
-        " http_status = :hs, error_code = :ec, error_msg = :em, request_id = :rid, rule = :rule,"
-        " transport = :tr WHERE id = :id",
+        "UPDATE attempts SET answered_at = COALESCE(answered_at, :now), sent_at = COALESCE(:sent, sent_at),"
+        " outcome = :outcome, http_status = COALESCE(:hs, http_status),"
+        " error_code = COALESCE(:ec, error_code), error_msg = COALESCE(:em, error_msg),"
+        " request_id = COALESCE(:rid, request_id), rule = :rule, transport = COALESCE(:tr, transport)"
+        " WHERE id = :id",
         {
             "now": tx.ts(tx.now),
             "sent": tx.ts(answer.sent_at),
