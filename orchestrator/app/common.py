@@ -46,16 +46,26 @@ def abspath(path: str) -> str:
     return str(Path(path).resolve())
 
 
-def zone(tz: str | None) -> tzinfo:
-    """The zone times are shown in: ``--tz`` / ``TZ`` (an IANA name), else UTC. Stored times stay UTC."""
+def zone_name(tz: str | None) -> str:
+    """The IANA name times are shown in: ``--tz`` (refused when unknown), else ``TZ`` when it names a zone
+    (a POSIX rule or a path in ``TZ`` is not one: then UTC, labelled), else UTC. Stored times stay UTC."""
     import os
 
-    name = tz or os.environ.get("TZ") or "UTC"
-    name = name.removeprefix(":")
+    if tz:
+        try:
+            return str(ZoneInfo(tz.removeprefix(":")).key)
+        except Exception:
+            raise UsageError(f"--tz: unknown time zone {tz!r} (an IANA name such as Asia/Shanghai)") from None
+    env = (os.environ.get("TZ") or "").removeprefix(":")
     try:
-        return ZoneInfo(name)
+        return str(ZoneInfo(env).key) if env else "UTC"
     except Exception:
-        raise UsageError(f"--tz: unknown time zone {name!r} (an IANA name such as Asia/Shanghai)") from None
+        return "UTC"
+
+
+def zone(tz: str | None) -> tzinfo:
+    """The zone of ``zone_name(tz)``."""
+    return ZoneInfo(zone_name(tz))
 
 
 def show_time(t: datetime | None, tz: tzinfo, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.app.common import find_run, opened, show_time, zone
+from orchestrator.app.common import find_run, opened, show_time, zone, zone_name
 from orchestrator.errors import UsageError
 from orchestrator.observe import SafeStream
 from orchestrator.states import JobStatus, RunStatus
@@ -29,6 +29,7 @@ def counts_table(run: RunRow, counts: Mapping[JobStatus, int] | Mapping[str, int
 async def show_status(run_ref: str | None, *, db: str | None, tz: str | None, since: datetime | None,
                       statuses: Sequence[str], out: Console) -> None:
     """No RUN: the recent runs (filtered); RUN: its counts, window, wave, breaker, why it stopped, workers."""
+    tz = zone_name(tz)
     zone_ = zone(tz)
     async with opened(db, create=False) as store:
         if run_ref is None:
@@ -97,7 +98,7 @@ async def _runs(store: JobStore, *, since: datetime | None, statuses: Sequence[s
     from orchestrator import reporting
     from orchestrator.store import reports
 
-    zone(tz)
+    tz = zone_name(tz)  # --tz, else TZ, else UTC
     async with store.read() as conn:
         runs = await reports.list_runs(conn, since=since, statuses=list(statuses) or None)
     if fmt == "table":
@@ -114,7 +115,7 @@ async def show_report(run_ref: str, *, db: str | None, fmt: str, statuses: Seque
     from orchestrator import reporting
     from orchestrator.store import reports
 
-    zone(tz)
+    tz = zone_name(tz)  # --tz, else TZ, else UTC
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref)
         async with store.read() as conn:
@@ -144,7 +145,7 @@ async def show_flagged(run_ref: str | None, *, db: str | None, rule: str | None,
     from orchestrator import reporting
     from orchestrator.store import reports
 
-    zone(tz)
+    tz = zone_name(tz)  # --tz, else TZ, else UTC
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref)
         async with store.read() as conn:
@@ -164,7 +165,7 @@ async def show_history(*, db: str | None, proxy: str | None, instance: str | Non
 
     if not (proxy or instance):
         raise UsageError("history: say which: --proxy ID or --instance ID")
-    zone(tz)
+    tz = zone_name(tz)  # --tz, else TZ, else UTC
     async with opened(db, create=False) as store, store.read() as conn:
         entries = await reports.history(conn, proxy_id=proxy, instance_id=instance, since=since)
     what = f"proxy {proxy}" if proxy else f"instance {instance}"
