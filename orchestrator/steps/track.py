@@ -67,7 +67,10 @@ async def _poll(rt: Runtime, job: JobRow, w: WorkflowRow) -> WorkflowInfo | None
     if isinstance(info, WorkflowInfo):
         ended: datetime | None = None
         if info.is_final:
-            ended = _cloud_time(rt, info.ended) or rt.now()
+            # the cloud's `ended` has whole seconds: never before we recorded the workflow (a report
+            # would show it ending before it was sent), never after this answer
+            now = rt.now()
+            ended = min(max(_cloud_time(rt, info.ended) or now, w.created_at), now)
         await rt.store.record_workflow_status(
             w.id, status=info.status, progress=info.progress, fail_reason=info.fail_reason, ended_at=ended
         )
