@@ -116,6 +116,42 @@ def test_a_live_runs_proxies_are_refused_to_any_new_run(
     assert Counter(j["status"] for j in jobs(db_url).values()) == {"succeeded": 10}
 
 
+def test_resuming_an_old_run_over_proxies_a_live_run_holds_is_refused(
+    sim_factory: Callable[..., Sim], tmp_path: Path, db_url: str, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """Run 1 stopped with its proxies unfinished; run 2 (``--new-run``) now holds them, live. Resuming
+    run 1 (by ``resume 1``, or ``run --resume``) is refused naming run 2 and its process: it would send
+    to the same proxies at the same time."""
+    sim = sim_factory(fleet(8, latency_s=0.05))
+    inv = inventory(sim, tmp_path / "fleet.yaml")
+    first = cli_bg("run", str(inv), "--db", db_url, "--endpoint", sim.url, "--rate", "1/s", *fast(),
+                   stdout=tmp_path / "first.out")  # fmt: skip
+    procs.append(first)
+    wait_until(
+        "run 1 to send", lambda: n_upgrades(sim) >= 1, 120, (first,), lambda: text_of(tmp_path / "first.out")
+    )
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(30) == 3
+    out = tmp_path / "second.out"
+    second = cli_bg("run", str(inv), "--new-run", "--db", db_url, "--endpoint", sim.url, "--rate", "1/s",
+                    "--concurrency", "1", *fast(), stdout=out)  # fmt: skip
+    procs.append(second)
+
+    def second_registered() -> bool:
+        return any(w[1] == second.pid for w in registered(db_url))
+
+    wait_until("run 2 to register", second_registered, 120, (second,), lambda: text_of(out))
+    for args in (["resume", "1"], ["run", str(inv), "--resume", "--endpoint", sim.url]):
+        r = cli(*args, "--db", db_url, *fast())
+        assert r.code == 2, f"{args}: {r}"
+        assert f"pid {second.pid}" in r.err and HOST in r.err, f"{args}: {r.err}"
+        assert not [s for s in SUGGESTIONS if s in r.err], r.err
+    assert second.poll() is None, text_of(out)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(30) == 3, text_of(out)
+    assert max(upgrades_per_proxy(sim.log()).values()) == 1, upgrades_per_proxy(sim.log())
+
+
 def test_two_runs_started_together_never_upgrade_a_proxy_twice(
     sim_factory: Callable[..., Sim], tmp_path: Path, db_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:
