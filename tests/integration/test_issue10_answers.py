@@ -116,6 +116,9 @@ def test_items_that_do_not_prove_their_state_are_reconciled(
     first = attempts(db_url, PROXY)[0]
     assert first["outcome"] in ("reconcile", "reconciled"), attempts(db_url, PROXY)
     assert "rejected by the cloud" not in r.out + r.err
+    # postflight names the workflow it tracked to its end: the cloud's, not one the answer made up
+    (said,) = db_rows(db_url, "SELECT reason FROM events WHERE to_status = 'succeeded'")
+    assert said[0] and created <= set(re.findall(r"[0-9a-f-]{36}", said[0])), said
 
 
 # ------------------------------------------------------------------------------------------- kind 2
@@ -341,7 +344,12 @@ def test_retry_never_resends_while_a_workflow_of_the_proxy_runs_and_says_when(
         assert job["status"] == "flagged" and wid in job["reason"], job
 
     # the workflow ends and the subnet is fixed: the retry goes through and the proxy is upgraded
-    sim.patch({"workflows": {wid: {"outcome": "complete"}}, "proxies": {PROXY: {"reject": None, "workflow": "complete"}}})
+    sim.patch(
+        {
+            "workflows": {wid: {"outcome": "complete"}},
+            "proxies": {PROXY: {"reject": None, "workflow": "complete"}},
+        }
+    )
     rq = cli("retry", "1", "--flagged", "--db", db_url)
     res = cli("resume", "1", "--db", db_url, timeout=120)
     assert res.code == 0, f"{rq}\n{res}"
