@@ -430,12 +430,23 @@ def retry(
 @db_option
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False), help="Outcome policy YAML file")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--name", hidden=True)
+@click.option("--resume", "resume_mode", flag_value="resume", hidden=True)
+@click.option("--new-run", "resume_mode", flag_value="new", hidden=True)
 @run_options
+@process_options
 def plan(inventory: str, db: str | None, policy_file: str | None, fmt: str, **kw: Any) -> None:
-    """Preflight only: what `run` would do for each proxy, and how long, with no upgrade call."""
+    """Preflight only: what `run` would do for each proxy, and how long, with no upgrade call.
+
+    Takes every option `run` takes (so a run's command line plans with `run` replaced by `plan`); the
+    ones about the job table and this process are accepted and not used."""
     from orchestrator.app.plan import plan_inventory
 
-    del db  # accepted like run's: the plan reads the cloud, not the job table
+    # accepted like run's: the plan reads the cloud, not the job table, and is no run
+    del db
+    _proc(kw)
+    kw.pop("name", None)
+    kw.pop("resume_mode", None)
     raise SystemExit(
         _run(lambda: plan_inventory(inventory, kw=kw, policy_file=policy_file, fmt=fmt, out=out))
     )

@@ -32,8 +32,8 @@ DEFAULT_MARGIN_S = 0.05
 
 Requests reach the gateway after a variable network delay; if that delay differs by up to ``d`` between
 two calls, the server sees their distance shrink by up to ``d``. A margin of ``d`` keeps the server's
-view inside the limit too. 20 ms covers ordinary jitter on a healthy path while costing only 2% of a
-1-second window (0.03% of a minute)."""
+view inside the limit too. 50 ms covers ordinary jitter on a healthy path (and tens of ms seen at the
+simulator on a loaded machine) while costing 5% of a 1-second window (0.08% of a minute)."""
 
 DECREASE_FACTOR = 0.5
 """Multiplicative decrease applied to the effective limit on a throttle signal (at most once a period)."""

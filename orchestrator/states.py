@@ -16,7 +16,7 @@ class JobStatus(enum.StrEnum):
     UNKNOWN = "unknown"  # the call may have reached the cloud but its answer was lost: reconcile first
     RETRY_WAIT = "retry_wait"  # a transient failure; due again at next_attempt_at
     ACCEPTED = "accepted"  # the cloud queued the workflow(s); tracking follows them
-    SUCCEEDED = "succeeded"  # verified at the target version (or ACCEPT with --no-wait)
+    SUCCEEDED = "succeeded"  # postflight read the target version (--no-wait leaves jobs accepted)
     SKIPPED = "skipped"  # nothing to do (already at target)
     FLAGGED = "flagged"  # needs an operator; reason and hint say what to do
     FAILED = "failed"  # gave up (attempts exhausted or a non-retryable error)

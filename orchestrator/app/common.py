@@ -48,26 +48,29 @@ def abspath(path: str) -> str:
     return str(Path(path).resolve())
 
 
-def zone(tz: str | None) -> tzinfo:
-    """The zone times are shown in: ``--tz`` (an IANA name; unknown: a usage error), else ``TZ`` (unknown or
-    a POSIX rule such as ``CST-8``: UTC, with a notice), else UTC. Stored times stay UTC."""
+def zone_name(tz: str | None) -> str:
+    """The IANA name times are shown in: ``--tz`` (refused when unknown), else ``TZ`` when it names a zone
+    (a POSIX rule or a path in ``TZ`` is not one: then UTC, labelled), else UTC. Stored times stay UTC."""
     import os
 
     if tz:
         try:
-            return ZoneInfo(tz.removeprefix(":"))
+            return str(ZoneInfo(tz.removeprefix(":")).key)
         except Exception:
             raise UsageError(f"--tz: unknown time zone {tz!r} (an IANA name such as Asia/Shanghai)") from None
     env = (os.environ.get("TZ") or "").removeprefix(":")
-    if not env or env.upper() in ("UTC", "Z"):
-        return ZoneInfo("UTC")
     try:
-        return ZoneInfo(env)
+        return str(ZoneInfo(env).key) if env else "UTC"
     except Exception:
         from orchestrator.observe import notice
 
         notice(f"note: TZ={env!r} is not an IANA zone name: times are shown in UTC (use --tz)")
-        return ZoneInfo("UTC")
+        return "UTC"
+
+
+def zone(tz: str | None) -> tzinfo:
+    """The zone of ``zone_name(tz)``."""
+    return ZoneInfo(zone_name(tz))
 
 
 def show_time(t: datetime | None, tz: tzinfo, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:

@@ -26,8 +26,9 @@ async def requeue(
     out: Console,
 ) -> None:
     """Move chosen flagged/failed jobs of a run back to pending (history kept); ``resume`` sends them.
-    Unknown ``--proxy`` ids are refused before anything changes; a proxy whose workflow still runs is
-    left alone, and said so (with when it was last seen running)."""
+    Unknown ``--proxy`` ids are refused before anything changes; a proxy whose workflow was last seen
+    running is said so (with when): ``resume`` looks at that workflow first and sends nothing to the proxy
+    while it runs."""
     zone_ = zone(tz)
     statuses = []
     if want_flagged or not want_failed:
@@ -45,8 +46,9 @@ async def requeue(
         for proxy, workflow, status, seen in result.running:
             out.print(
                 Text(
-                    f"not re-queued: proxy {proxy}: its workflow {workflow} was {status} when last checked "
-                    f"({show_time(seen, zone_)}); retry it after that workflow has ended"
+                    f"proxy {proxy}: its workflow {workflow} was {status} when last checked "
+                    f"({show_time(seen, zone_)}): nothing is sent to it while that workflow runs (resume looks "
+                    "at it first)"
                 )
             )
         if result.moved:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.app.common import find_run, opened, show_time, zone
+from orchestrator.app.common import find_run, opened, show_time, zone, zone_name
 from orchestrator.errors import UsageError
 from orchestrator.observe import SafeStream
 from orchestrator.states import JobStatus, RunStatus
@@ -38,6 +38,7 @@ async def show_status(
     out: Console,
 ) -> None:
     """No RUN: the recent runs (filtered); RUN: its counts, window, wave, breaker, why it stopped, workers."""
+    tz = zone_name(tz)
     zone_ = zone(tz)
     async with opened(db, create=False) as store:
         if run_ref is None:

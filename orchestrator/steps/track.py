@@ -77,12 +77,10 @@ async def _poll(rt: Runtime, job: JobRow, w: WorkflowRow) -> WorkflowInfo | None
     if isinstance(info, WorkflowInfo):
         ended: datetime | None = None
         if info.is_final:
-            ended = _cloud_time(rt, info.ended) or rt.now()
-            if w.source == "answer":
-                # not before its answer was recorded: the cloud's times have whole seconds and its offset
-                # is measured from Date headers, so a workflow shorter than a second would seem to end
-                # before it was accepted (a negative duration in the report)
-                ended = max(ended, w.created_at)
+            # the cloud's `ended` has whole seconds: never before we recorded the workflow (a report
+            # would show it ending before it was sent), never after this answer
+            now = rt.now()
+            ended = min(max(_cloud_time(rt, info.ended) or now, w.created_at), now)
         await rt.store.record_workflow_status(
             w.id, status=info.status, progress=info.progress, fail_reason=info.fail_reason, ended_at=ended
         )

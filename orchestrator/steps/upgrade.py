@@ -44,6 +44,25 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
         # never resend while a workflow an earlier attempt started may still run (retry --flagged, a
         # partial accept under --no-wait): look at it first
         running = await poll_open_workflows(rt, job, workflows)
+        if running is not None and not rt.stop_requested.is_set():
+            age = (rt.now() - running.created_at).total_seconds()
+            if age > rt.options.poll_timeout:
+                # as long as tracking would have waited for it: hand the proxy back, still not resent
+                await moves.apply(
+                    rt,
+                    job,
+                    Decision(
+                        Action.FLAG,
+                        f"workflow {running.workflow_id} of an earlier attempt is still "
+                        f"{running.job_status or 'not visible'} after {age:.0f}s: nothing was sent again",
+                        "upgrade:workflow-running",
+                        "check the workflow in the console; when it has ended run: orchestrator retry {run} "
+                        "--flagged",
+                        counts_failure=True,
+                    ),
+                    frm=job.status,
+                )
+                return None
         if running is not None:
             await moves.reschedule(
                 rt,

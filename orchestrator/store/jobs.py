@@ -49,8 +49,9 @@ class UnknownProxies(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Requeued:
-    """What ``retry`` did: jobs moved back to pending, and jobs left alone because a workflow of theirs
-    still runs (proxy id, workflow id, last status seen, when it was seen)."""
+    """What ``retry`` did: jobs moved back to pending, and, among them, those with a workflow last seen
+    running (proxy id, workflow id, last status seen, when it was seen): the upgrade step looks at that
+    workflow again before anything is sent, and sends nothing while it runs."""
 
     moved: int
     running: list[tuple[str, str, str, datetime | None]]
@@ -579,8 +580,10 @@ class JobOps:
     ) -> Requeued:
         """Operator re-queue (``orchestrator retry``): chosen flagged/failed jobs back to pending, history
         kept, one ``retry`` event each with who did it. Validated first: unknown ``proxy_ids`` raise
-        ``UnknownProxies`` before anything changes. A job with a workflow last seen Pending/Running is left
-        alone and reported (``retry`` never resends while a workflow of the proxy runs)."""
+        ``UnknownProxies`` before anything changes. A job with a workflow last seen Pending/Running is
+        re-queued too, and reported: nobody follows a flagged job's workflow, so that status is only as
+        fresh as its ``checked_at``, and refusing on it would refuse for good. The upgrade step polls the
+        workflow before sending and sends nothing while it runs (``steps/upgrade.py``)."""
         chosen = list(statuses)
         for st in chosen:
             check_move(st, JobStatus.PENDING)
@@ -618,12 +621,7 @@ class JobOps:
                 f" AND w.state = 'ACCEPT' AND w.job_status IS NOT NULL AND w.job_status NOT IN {fsql}",
                 {**params, **fparams},
             )
-            held = {int(r[0]) for r in running_rows}
             running = [(str(r[1]), str(r[2]), str(r[3]), aware(r[4])) for r in running_rows]
-            if held:
-                hsql, hparams = in_clause("h", sorted(held))
-                cond += f" AND id NOT IN {hsql}"
-                params.update(hparams)
             a = events.this_actor()
             await tx.execute(
                 events.insert_from_jobs_sql(cond),
