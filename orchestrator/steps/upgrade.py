@@ -45,7 +45,8 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
         # partial accept under --no-wait): look at it first
         running = await poll_open_workflows(rt, job, workflows)
         if running is not None and not rt.stop_requested.is_set():
-            age = (rt.now() - running.created_at).total_seconds()
+            # waited for since the job was last moved (a re-queue restarts the wait), as tracking would
+            age = (rt.now() - max(running.created_at, job.updated_at)).total_seconds()
             if age > rt.options.poll_timeout:
                 # as long as tracking would have waited for it: hand the proxy back, still not resent
                 await moves.apply(

@@ -490,7 +490,7 @@ def test_a_requeued_job_waits_for_its_earlier_workflow_instead_of_resending(tmp_
             S.PENDING,
             f"waiting for workflow {wid} (not yet visible) before sending again",
         )
-        await advance(100)
+        await advance(45)  # within --poll-timeout of the re-queue: still waiting, now that it is listed
         job = await b.step()
         assert (job.status, job.reason) == (
             S.PENDING,
