@@ -226,20 +226,32 @@ class JobOps:
             ]
             room = limit - len(chosen)
             if allow_new and room > 0:
+                # only candidates whose instance has room: a LIMIT over all pending jobs could be filled
+                # with siblings of busy instances and starve the instances listed after them
+                has_room, room_params = _has_room_sql(track)
                 cands = [
                     job_row(r)
                     for r in await tx.fetch(
                         f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status = 'retry_wait'"
-                        f" AND next_attempt_at <= :now AND {free} ORDER BY next_attempt_at LIMIT :lim",
-                        {"run": run_id, "now": nts, "lim": room * 4},
+                        f" AND next_attempt_at <= :now AND {free} AND {has_room}"
+                        " ORDER BY next_attempt_at LIMIT :lim",
+                        {"run": run_id, "now": nts, "lim": room * 4, "per": per_instance, **room_params},
                     )
                 ]
                 cands += [
                     job_row(r)
                     for r in await tx.fetch(
                         f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status = 'pending'"
-                        f" AND wave <= :open AND {due} AND {free} ORDER BY wave, id LIMIT :lim",
-                        {"run": run_id, "now": nts, "lim": room * 4, "open": open_wave},
+                        f" AND wave <= :open AND {due} AND {free} AND {has_room}"
+                        " ORDER BY wave, id LIMIT :lim",
+                        {
+                            "run": run_id,
+                            "now": nts,
+                            "lim": room * 4,
+                            "open": open_wave,
+                            "per": per_instance,
+                            **room_params,
+                        },
                     )
                 ]
                 if cands:
@@ -703,6 +715,23 @@ async def _busy_instances(
         ):
             out[(str(project), str(instance))] = int(n)
     return out
+
+
+def _has_room_sql(track: bool) -> tuple[str, dict[str, Any]]:
+    """The condition "fewer than ``:per`` proxies of this job's instance are being upgraded now" on a
+    ``jobs`` row (the same count as :func:`_busy_instances`), with its parameters (``:now`` bound by the
+    caller)."""
+    busy_states = [JobStatus.IN_FLIGHT.value, JobStatus.UNKNOWN.value] + (
+        [JobStatus.ACCEPTED.value] if track else []
+    )
+    bsql, bparams = in_clause("rb", busy_states)
+    ssql, sparams = in_clause("rs", _SENDABLE)
+    return (
+        "(SELECT count(*) FROM jobs o WHERE o.run_id = jobs.run_id AND o.instance_id = jobs.instance_id"
+        f" AND o.project_id = jobs.project_id AND (o.status IN {bsql} OR (o.status IN {ssql}"
+        " AND o.claimed_by IS NOT NULL AND o.lease_expires_at > :now))) < :per",
+        {**bparams, **sparams},
+    )
 
 
 def _claimed(j: JobRow, worker_id: str, lease: datetime) -> JobRow:
