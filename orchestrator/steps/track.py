@@ -46,6 +46,17 @@ def summarize(rows: list[WorkflowRow]) -> Progress:
     )
 
 
+def current_round(rows: list[WorkflowRow]) -> list[WorkflowRow]:
+    """The workflows of the job's latest accepted attempt (reconcile attaches what it finds to the latest
+    attempt). A job re-queued after a failed workflow keeps that workflow's row: its end must not decide
+    the resend's round, nor its age the resend's poll timeout."""
+    ids = [w.attempt_id for w in rows if w.state == "ACCEPT" and w.workflow_id and w.attempt_id is not None]
+    if not ids:
+        return rows
+    latest = max(ids)
+    return [w for w in rows if w.attempt_id is None or w.attempt_id == latest]
+
+
 async def poll_open_workflows(rt: Runtime, job: JobRow, rows: list[WorkflowRow]) -> WorkflowRow | None:
     """Poll every accepted workflow of ``job`` not known to have ended; returns one still running, if any."""
     still: WorkflowRow | None = None
@@ -82,10 +93,10 @@ async def _poll(rt: Runtime, job: JobRow, w: WorkflowRow) -> WorkflowInfo | None
 
 async def run_track(rt: Runtime, job: JobRow) -> None:
     """Poll the job's open workflows; when all ended, decide (failed, partial) or run the postflight."""
-    rows = await rt.store.workflows_of(job.id)
+    rows = current_round(await rt.store.workflows_of(job.id))
     accepted_at = min((w.created_at for w in rows if w.state == "ACCEPT"), default=job.updated_at)
     await poll_open_workflows(rt, job, rows)
-    rows = await rt.store.workflows_of(job.id)
+    rows = current_round(await rt.store.workflows_of(job.id))
     prog = summarize(rows)
     if prog.open:
         waited = (rt.now() - accepted_at).total_seconds()
