@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 from orchestrator.states import JobStatus
-from orchestrator.store import NewJob, open_store
-from orchestrator.store.store import new_worker_id, utcnow
+from orchestrator.store import AttemptAnswer, Move, NewJob, new_worker_id, open_store
 
 
 def fleet(n: int) -> list[NewJob]:
@@ -36,18 +35,22 @@ async def one(url: str, n: int, writers: int, group: bool) -> float:
     store = await open_store(url)
     if not group:
         store.writer._max_batch = 1  # the same code path, one transaction per operation
-    now = utcnow()
-    run = await store.create_run(
-        name="bench", inventory_path="-", inventory_sha256="0" * 64, options={}, jobs=fleet(n), now=now
-    )
     wid = new_worker_id()
-    await store.register(run.id, worker_id=wid, role="runner", now=now, lease_s=600, exclusive=True)
+    run, _reg = await store.create_run(
+        name="bench",
+        inventory_path="-",
+        inventory_sha256="0" * 64,
+        options={},
+        jobs=lambda: fleet(n),
+        runner_id=wid,
+        lease_s=600,
+    )
     jobs = []
     while len(jobs) < n:
-        got = await store.claim(run.id, worker_id=wid, limit=500, now=utcnow(), lease_s=600, track=False)
-        if not got:
+        got = await store.claim(run.id, worker_id=wid, limit=500, lease_s=600, track=False)
+        if not got.jobs:
             break
-        jobs.extend(got)
+        jobs.extend(got.jobs)
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(jobs)):
         queue.put_nowait(i)
@@ -55,15 +58,14 @@ async def one(url: str, n: int, writers: int, group: bool) -> float:
     async def worker() -> None:
         while not queue.empty():
             job = jobs[queue.get_nowait()]
-            aid = await store.record_intent(job, worker_id=wid, now=utcnow())
-            assert aid is not None
+            intent = await store.record_intent(job, worker_id=wid, cloud_offset_s=None)
+            assert intent is not None
             ok = await store.record_answer(
-                job_id=job.id,
-                attempt_id=aid,
-                now=utcnow(),
-                outcome="accepted",
-                http_status=200,
-                move_to=JobStatus.ACCEPTED,
+                job,
+                intent.attempt_id,
+                AttemptAnswer(outcome="accepted", http_status=200),
+                workflows=(),
+                move=Move(frm=JobStatus.IN_FLIGHT, to=JobStatus.ACCEPTED),
                 worker_id=wid,
             )
             assert ok

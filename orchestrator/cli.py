@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from orchestrator.errors import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, InputErrors, UsageError
+from orchestrator.errors import (
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+    DatabaseUnavailable,
+    InputErrors,
+    UsageError,
+)
 from orchestrator.limiter import parse_rate
 from orchestrator.observe import SafeStream, configure_logging, notice
 from orchestrator.states import JobStatus, RunStatus
@@ -51,8 +58,6 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 
 async def _guard(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    from orchestrator.store import DatabaseUnavailable
-
     try:
         return await coro_fn()
     except InputErrors as exc:
@@ -75,13 +80,27 @@ def _rate(_ctx: click.Context, _p: click.Parameter, value: str | None) -> str | 
     return value
 
 
+def _textfile(_ctx: click.Context, _p: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from orchestrator.metrics import check_textfile_path
+
+    try:
+        check_textfile_path(value)  # refused before the run starts, not silently after it
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _since(_ctx: click.Context, _p: click.Parameter, value: str | None) -> datetime | None:
     if value is None:
         return None
     try:
         t = datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter(f"expected a date or time such as 2026-12-01 or 2026-12-01T08:00+08:00, got {value!r}") from None
+        raise click.BadParameter(
+            f"expected a date or time such as 2026-12-01 or 2026-12-01T08:00+08:00, got {value!r}"
+        ) from None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
@@ -92,34 +111,56 @@ db_option = click.option(
     default=None,
     help="Job table: a SQLite file or URL, or postgresql://... [default: ./orchestrator.db; env ORCHESTRATOR_DB]",
 )
-tz_option = click.option("--tz", help="Show times in this IANA zone [env TZ, else UTC]; stored times stay UTC")
+tz_option = click.option(
+    "--tz", help="Show times in this IANA zone [env TZ, else UTC]; stored times stay UTC"
+)
 
 
 def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The options a run is made of (stored on the run; ``resume`` may change them)."""
     opts = [
-        click.option("--rate", callback=_rate, help="Max call starts per period, e.g. 10/s or 300/min [10/s]"),
+        click.option(
+            "--rate", callback=_rate, help="Max call starts per period, e.g. 10/s or 300/min [10/s]"
+        ),
         click.option("--concurrency", type=click.IntRange(1, 1000), help="Max calls in flight [8]"),
-        click.option("--timeout", type=click.FloatRange(0.1, 600), help="Seconds per call, from its start [30]"),
+        click.option(
+            "--timeout", type=click.FloatRange(0.1, 600), help="Seconds per call, from its start [30]"
+        ),
         click.option("--endpoint", help="Send every call to this base URL (https; http only for loopback)"),
         click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), help="CA file for TLS"),
         click.option("--wait/--no-wait", default=None, help="Follow workflows to their end [--wait]"),
         click.option("--preflight/--no-preflight", default=None, help="Read versions before upgrading"),
         click.option("--poll-initial", type=click.FloatRange(0), hidden=True),
-        click.option("--poll-interval", type=click.FloatRange(0.01), help="Seconds between workflow checks [10]"),
-        click.option("--poll-timeout", type=click.FloatRange(1), help="Give up waiting for a workflow [3600]"),
-        click.option("--window", help="Maintenance window: ISO 8601 START/PT4H or START/END, or weekly "
-                     "'Sat 01:00-05:00 Asia/Shanghai' (several: ';') [inventory window:]"),
+        click.option(
+            "--poll-interval", type=click.FloatRange(0.01), help="Seconds between workflow checks [10]"
+        ),
+        click.option(
+            "--poll-timeout", type=click.FloatRange(1), help="Give up waiting for a workflow [3600]"
+        ),
+        click.option(
+            "--window",
+            help="Maintenance window: ISO 8601 START/PT4H or START/END, or weekly "
+            "'Sat 01:00-05:00 Asia/Shanghai' (several: ';') [inventory window:]",
+        ),
         click.option("--cutoff", help="No new upgrade call after window end minus this (30m, 10s) [0s]"),
-        click.option("--wait-for-window", is_flag=True, default=None, help="Started outside the window: wait for it"),
+        click.option(
+            "--wait-for-window", is_flag=True, default=None, help="Started outside the window: wait for it"
+        ),
         click.option("--waves", help="Canary waves: counts or percentages, e.g. 1,5,25%,100% (last repeats)"),
-        click.option("--order", type=click.Choice(["inventory", "shuffle", "instance"]), help="Wave order [inventory]"),
+        click.option(
+            "--order", type=click.Choice(["inventory", "shuffle", "instance"]), help="Wave order [inventory]"
+        ),
         click.option("--pause-between", help="Pause between waves (10m)"),
         click.option("--confirm", is_flag=True, default=None, help="Ask before each wave after the first"),
         click.option("--max-failures", help="Halt (exit 4) when failures exceed N or P%% of finished jobs"),
-        click.option("--per-instance", type=click.IntRange(1, 100),
-                     help="Proxies of one instance upgraded at once, until the workflow ends [1]"),
-        click.option("--db-outage-timeout", type=click.FloatRange(0), help="Wait this long for a lost job table [60]"),
+        click.option(
+            "--per-instance",
+            type=click.IntRange(1, 100),
+            help="Proxies of one instance upgraded at once, until the workflow ends [1]",
+        ),
+        click.option(
+            "--db-outage-timeout", type=click.FloatRange(0), help="Wait this long for a lost job table [60]"
+        ),
         click.option("--reconcile-grace", type=click.FloatRange(0), hidden=True),
         click.option("--lease", type=click.FloatRange(0.5), hidden=True),
         click.option("--heartbeat", type=click.FloatRange(0.1), hidden=True),
@@ -134,13 +175,24 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def process_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """What belongs to this process only (never stored on the run)."""
     opts = [
-        click.option("--notify", help="POST a JSON summary here when the run finishes, pauses or halts [inventory notify:]"),
+        click.option(
+            "--notify",
+            help="POST a JSON summary here when the run finishes, pauses or halts [inventory notify:]",
+        ),
         click.option("--yes", is_flag=True, help="Answer yes to --confirm (off a terminal)"),
         click.option("--progress/--no-progress", default=None, help="Progress display [on a terminal]"),
-        click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus metrics on this port"),
-        click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics bind to"),
-        click.option("--metrics-textfile", type=click.Path(dir_okay=False),
-                     help="Write metrics for node_exporter's textfile collector (.prom)"),
+        click.option(
+            "--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus metrics on this port"
+        ),
+        click.option(
+            "--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics bind to"
+        ),
+        click.option(
+            "--metrics-textfile",
+            type=click.Path(dir_okay=False),
+            callback=_textfile,
+            help="Write metrics for node_exporter's textfile collector (.prom)",
+        ),
         tz_option,
     ]
     for o in reversed(opts):
@@ -210,14 +262,32 @@ def validate(inventory: str, endpoint: str | None) -> None:
 @click.option("--new-run", "resume_mode", flag_value="new", help="Start a new run even if one is unfinished")
 @run_options
 @process_options
-def run(inventory: str, db: str | None, name: str | None, policy_file: str | None, resume_mode: str | None,
-        **kw: Any) -> None:
+def run(
+    inventory: str,
+    db: str | None,
+    name: str | None,
+    policy_file: str | None,
+    resume_mode: str | None,
+    **kw: Any,
+) -> None:
     """Upgrade every proxy in INVENTORY (YAML or CSV)."""
     from orchestrator.app.runs import run_inventory
 
     proc = _proc(kw)
-    raise SystemExit(_run(lambda: run_inventory(
-        inventory, db=db, name=name, policy_file=policy_file, resume_mode=resume_mode, kw=kw, proc=proc, out=out)))
+    raise SystemExit(
+        _run(
+            lambda: run_inventory(
+                inventory,
+                db=db,
+                name=name,
+                policy_file=policy_file,
+                resume_mode=resume_mode,
+                kw=kw,
+                proc=proc,
+                out=out,
+            )
+        )
+    )
 
 
 @main_group.command()
@@ -252,8 +322,9 @@ def worker(run_ref: str | None, db: str | None, **kw: Any) -> None:
 @tz_option
 @click.option("--since", callback=_since, help="Runs created since (no RUN)")
 @click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in RunStatus]))
-def status(run_ref: str | None, db: str | None, tz: str | None, since: datetime | None,
-           statuses: Sequence[str]) -> None:
+def status(
+    run_ref: str | None, db: str | None, tz: str | None, since: datetime | None, statuses: Sequence[str]
+) -> None:
     """A run's counts, window, wave, failures and live workers (no RUN: the recent runs)."""
     from orchestrator.app.reads import show_status
 
@@ -280,8 +351,9 @@ def runs(db: str | None, tz: str | None, since: datetime | None, statuses: Seque
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "html"]), default="table")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file (html: required)")
 @click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in JobStatus]))
-def report(run_ref: str, db: str | None, tz: str | None, fmt: str, output: str | None,
-           statuses: Sequence[str]) -> None:
+def report(
+    run_ref: str, db: str | None, tz: str | None, fmt: str, output: str | None, statuses: Sequence[str]
+) -> None:
     """Every job of RUN with its state, versions, times, workflows, reason and hint (html: a window report)."""
     from orchestrator.app.reads import show_report
 
@@ -308,8 +380,9 @@ def flagged(run_ref: str | None, db: str | None, tz: str | None, rule: str | Non
 @click.option("--instance", help="An instance id")
 @click.option("--since", callback=_since, help="Only what happened since this date or time")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
-def history(db: str | None, tz: str | None, proxy: str | None, instance: str | None, since: datetime | None,
-            fmt: str) -> None:
+def history(
+    db: str | None, tz: str | None, proxy: str | None, instance: str | None, since: datetime | None, fmt: str
+) -> None:
     """Every attempt, workflow and state change of a proxy or instance across all runs, oldest first."""
     from orchestrator.app.reads import show_history
 
@@ -324,15 +397,32 @@ def history(db: str | None, tz: str | None, proxy: str | None, instance: str | N
 @click.option("--failed", "want_failed", is_flag=True, help="Re-queue failed jobs")
 @click.option("--proxy", "proxies", multiple=True, help="Only this proxy id (repeatable)")
 @click.option("--rule", "rules", multiple=True, help="Only jobs flagged by this rule (repeatable)")
-def retry(run_ref: str, db: str | None, tz: str | None, want_flagged: bool, want_failed: bool,
-          proxies: Sequence[str], rules: Sequence[str]) -> None:
+def retry(
+    run_ref: str,
+    db: str | None,
+    tz: str | None,
+    want_flagged: bool,
+    want_failed: bool,
+    proxies: Sequence[str],
+    rules: Sequence[str],
+) -> None:
     """Move chosen flagged/failed jobs of RUN back to pending (history kept); then `resume` sends them."""
     from orchestrator.app.operator import requeue
 
     if not (want_flagged or want_failed or proxies or rules):
         raise Fail("retry: say what to re-queue: --flagged, --failed, --rule RULE and/or --proxy ID")
-    _run(lambda: requeue(run_ref, db=db, want_flagged=want_flagged, want_failed=want_failed,
-                         proxies=list(proxies), rules=list(rules), tz=tz, out=out))
+    _run(
+        lambda: requeue(
+            run_ref,
+            db=db,
+            want_flagged=want_flagged,
+            want_failed=want_failed,
+            proxies=list(proxies),
+            rules=list(rules),
+            tz=tz,
+            out=out,
+        )
+    )
 
 
 @main_group.command()
@@ -346,7 +436,9 @@ def plan(inventory: str, db: str | None, policy_file: str | None, fmt: str, **kw
     from orchestrator.app.plan import plan_inventory
 
     del db  # accepted like run's: the plan reads the cloud, not the job table
-    raise SystemExit(_run(lambda: plan_inventory(inventory, kw=kw, policy_file=policy_file, fmt=fmt, out=out)))
+    raise SystemExit(
+        _run(lambda: plan_inventory(inventory, kw=kw, policy_file=policy_file, fmt=fmt, out=out))
+    )
 
 
 @main_group.command()
@@ -354,17 +446,37 @@ def plan(inventory: str, db: str | None, policy_file: str | None, fmt: str, **kw
 @click.option("--region", help="Its region (the endpoint follows)")
 @click.option("--endpoint", help="Endpoint override (https; http only for loopback)")
 @click.option("--name-glob", help="Only instances whose name matches (fnmatch)")
-@click.option("--target", default="latest", show_default=True, help="latest, or a version such as 2.24.03.000")
+@click.option(
+    "--target", default="latest", show_default=True, help="latest, or a version such as 2.24.03.000"
+)
 @click.option("--rate", callback=_rate, default="10/s", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the inventory here [stdout]")
-def discover(project_id: str, region: str | None, endpoint: str | None, name_glob: str | None, target: str,
-             rate: str, output: str | None) -> None:
+def discover(
+    project_id: str,
+    region: str | None,
+    endpoint: str | None,
+    name_glob: str | None,
+    target: str,
+    rate: str,
+    output: str | None,
+) -> None:
     """Build an inventory from the cloud: instances, their proxies, each proxy's current and latest version."""
     from orchestrator.app.discover import discover_inventory
 
-    raise SystemExit(_run(lambda: discover_inventory(
-        project_id=project_id, region=region, endpoint=endpoint, name_glob=name_glob, target=target,
-        output=output, rate=rate, out=out)))
+    raise SystemExit(
+        _run(
+            lambda: discover_inventory(
+                project_id=project_id,
+                region=region,
+                endpoint=endpoint,
+                name_glob=name_glob,
+                target=target,
+                output=output,
+                rate=rate,
+                out=out,
+            )
+        )
+    )
 
 
 @main_group.command()
@@ -373,9 +485,19 @@ def discover(project_id: str, region: str | None, endpoint: str | None, name_glo
 @click.option("--scenario", type=click.Path(exists=True, dir_okay=False), help="Scenario YAML [bundled demo]")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Append every call as a JSON line")
 @click.option("--ready-file", type=click.Path(dir_okay=False), help="Write the URL here once listening")
-@click.option("--export-inventory", type=click.Path(dir_okay=False), help="Write an inventory for the scenario's fleet and exit")
-def simulator(host: str, port: int, scenario: str | None, log_file: str | None, ready_file: str | None,
-              export_inventory: str | None) -> None:
+@click.option(
+    "--export-inventory",
+    type=click.Path(dir_okay=False),
+    help="Write an inventory for the scenario's fleet and exit",
+)
+def simulator(
+    host: str,
+    port: int,
+    scenario: str | None,
+    log_file: str | None,
+    ready_file: str | None,
+    export_inventory: str | None,
+) -> None:
     """Serve the GaussDB proxy API offline, over a scenario's fleet (rehearse a window)."""
     from orchestrator.simulator import Scenario, run_simulator, scenario_to_inventory
     from orchestrator.simulator.scenario import ScenarioError, load_bundled
@@ -385,7 +507,9 @@ def simulator(host: str, port: int, scenario: str | None, log_file: str | None, 
             sc = Scenario.load(scenario) if scenario else load_bundled()
         except ScenarioError as exc:
             raise Fail(str(exc)) from None
-        scenario_to_inventory(sc, export_inventory, fmt="csv" if export_inventory.endswith(".csv") else "yaml")
+        scenario_to_inventory(
+            sc, export_inventory, fmt="csv" if export_inventory.endswith(".csv") else "yaml"
+        )
         out.print(f"wrote {export_inventory}", markup=False)
         return
     try:
@@ -420,8 +544,10 @@ def db_upgrade(db: str | None) -> None:
         from orchestrator.store import describe_url
 
         async with opened(db, create=True) as store:
-            out.print(f"job table {describe_url(db)} is at revision {await dbmod.current_revision(store.engine)}",
-                      markup=False)
+            out.print(
+                f"job table {describe_url(db)} is at revision {await dbmod.current_revision(store.engine)}",
+                markup=False,
+            )
 
     _run(go)
 
@@ -454,7 +580,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: click's usage errors and ours become one line on stderr and exit code 2."""
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        main_group.main(args=list(argv) if argv is not None else None, prog_name="orchestrator", standalone_mode=False)
+        main_group.main(
+            args=list(argv) if argv is not None else None, prog_name="orchestrator", standalone_mode=False
+        )
     except click.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
         notice(f"error: {where}{exc.format_message()}")

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 from orchestrator.errors import EXIT_STOPPED
 from orchestrator.runtime import Runtime
@@ -35,6 +34,9 @@ from orchestrator.steps.upgrade import run_upgrade
 from orchestrator.store import DatabaseUnavailable, JobRow
 
 ERROR_BACKOFF_S = 10.0  # an unexpected error on a job: look at it again after this long
+# Idle, the feeder looks at the job table again after at most this long: other processes' moves, an
+# operator's re-queue and the window's boundaries are noticed by this tick (its own workers wake it at once).
+IDLE_S = 1.0
 PRUNE_EVERY_S = 60.0
 
 Confirmer = Callable[[Confirm], Awaitable[bool | None]]
@@ -50,14 +52,19 @@ class EngineResult:
 
 
 class Engine:
-    def __init__(self, rt: Runtime, *, confirm: Confirmer | None = None) -> None:
+    def __init__(self, rt: Runtime, *, confirm: Confirmer | None = None, idle_s: float = IDLE_S) -> None:
+        """``idle_s``: the feeder's idle tick (seconds; tests of long windows on virtual time raise it)."""
         self.rt = rt
         self._confirm = confirm
+        self._idle_s = idle_s
         n = rt.options.concurrency
-        self._queue: asyncio.Queue[JobRow | None] = asyncio.Queue(maxsize=n)
+        # claimed jobs wait here for a free worker: up to one more pool's worth, so a claim (a commit)
+        # brings a batch of work instead of one job each time a worker frees up
+        self._queue: asyncio.Queue[JobRow | None] = asyncio.Queue(maxsize=2 * n)
         self._wake = asyncio.Event()
-        self._busy = 0
+        self._busy = 0  # jobs claimed by the feeder and not finished yet (queued or in a worker)
         self._db_down: DatabaseUnavailable | None = None
+        self._marked_wave = 0  # the last wave this process recorded as finished
 
     async def run(self) -> EngineResult:
         rt = self.rt
@@ -78,6 +85,10 @@ class Engine:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            if rt.tails:  # answers still being committed: they are never abandoned while the table works
+                await asyncio.wait(
+                    set(rt.tails), timeout=max(rt.options.drain_timeout, rt.options.db_outage_timeout)
+                )
             for t in done:
                 crashed = t.exception()
                 if crashed is not None:
@@ -105,26 +116,31 @@ class Engine:
             if rt.stop_requested.is_set():
                 break
             allow_new = isinstance(decision, Start)
-            free = rt.options.concurrency - self._busy - self._queue.qsize()
-            if free > 0:
-                submitted = rt.mono()
-                claimed = await rt.store.claim(
-                    rt.run_id,
-                    worker_id=rt.worker_id,
-                    limit=free,
-                    lease_s=rt.options.lease,
-                    track=track,
-                    allow_new=allow_new,
-                    open_wave=rt.controls.open_wave if rt.controls else 1_000_000,
-                    per_instance=rt.options.per_instance,
-                )
-                rt.lease.claimed((j.id for j in claimed.jobs), submitted)
-                for job in claimed.jobs:
-                    self._busy += 1  # counted before the queue hand-off so `free` never overshoots
-                    await self._queue.put(job)
-                if claimed.jobs:
-                    continue
-            if free > 0 and self._busy == 0 and await rt.store.active_count(rt.run_id, track=track) == 0:
+            # jobs held (queued or in a worker) stay under two pools' worth; claim again as soon as less
+            # than one pool's worth waits in the queue
+            free = 2 * rt.options.concurrency - (self._busy - len(rt.tails))
+            if free <= 0 or self._queue.qsize() >= rt.options.concurrency:
+                # enough work is queued: wait until a worker takes some (no database round trip)
+                await self._wait_for_room()
+                continue
+            submitted = rt.mono()
+            claimed = await rt.store.claim(
+                rt.run_id,
+                worker_id=rt.worker_id,
+                limit=free,
+                lease_s=rt.options.lease,
+                track=track,
+                allow_new=allow_new,
+                open_wave=rt.controls.open_wave if rt.controls else 1_000_000,
+                per_instance=rt.options.per_instance,
+            )
+            rt.lease.claimed((j.id for j in claimed.jobs), submitted)
+            for job in claimed.jobs:
+                self._busy += 1  # counted before the queue hand-off so `free` never overshoots
+                await self._queue.put(job)
+            if claimed.jobs:
+                continue
+            if self._busy == 0 and await rt.store.active_count(rt.run_id, track=track) == 0:
                 return True
             await self._idle(track, decision)
         return False
@@ -136,13 +152,29 @@ class Engine:
         ctl = rt.controls
         if ctl is None:
             return Start(1_000_000)
-        if ctl.stale or ctl.decision is None:
-            ctl.update(await rt.store.run_state(rt.run_id))
+        fresh = ctl.stale or ctl.decision is None
+        if fresh:
+            t0 = rt.mono()
+            read = await rt.store.run_state(rt.run_id, track=rt.options.wait)
+            ctl.update(read, read_s=rt.mono() - t0)
         decision = ctl.decision
         state = ctl.state
         assert state is not None
-        if state.open_unfinished == 0 and state.total > 0 and state.waves > state.run.wave_open:
+        if (
+            fresh
+            and state.open_unfinished == 0
+            and state.total > 0
+            and state.waves > state.run.wave_open
+            and self._marked_wave != state.run.wave_open
+        ):
             await rt.store.mark_wave_done(rt.run_id, state.run.wave_open)
+            self._marked_wave = state.run.wave_open
+            # --pause-between counts from that mark: decide again on a state that has it (the one read
+            # before knew no end of this wave, and the next wave opened at once)
+            ctl.update(await rt.store.run_state(rt.run_id, track=rt.options.wait))
+            decision = ctl.decision
+            state = ctl.state
+            assert state is not None
         if isinstance(decision, Stop) and not decision.new_upgrades_only:
             rt.request_stop(decision.reason, decision.exit_code, decision.run_status.value)
             return decision
@@ -155,7 +187,7 @@ class Engine:
                     rt.run_id, frm=state.run.wave_open, to=decision.wave, reason="confirmed by the operator"
                 ):
                     rt.events.emit("wave.opened", wave=decision.wave, size=decision.size)
-                ctl.update(await rt.store.run_state(rt.run_id))
+                ctl.update(await rt.store.run_state(rt.run_id, track=rt.options.wait))
                 return ctl.decision
             stop = decision.declined()
             rt.request_stop(stop.reason, stop.exit_code, stop.run_status.value)
@@ -165,19 +197,33 @@ class Engine:
                 rt.run_id, frm=state.run.wave_open, to=decision.open_wave, reason="the previous wave finished"
             ):
                 rt.events.emit("wave.opened", wave=decision.open_wave)
-            ctl.update(await rt.store.run_state(rt.run_id))
+            ctl.update(await rt.store.run_state(rt.run_id, track=rt.options.wait))
             return ctl.decision
         return decision
 
+    async def _wait_for_room(self) -> None:
+        self._wake.clear()
+        waiters = [
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self.rt.stop_requested.wait()),
+        ]
+        await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+
     async def _idle(self, track: bool, decision: object) -> None:
         rt = self.rt
-        delay = 1.0
+        delay = self._idle_s
         nd = await rt.store.next_due(rt.run_id, track=track)
-        if nd is not None:
-            delay = min(delay, max(0.02, (nd - rt.now()).total_seconds()))
+        now = rt.now()
+        # a job already due was just offered to the claim (or every worker is busy): what holds it (the
+        # availability guard, a closed wave, the controls) changes when a job ends (the wake event) or on
+        # the tick, so waiting 20 ms for it again would only spin on the job table
+        if nd is not None and nd > now:
+            delay = min(delay, max(0.02, (nd - now).total_seconds()))
         if isinstance(decision, WaitUntil):
             rt.events.emit("run.waiting", until=decision.at.isoformat(), reason=decision.reason)
-            delay = min(delay, max(0.02, (decision.at - _now_utc()).total_seconds()))
+            delay = min(delay, max(0.02, (decision.at - rt.now()).total_seconds()))
         self._wake.clear()
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(rt.stop_requested.wait())]
         await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
@@ -215,13 +261,15 @@ class Engine:
         rt = self.rt
         while True:
             job = await self._queue.get()
+            self._wake.set()  # room in the queue: the feeder may claim more
             if job is None:
                 return
+            tail: asyncio.Task[object] | None = None
             try:
                 if rt.stop_requested.is_set():
                     await rt.store.release(job.id, rt.worker_id)
                 else:
-                    await self.process(job)
+                    tail = await self.process(job)
             except DatabaseUnavailable as exc:
                 self._db_down = exc
                 rt.request_stop(str(exc), EXIT_STOPPED)
@@ -231,25 +279,41 @@ class Engine:
                 rt.events.emit("job.error", job=job.id, proxy=job.proxy_id, error=repr(exc))
                 with contextlib.suppress(Exception):
                     await rt.store.reschedule(
-                        job, worker_id=rt.worker_id, due=rt.after(ERROR_BACKOFF_S), reason=f"error: {exc!r}"[:300]
+                        job,
+                        worker_id=rt.worker_id,
+                        due=rt.after(ERROR_BACKOFF_S),
+                        reason=f"error: {exc!r}"[:300],
                     )
             finally:
                 rt.lease.dropped(job.id)
-                self._busy -= 1
-                self._wake.set()
+                if tail is None:
+                    self._finished()
+                else:
+                    tail.add_done_callback(self._tail_done)
 
-    async def process(self, job: JobRow) -> None:
+    def _finished(self) -> None:
+        self._busy -= 1
+        self._wake.set()
+
+    def _tail_done(self, task: asyncio.Task[object]) -> None:
+        self._finished()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, DatabaseUnavailable):
+            self._db_down = exc
+            self.rt.request_stop(str(exc), EXIT_STOPPED)
+        elif exc is not None:
+            self.rt.events.emit("job.error", error=repr(exc))
+
+    async def process(self, job: JobRow) -> asyncio.Task[object] | None:
+        """Hand ``job`` to its step; returns the background commit the step left running, if any."""
         if job.status in (JobStatus.PENDING, JobStatus.RETRY_WAIT):
-            await run_upgrade(self.rt, job)
-        elif job.status is JobStatus.UNKNOWN:
+            return await run_upgrade(self.rt, job)
+        if job.status is JobStatus.UNKNOWN:
             await run_reconcile(self.rt, job)
         elif job.status is JobStatus.ACCEPTED:
             await run_track(self.rt, job)
         else:
             await self.rt.store.release(job.id, self.rt.worker_id)
-
-
-def _now_utc() -> datetime:
-    from datetime import UTC
-
-    return datetime.now(UTC)
+        return None

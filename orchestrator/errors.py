@@ -11,6 +11,11 @@ database, the maintenance window closed): ``resume`` continues; 4 halted: the fa
 person must decide (``resume --ack`` or ``--max-failures``)."""
 
 
+class DatabaseUnavailable(Exception):
+    """The job table stayed unusable longer than the outage budget (``--db-outage-timeout``): the run
+    stops cleanly, exit 3. Defined here so the command line maps it without importing the store."""
+
+
 class UsageError(Exception):
     """Bad input, usage, or a refused precondition: printed as one line, exit 2."""
 

@@ -109,8 +109,31 @@ async def apply(
         proxy=job.proxy_id,
         reason=decision.reason,
         rule=decision.rule,
-        hint=render_hint(decision.hint, rt.run_id) if move.to in (JobStatus.FLAGGED, JobStatus.FAILED) else None,
+        hint=render_hint(decision.hint, rt.run_id)
+        if move.to in (JobStatus.FLAGGED, JobStatus.FAILED)
+        else None,
     )
+    return ok
+
+
+async def succeed(rt: Runtime, job: JobRow, reason: str, facts: Mapping[str, Any]) -> bool:
+    """Postflight verified the target version: accepted -> succeeded. The job's columns keep the facts;
+    the event log keeps ``reason`` (which workflow was tracked, or that none was)."""
+    move = Move(
+        frm=JobStatus.ACCEPTED,
+        to=JobStatus.SUCCEEDED,
+        fields={
+            **facts,
+            "reason": None,
+            "hint": None,
+            "rule": "postflight:at-target",
+            "next_attempt_at": None,
+        },
+        event_reason=reason,
+    )
+    ok = await rt.store.move(job, move, worker_id=rt.worker_id)
+    rt.lease.dropped(job.id)
+    rt.events.emit("job.succeeded" if ok else "job.move_lost", job=job.id, proxy=job.proxy_id, reason=reason)
     return ok
 
 

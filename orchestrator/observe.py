@@ -221,7 +221,9 @@ class RunEvents:
         c = self._counts
         now = self._clock()
         recent = [t for t in self._calls if t > now - 10.0]
-        cps = len(recent) / 10.0 if recent else 0.0
+        # over the last 10 s, or over the time since the start when shorter: dividing the first seconds'
+        # calls by 10 showed a run at its limit as a fraction of it
+        cps = len(recent) / min(10.0, max(1.0, now - self._started)) if recent else 0.0
         done = self.done
         left = max(0, self.total - done)
         gained = done - (self._done_at_start or 0)
@@ -265,7 +267,9 @@ class RunEvents:
                 del self._calls[:2048]
             if self.metrics is not None:
                 with contextlib.suppress(Exception):
-                    self.metrics.call(fields.get("route", "?"), fields.get("outcome", "?"), fields.get("latency_s", 0.0))
+                    self.metrics.call(
+                        fields.get("route", "?"), fields.get("outcome", "?"), fields.get("latency_s", 0.0)
+                    )
             return
         level = "debug" if event in _QUIET_EVENTS else "info"
         if event.endswith(_WARN_SUFFIXES):

@@ -138,8 +138,20 @@ class RunOptions:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunOptions:
+        """Options stored on a run; validated like typed ones (a stored endpoint goes through the same
+        validator as ``--endpoint``). Raises ValueError naming the option."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def stored(cls, data: Mapping[str, Any], run_id: int) -> RunOptions:
+        """``from_dict`` for a run's stored options, a bad value being a one-line usage error."""
+        from orchestrator.errors import UsageError
+
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise UsageError(f"run {run_id}'s stored options: {exc} (pass a valid one to resume)") from None
 
     def override(self, **changes: Any) -> RunOptions:
         """These options with what the command line set explicitly (None: not given)."""

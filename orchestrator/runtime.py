@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,6 +22,7 @@ from orchestrator.cloud.api import CloudApi, ProxyRef
 from orchestrator.limiter import Limiter
 from orchestrator.options import RunOptions
 from orchestrator.policy import Policy
+from orchestrator.schedule.dispatch import Start
 from orchestrator.store import JobRow, JobStore, RunState
 
 Mono = Callable[[], float]
@@ -43,6 +44,8 @@ class SendGate(Protocol):
     """Run-wide send permits shared by every process of a run (PostgreSQL)."""
 
     def slot(self) -> Any: ...
+
+    async def close(self) -> None: ...
 
 
 class LeaseKeeper:
@@ -106,6 +109,8 @@ class Runtime:
     stop_exit_code: int = 3
     stop_run_status: str | None = None
     mono: Mono = time.monotonic
+    tails: set[asyncio.Task[Any]] = field(default_factory=set)
+    _tail_slots: asyncio.Semaphore | None = None
 
     def now(self) -> datetime:
         """The job table's clock (see the module docstring)."""
@@ -121,6 +126,25 @@ class Runtime:
             self.stop_exit_code = exit_code
             self.stop_run_status = run_status
             self.stop_requested.set()
+
+    async def defer(self, write: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Commit ``write`` (an answer and its move) in the background and let the caller take its next
+        job: the job itself moves on only once the write committed (it stays claimed until then), but the
+        worker does not wait for the commit. At most ``concurrency`` writes are pending; a task runs to its
+        end even if the caller is cancelled (Ctrl-C cannot skip the record of an answer)."""
+        if self._tail_slots is None:
+            self._tail_slots = asyncio.Semaphore(max(1, self.options.concurrency))
+        slots = self._tail_slots
+        await slots.acquire()
+        task = asyncio.get_running_loop().create_task(write)
+        self.tails.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self.tails.discard(t)
+            slots.release()
+
+        task.add_done_callback(done)
+        return task
 
     def may_start_upgrades(self) -> bool:
         """No stop requested and the run-wide controls let new upgrades start (checked again just before
@@ -183,8 +207,11 @@ class Controls:
     ``RunState`` (read at most every ``refresh_s`` seconds, or at once after a failure this process
     recorded, so the breaker stops the next send here without waiting for a read)."""
 
-    def __init__(self, decide: Callable[[RunState, int], Any], *, refresh_s: float = 1.0, mono: Mono = time.monotonic):
+    def __init__(
+        self, decide: Callable[[RunState, int], Any], *, refresh_s: float = 1.0, mono: Mono = time.monotonic
+    ):
         self._decide = decide
+        self._base_refresh_s = refresh_s
         self.refresh_s = refresh_s
         self._mono = mono
         self.state: RunState | None = None
@@ -196,9 +223,12 @@ class Controls:
     def stale(self) -> bool:
         return self._mono() - self._read_at >= self.refresh_s
 
-    def update(self, state: RunState) -> Any:
+    def update(self, state: RunState, *, read_s: float = 0.0) -> Any:
+        """A fresh read of the run (``read_s``: how long it took: on a large run the next read waits at
+        least 20 times that, so the controls never cost more than a few percent of the process)."""
         self.state = state
         self._read_at = self._mono()
+        self.refresh_s = max(self._base_refresh_s, 20.0 * read_s)
         self._extra_failures = 0
         self.decision = self._decide(state, 0)
         return self.decision
@@ -212,14 +242,10 @@ class Controls:
 
     @property
     def allow_new(self) -> bool:
-        from orchestrator.schedule.dispatch import Start
-
         return self.decision is None or isinstance(self.decision, Start)
 
     @property
     def open_wave(self) -> int:
-        from orchestrator.schedule.dispatch import Start
-
         if isinstance(self.decision, Start):
             return self.decision.open_wave
         return self.state.run.wave_open if self.state is not None else 1

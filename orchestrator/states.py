@@ -37,12 +37,13 @@ ACTIVE: frozenset[JobStatus] = frozenset(
 
 _S = JobStatus
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
-    # preflight may finish a pending job without an upgrade call (skip, flag) or a read may fail (retry)
-    _S.PENDING: frozenset({_S.IN_FLIGHT, _S.SKIPPED, _S.FLAGGED, _S.FAILED, _S.RETRY_WAIT}),
+    # preflight may finish a pending job without an upgrade call (skip, flag) or a read may fail (retry);
+    # at the target after an earlier attempt whose answer proved nothing (a re-queued job): reconcile
+    _S.PENDING: frozenset({_S.IN_FLIGHT, _S.SKIPPED, _S.FLAGGED, _S.FAILED, _S.RETRY_WAIT, _S.UNKNOWN}),
     _S.IN_FLIGHT: frozenset({_S.ACCEPTED, _S.RETRY_WAIT, _S.FLAGGED, _S.FAILED, _S.SKIPPED, _S.UNKNOWN}),
     # reconciliation: found the workflow (accepted), found nothing (retry_wait = resend), or gave up
     _S.UNKNOWN: frozenset({_S.ACCEPTED, _S.SUCCEEDED, _S.RETRY_WAIT, _S.FLAGGED, _S.FAILED, _S.SKIPPED}),
-    _S.RETRY_WAIT: frozenset({_S.IN_FLIGHT, _S.SKIPPED, _S.FLAGGED, _S.FAILED, _S.RETRY_WAIT}),
+    _S.RETRY_WAIT: frozenset({_S.IN_FLIGHT, _S.SKIPPED, _S.FLAGGED, _S.FAILED, _S.RETRY_WAIT, _S.UNKNOWN}),
     # tracking: workflows end (succeeded after postflight), fail (policy: retry/flag/fail)
     _S.ACCEPTED: frozenset({_S.SUCCEEDED, _S.FLAGGED, _S.FAILED, _S.RETRY_WAIT}),
     _S.SUCCEEDED: frozenset(),

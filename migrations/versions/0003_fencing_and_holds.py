@@ -20,8 +20,6 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("intent_deadline", sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index("ix_jobs_proxy", ["project_id", "instance_id", "proxy_id"], unique=False)
-        # the heartbeat renews its claims' leases without a scan of the run's jobs
-        batch_op.create_index("ix_jobs_claimed_by", ["claimed_by"], unique=False)
     with op.batch_alter_table("attempts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("cloud_offset_s", sa.Float(), nullable=True))
 
@@ -30,6 +28,5 @@ def downgrade() -> None:
     with op.batch_alter_table("attempts", schema=None) as batch_op:
         batch_op.drop_column("cloud_offset_s")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.drop_index("ix_jobs_claimed_by")
         batch_op.drop_index("ix_jobs_proxy")
         batch_op.drop_column("intent_deadline")

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 from orchestrator.errors import UsageError
 from orchestrator.store import JobStore, RunRow, open_store
-from orchestrator.store import db as dbmod
+from orchestrator.store import urls as dbmod
 
 
 @contextlib.asynccontextmanager
@@ -34,7 +34,9 @@ async def find_run(store: JobStore, ref: str | None, *, unfinished: bool = False
     if ref is None:
         run = await store.latest_run(unfinished=unfinished)
         if run is None:
-            raise UsageError("no unfinished run in this job table" if unfinished else "no run in this job table")
+            raise UsageError(
+                "no unfinished run in this job table" if unfinished else "no run in this job table"
+            )
         return run
     run = await store.find_run(ref)
     if run is None:
@@ -47,15 +49,25 @@ def abspath(path: str) -> str:
 
 
 def zone(tz: str | None) -> tzinfo:
-    """The zone times are shown in: ``--tz`` / ``TZ`` (an IANA name), else UTC. Stored times stay UTC."""
+    """The zone times are shown in: ``--tz`` (an IANA name; unknown: a usage error), else ``TZ`` (unknown or
+    a POSIX rule such as ``CST-8``: UTC, with a notice), else UTC. Stored times stay UTC."""
     import os
 
-    name = tz or os.environ.get("TZ") or "UTC"
-    name = name.removeprefix(":")
+    if tz:
+        try:
+            return ZoneInfo(tz.removeprefix(":"))
+        except Exception:
+            raise UsageError(f"--tz: unknown time zone {tz!r} (an IANA name such as Asia/Shanghai)") from None
+    env = (os.environ.get("TZ") or "").removeprefix(":")
+    if not env or env.upper() in ("UTC", "Z"):
+        return ZoneInfo("UTC")
     try:
-        return ZoneInfo(name)
+        return ZoneInfo(env)
     except Exception:
-        raise UsageError(f"--tz: unknown time zone {name!r} (an IANA name such as Asia/Shanghai)") from None
+        from orchestrator.observe import notice
+
+        notice(f"note: TZ={env!r} is not an IANA zone name: times are shown in UTC (use --tz)")
+        return ZoneInfo("UTC")
 
 
 def show_time(t: datetime | None, tz: tzinfo, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:

@@ -85,11 +85,13 @@ async def run_demo(db: str, proxies: int | None, out: Console) -> int:
         for p in problems:
             notice(f"not as the scenario predicts: {p}", style="red")
         return 1
-    out.print(Text(
-        f"the run ended as the scenario predicts (simulator: {sim.stats['total_calls']} calls, "
-        f"at most {sim.stats['max_concurrent']} at once)",
-        style="green",
-    ))
+    out.print(
+        Text(
+            f"the run ended as the scenario predicts (simulator: {sim.stats['total_calls']} calls, "
+            f"at most {sim.stats['max_concurrent']} at once)",
+            style="green",
+        )
+    )
     out.print(Text(f"job table: {db_path} (try: orchestrator report {run.id} --db {db_path})"))
     return 0
 
@@ -136,7 +138,9 @@ async def _check(store: JobStore, run_id: int, sim: Any) -> list[str]:
             twice.append(p["proxy_id"])
         at_target = p["current_version"] == job.target_version
         if at_target != (job.status is JobStatus.SUCCEEDED):
-            problems.append(f"proxy {p['proxy_id']}: simulator runs {p['current_version']}, job is {job.status}")
+            problems.append(
+                f"proxy {p['proxy_id']}: simulator runs {p['current_version']}, job is {job.status}"
+            )
     if twice:
         problems.append(f"{len(twice)} proxies accepted more than one upgrade")
     for j in jobs.values():

@@ -55,8 +55,13 @@ async def discover_inventory(
         cloud, closer = built.api, built.close
     try:
         found = await discover(
-            cloud, project_id=project_id, endpoint=base, region=region, name_glob=name_glob,
-            target=target, permit=permit,
+            cloud,
+            project_id=project_id,
+            endpoint=base,
+            region=region,
+            name_glob=name_glob,
+            target=target,
+            permit=permit,
         )
     except CredentialsRefused as exc:
         raise UsageError(str(exc)) from None
@@ -66,8 +71,12 @@ async def discover_inventory(
         if closer is not None:
             with _ctx.suppress(Exception):
                 await closer()
-    args = f"--project-id {project_id}" + (f" --region {region}" if region else "") + (
-        f" --name-glob {name_glob}" if name_glob else "") + f" --target {target}"
+    args = (
+        f"--project-id {project_id}"
+        + (f" --region {region}" if region else "")
+        + (f" --name-glob {name_glob}" if name_glob else "")
+        + f" --target {target}"
+    )
     try:
         text = render_inventory(
             found, header_comment=f"orchestrator discover {args} at {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}"
@@ -77,7 +86,9 @@ async def discover_inventory(
         return EXIT_PROBLEMS if found.problems else EXIT_OK
     if output:
         Path(output).write_text(text, encoding="utf-8")
-        out.print(Text(f"wrote {output}: {len(found.to_upgrade)} proxies to upgrade, {len(found.skipped)} skipped"))
+        out.print(
+            Text(f"wrote {output}: {len(found.to_upgrade)} proxies to upgrade, {len(found.skipped)} skipped")
+        )
     else:
         out.file.write(text)
     for p in found.problems:

@@ -37,15 +37,23 @@ async def requeue(
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref)
         try:
-            result = await store.requeue(run.id, statuses=statuses, proxy_ids=list(proxies), rules=list(rules))
+            result = await store.requeue(
+                run.id, statuses=statuses, proxy_ids=list(proxies), rules=list(rules)
+            )
         except UnknownProxies as exc:
             raise UsageError(str(exc)) from None
         for proxy, workflow, status, seen in result.running:
-            out.print(Text(
-                f"not re-queued: proxy {proxy}: its workflow {workflow} was {status} when last checked "
-                f"({show_time(seen, zone_)}); retry it after that workflow has ended"
-            ))
+            out.print(
+                Text(
+                    f"not re-queued: proxy {proxy}: its workflow {workflow} was {status} when last checked "
+                    f"({show_time(seen, zone_)}); retry it after that workflow has ended"
+                )
+            )
         if result.moved:
-            out.print(Text(f"re-queued {result.moved} jobs of run {run.id}; send them with: orchestrator resume {run.id}"))
+            out.print(
+                Text(
+                    f"re-queued {result.moved} jobs of run {run.id}; send them with: orchestrator resume {run.id}"
+                )
+            )
         else:
             out.print(Text(f"nothing re-queued in run {run.id}"))

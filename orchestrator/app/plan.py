@@ -78,7 +78,11 @@ class PlanResult:
         the upgrade durations, and each instance's proxies ``per_instance`` at a time (the availability
         guard counts a proxy from its call until its workflow ends)."""
         return estimate(
-            [(r.entry.instance_id, r.upgrade_duration_s or DEFAULT_UPGRADE_S) for r in self.rows if r.verdict == "upgrade"],
+            [
+                (r.entry.instance_id, r.upgrade_duration_s or DEFAULT_UPGRADE_S)
+                for r in self.rows
+                if r.verdict == "upgrade"
+            ],
             rate_per_s=_per_s(self.options.rate),
             concurrency=self.options.concurrency,
             per_instance=self.options.per_instance,
@@ -179,7 +183,11 @@ async def make_plan(inv: Any, options: RunOptions, cloud: CloudApi) -> PlanResul
             return
         e = entries[i]
         ref = ProxyRef(
-            e.project_id, e.instance_id, e.proxy_id, options.endpoint_override or e.endpoint or "", e.region,
+            e.project_id,
+            e.instance_id,
+            e.proxy_id,
+            options.endpoint_override or e.endpoint or "",
+            e.region,
             e.x_language,
         )
         info = await cloud.proxy_version(ref, on_sent=start.sent)
@@ -218,7 +226,9 @@ async def make_plan(inv: Any, options: RunOptions, cloud: CloudApi) -> PlanResul
 
 def _row(e: ProxyEntry, info: Any) -> PlanRow:
     if isinstance(info, HttpFailure):
-        return PlanRow(e, "unreachable", f"HTTP {info.http_status} {info.error_code or ''}: {info.error_msg or ''}")
+        return PlanRow(
+            e, "unreachable", f"HTTP {info.http_status} {info.error_code or ''}: {info.error_msg or ''}"
+        )
     if isinstance(info, TransportFailure):
         return PlanRow(e, "unreachable", f"{info.kind.value}: {info.detail}")
     j = judge(info, source_version=e.source_version, target_version=e.target_version)
@@ -233,25 +243,44 @@ def render_plan(result: PlanResult, out: Console) -> None:
     for col in ("proxy", "instance", "current", "target", "would", "why"):
         t.add_column(col, overflow="fold")
     for r in result.rows:
-        t.add_row(*(Text(str(v)) for v in (
-            r.entry.name or r.entry.proxy_id, r.entry.instance_id, r.current_version or "?",
-            r.entry.target_version, r.verdict, r.reason)))
+        t.add_row(
+            *(
+                Text(str(v))
+                for v in (
+                    r.entry.name or r.entry.proxy_id,
+                    r.entry.instance_id,
+                    r.current_version or "?",
+                    r.entry.target_version,
+                    r.verdict,
+                    r.reason,
+                )
+            )
+        )
     out.print(t)
     est = result.estimate_s()
     o = result.options
-    out.print(Text(
-        f"to upgrade: {result.count('upgrade')}, skip: {result.count('skip')}, flag: {result.count('flag')}, "
-        f"unreachable: {result.unreachable}; estimated duration: {_mins(est)} (rate {o.rate}, concurrency "
-        f"{o.concurrency}, at most {o.per_instance} proxies of an instance at once, each upgrade as long as "
-        "the cloud's upgrade_duration)"
-    ))
+    out.print(
+        Text(
+            f"to upgrade: {result.count('upgrade')}, skip: {result.count('skip')}, flag: {result.count('flag')}, "
+            f"unreachable: {result.unreachable}; estimated duration: {_mins(est)} (rate {o.rate}, concurrency "
+            f"{o.concurrency}, at most {o.per_instance} proxies of an instance at once, each upgrade as long as "
+            "the cloud's upgrade_duration)"
+        )
+    )
     note = result.window_note()
     if note:
         out.print(Text(f"window {o.window}: {note}"))
 
 
-async def plan_inventory(inventory: str, *, kw: Mapping[str, Any], policy_file: str | None, fmt: str,
-                         out: Console, cloud: CloudApi | None = None) -> int:
+async def plan_inventory(
+    inventory: str,
+    *,
+    kw: Mapping[str, Any],
+    policy_file: str | None,
+    fmt: str,
+    out: Console,
+    cloud: CloudApi | None = None,
+) -> int:
     try:
         base = build_options(RunOptions(), kw)
     except ValueError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,14 +20,23 @@ from orchestrator.states import JobStatus, RunStatus
 from orchestrator.store import JobStore, RunRow
 
 
-def counts_table(run: RunRow, counts: Mapping[JobStatus, int] | Mapping[str, int], *, title: str | None = None) -> Table:
+def counts_table(
+    run: RunRow, counts: Mapping[JobStatus, int] | Mapping[str, int], *, title: str | None = None
+) -> Table:
     from orchestrator import reporting
 
     return reporting.counts_table(run, {str(k): v for k, v in counts.items()}, title=title)
 
 
-async def show_status(run_ref: str | None, *, db: str | None, tz: str | None, since: datetime | None,
-                      statuses: Sequence[str], out: Console) -> None:
+async def show_status(
+    run_ref: str | None,
+    *,
+    db: str | None,
+    tz: str | None,
+    since: datetime | None,
+    statuses: Sequence[str],
+    out: Console,
+) -> None:
     """No RUN: the recent runs (filtered); RUN: its counts, window, wave, breaker, why it stopped, workers."""
     zone_ = zone(tz)
     async with opened(db, create=False) as store:
@@ -41,14 +50,20 @@ async def show_status(run_ref: str | None, *, db: str | None, tz: str | None, si
         if run.stop_reason:
             out.print(Text(f"last stop: {run.stop_reason}"))
         workers = await store.live_workers(run.id)
+        claimed = await store.claimed_counts(run.id)
         if workers:
             t = Table(title="live workers")
-            for col in ("role", "host", "pid", "since", "last heartbeat"):
+            for col in ("role", "host", "pid", "since", "last heartbeat", "claimed now", "claimed total"):
                 t.add_column(col)
             for w in workers:
                 t.add_row(
-                    Text(w.role), Text(w.host), Text(str(w.pid)),
-                    Text(show_time(w.started_at, zone_)), Text(show_time(w.heartbeat_at, zone_, "%H:%M:%S")),
+                    Text(w.role),
+                    Text(w.host),
+                    Text(str(w.pid)),
+                    Text(show_time(w.started_at, zone_)),
+                    Text(show_time(w.heartbeat_at, zone_, "%H:%M:%S")),
+                    Text(str(claimed.get(w.id, 0))),
+                    Text(str(w.claimed)),
                 )
             out.print(t)
         else:
@@ -75,52 +90,74 @@ async def _controls_lines(store: JobStore, run: RunRow, tz: Any, out: Console) -
             where = f"{show_time(interval.start, tz, '%Y-%m-%d %H:%M')} - {show_time(interval.end, tz, '%Y-%m-%d %H:%M')}"
         out.print(Text(f"window: {options.window} (cutoff {options.cutoff}): {phase.phase.value}; {where}"))
     if state.waves > 1:
-        out.print(Text(f"wave: {min(run.wave_open, state.waves)} of {state.waves} open "
-                       f"({state.open_unfinished} jobs of the open waves not finished)"))
+        out.print(
+            Text(
+                f"wave: {min(run.wave_open, state.waves)} of {state.waves} open "
+                f"({state.open_unfinished} jobs of the open waves not finished)"
+            )
+        )
     breaker = options.breaker()
     counted = max(0, state.failures - run.failures_acked)
     if breaker is not None:
         verdict = breaker.describe(counted, state.finished)
-        out.print(Text(f"failures: {counted} counted (limit --max-failures {options.max_failures}): {verdict}"))
+        out.print(
+            Text(f"failures: {counted} counted (limit --max-failures {options.max_failures}): {verdict}")
+        )
     elif state.failures:
         out.print(Text(f"failures: {counted} counted (no --max-failures limit)"))
 
 
-async def show_runs(*, db: str | None, since: datetime | None, statuses: Sequence[str], tz: str | None,
-                    fmt: str, out: Console) -> None:
+async def show_runs(
+    *, db: str | None, since: datetime | None, statuses: Sequence[str], tz: str | None, fmt: str, out: Console
+) -> None:
     async with opened(db, create=False) as store:
         await _runs(store, since=since, statuses=statuses, tz=tz, fmt=fmt, out=out)
 
 
-async def _runs(store: JobStore, *, since: datetime | None, statuses: Sequence[str], tz: str | None, fmt: str,
-                out: Console) -> None:
+async def _runs(
+    store: JobStore,
+    *,
+    since: datetime | None,
+    statuses: Sequence[str],
+    tz: str | None,
+    fmt: str,
+    out: Console,
+) -> None:
     from orchestrator import reporting
     from orchestrator.store import reports
 
-    zone(tz)
+    tz_ = display_zone(tz)
     async with store.read() as conn:
         runs = await reports.list_runs(conn, since=since, statuses=list(statuses) or None)
     if fmt == "table":
         if not runs:
             out.print(Text("no runs" + (" matching" if since or statuses else " yet")))
             return
-        out.print(reporting.runs_table(runs, tz=tz))
+        out.print(reporting.runs_table(runs, tz=tz_))
     else:
-        reporting.write_records([reporting.run_record(s, tz) for s in runs], fmt, _stdout(out))
+        reporting.write_records([reporting.run_record(s, tz_) for s in runs], fmt, _stdout(out))
 
 
-async def show_report(run_ref: str, *, db: str | None, fmt: str, statuses: Sequence[str], tz: str | None,
-                      output: str | None, out: Console) -> None:
+async def show_report(
+    run_ref: str,
+    *,
+    db: str | None,
+    fmt: str,
+    statuses: Sequence[str],
+    tz: str | None,
+    output: str | None,
+    out: Console,
+) -> None:
     from orchestrator import reporting
     from orchestrator.store import reports
 
-    zone(tz)
+    tz_ = display_zone(tz)
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref)
         async with store.read() as conn:
             if fmt == "html":
                 data = await reports.window_report(conn, run.id)
-                page = reporting.html_report(data, tz=tz)
+                page = reporting.html_report(data, tz=tz_)
                 if output is None:
                     raise UsageError("report --format html needs -o FILE (one self-contained page)")
                 Path(output).write_text(page, encoding="utf-8")
@@ -130,41 +167,50 @@ async def show_report(run_ref: str, *, db: str | None, fmt: str, statuses: Seque
             if fmt == "table":
                 counts = await reports.status_counts(conn, run.id)
                 out.print(counts_table(run, counts))
-                await reporting.print_report_table(rows, out, tz=tz)
+                await reporting.print_report_table(rows, out, tz=tz_)
                 return
             if output:
                 with open(output, "w", encoding="utf-8", newline="") as fh:
-                    await reporting.write_report(rows, fmt, fh, tz=tz)
+                    await reporting.write_report(rows, fmt, fh, tz=tz_)
                 return
-            await reporting.write_report(rows, fmt, _stdout(out), tz=tz)
+            await reporting.write_report(rows, fmt, _stdout(out), tz=tz_)
 
 
-async def show_flagged(run_ref: str | None, *, db: str | None, rule: str | None, fmt: str, tz: str | None,
-                       out: Console) -> None:
+async def show_flagged(
+    run_ref: str | None, *, db: str | None, rule: str | None, fmt: str, tz: str | None, out: Console
+) -> None:
     from orchestrator import reporting
     from orchestrator.store import reports
 
-    zone(tz)
+    tz_ = display_zone(tz)
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref)
         async with store.read() as conn:
             groups = await reports.flagged_by_rule(conn, run.id, rule=rule)
         if fmt == "table":
-            reporting.print_flagged(groups, out, run_id=run.id, run_name=run.name, tz=tz)
+            reporting.print_flagged(groups, out, run_id=run.id, run_name=run.name, tz=tz_)
         elif fmt == "csv":
-            reporting.write_records(reporting.flagged_rows(groups, tz), "csv", _stdout(out))
+            reporting.write_records(reporting.flagged_rows(groups, tz_), "csv", _stdout(out))
         else:
-            reporting.write_records([reporting.flagged_record(g, tz) for g in groups], "json", _stdout(out))
+            reporting.write_records([reporting.flagged_record(g, tz_) for g in groups], "json", _stdout(out))
 
 
-async def show_history(*, db: str | None, proxy: str | None, instance: str | None, since: datetime | None,
-                       fmt: str, tz: str | None, out: Console) -> None:
+async def show_history(
+    *,
+    db: str | None,
+    proxy: str | None,
+    instance: str | None,
+    since: datetime | None,
+    fmt: str,
+    tz: str | None,
+    out: Console,
+) -> None:
     from orchestrator import reporting
     from orchestrator.store import reports
 
     if not (proxy or instance):
         raise UsageError("history: say which: --proxy ID or --instance ID")
-    zone(tz)
+    tz_ = display_zone(tz)
     async with opened(db, create=False) as store, store.read() as conn:
         entries = await reports.history(conn, proxy_id=proxy, instance_id=instance, since=since)
     what = f"proxy {proxy}" if proxy else f"instance {instance}"
@@ -172,9 +218,16 @@ async def show_history(*, db: str | None, proxy: str | None, instance: str | Non
         if not entries:
             out.print(Text(f"no history for {what}" + (" since then" if since else "")))
             return
-        reporting.print_history(entries, out, tz=tz, title=f"history of {what}")
+        reporting.print_history(entries, out, tz=tz_, title=f"history of {what}")
     else:
-        reporting.write_records([reporting.history_record(e, tz) for e in entries], fmt, _stdout(out))
+        reporting.write_records([reporting.history_record(e, tz_) for e in entries], fmt, _stdout(out))
+
+
+def display_zone(tz: str | None) -> tzinfo | None:
+    """The zone the renderers show times in: ``--tz``, else ``TZ``, else UTC (None: the renderers' UTC,
+    labelled "UTC"). Raises UsageError for an unknown zone."""
+    z = zone(tz)
+    return None if getattr(z, "key", None) in ("UTC", "Etc/UTC", "Etc/UCT", "UCT", "Zulu") else z
 
 
 def _stdout(out: Console) -> TextIO:

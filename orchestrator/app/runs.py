@@ -28,8 +28,8 @@ from orchestrator.cloud.api import CloudApi
 from orchestrator.engine import Engine, EngineResult
 from orchestrator.errors import EXIT_HALTED, EXIT_OK, EXIT_PROBLEMS, EXIT_STOPPED, EXIT_USAGE, UsageError
 from orchestrator.observe import RunEvents, notice
-from orchestrator.options import RunOptions, build_options
-from orchestrator.outcomes import HttpFailure, TransportFailure, TransportKind
+from orchestrator.options import RunOptions, build_options, cli_overrides
+from orchestrator.outcomes import HttpFailure, TransportFailure, TransportKind, outcome_label
 from orchestrator.runtime import Runtime
 from orchestrator.schedule.dispatch import Confirm
 from orchestrator.states import TERMINAL, JobStatus, RunStatus
@@ -56,6 +56,20 @@ class ProcessOptions:
     metrics_host: str = "127.0.0.1"
     metrics_textfile: str | None = None
     tz: str | None = None
+    # opened by ``with_metrics`` before anything is written (a port that cannot be bound refuses the run
+    # before it exists, not after)
+    metrics: Any = None
+    metrics_server: Any = None
+
+
+def with_metrics(proc: ProcessOptions) -> ProcessOptions:
+    """``proc`` with its metrics opened (``--metrics-port`` bound now). Raises UsageError."""
+    if proc.metrics is not None:
+        return proc
+    from dataclasses import replace
+
+    m, server = _metrics(proc)
+    return replace(proc, metrics=m, metrics_server=server)
 
 
 def exit_code_for(counts: Mapping[JobStatus, int]) -> int:
@@ -91,7 +105,9 @@ def load_inventory_checked(path: str, endpoint: str | None) -> Any:
     return load_inventory(path, endpoint_override=endpoint)
 
 
-def options_for_inventory(base: RunOptions, kw: Mapping[str, Any], inv: Any, policy_file: str | None) -> RunOptions:
+def options_for_inventory(
+    base: RunOptions, kw: Mapping[str, Any], inv: Any, policy_file: str | None
+) -> RunOptions:
     """The run's options: the command line over the inventory's ``window:``, and the resolved policy (a
     separate file wins over the inventory's ``policy:`` block), stored so a resume keeps them."""
     from orchestrator.policy import inventory_policy, load_policy_file, policy_to_dict
@@ -153,6 +169,7 @@ async def run_inventory(
 
         options = options.override(order_seed=new_seed())
     notify_url = _notify_url(proc.notify, inv)
+    proc = with_metrics(proc)
     if cloud is None:
         check_credentials_config()  # a half-configured credential creates no run
     async with opened(db, create=True, outage_timeout=options.db_outage_timeout) as store:
@@ -179,8 +196,17 @@ async def run_inventory(
             f"run {run.id} ({run.name}): {inv.count} proxies, rate {options.rate}, concurrency "
             f"{options.concurrency}, job table {describe_url(db)}"
         )
-        return await drive(store, run, options, role="runner", worker_id=worker_id, proc=proc, out=out,
-                           cloud=cloud, notify_url=notify_url)
+        return await drive(
+            store,
+            run,
+            options,
+            role="runner",
+            worker_id=worker_id,
+            proc=proc,
+            out=out,
+            cloud=cloud,
+            notify_url=notify_url,
+        )
 
 
 async def _unfinished(
@@ -201,8 +227,14 @@ async def _unfinished(
             f"live (last heartbeat {w.heartbeat_at:%H:%M:%S} UTC)"
         )
     if resume_mode != "resume" and existing.status is not RunStatus.PAUSED:
-        if not (sys.stdin.isatty() and await _ask(f"run {existing.id} ({existing.name}) of this inventory is "
-                                                   f"{existing.status.value}; resume it? [Y/n]", default=True)):
+        if not (
+            sys.stdin.isatty()
+            and await _ask(
+                f"run {existing.id} ({existing.name}) of this inventory is "
+                f"{existing.status.value}; resume it? [Y/n]",
+                default=True,
+            )
+        ):
             raise UsageError(
                 f"run {existing.id} ({existing.name}) of this inventory is unfinished ({existing.status.value}):"
                 " pass --resume to continue it or --new-run to start over"
@@ -225,7 +257,9 @@ async def resume_run(
 ) -> int:
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref, unfinished=run_ref is None)
-        return await resume_loaded(store, run, kw=kw, proc=proc, out=out, inventory=None, ack=ack, cloud=cloud)
+        return await resume_loaded(
+            store, run, kw=kw, proc=proc, out=out, inventory=None, ack=ack, cloud=cloud
+        )
 
 
 async def resume_loaded(
@@ -247,12 +281,17 @@ async def resume_loaded(
 
         out.print(counts_table(run, counts))
         return exit_code_for(counts)
-    stored = RunOptions.from_dict(run.options)
+    stored_raw = dict(run.options)
+    for key in RunOptions.__dataclass_fields__:
+        if key in cli_overrides(kw):
+            stored_raw.pop(key, None)  # replaced by the command line: a bad stored value may be corrected
+    stored = RunOptions.stored(stored_raw, run.id)
     try:
         # every way an option enters a run goes through RunOptions' validation (the endpoint validator)
         options = build_options(stored, kw)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    proc = with_metrics(proc)
     # the runner lock first: a refused resume must not touch a run another process is working on
     try:
         reg = await store.register(run.id, role="runner", lease_s=options.lease, exclusive=True)
@@ -261,7 +300,8 @@ async def resume_loaded(
     for dead in reg.taken_over:
         notice(f"took over from a dead process: pid {dead.pid} on {dead.host}")
     try:
-        changed = options.changed_from(stored)
+        now_opts = options.to_dict()
+        changed = [k for k, v in now_opts.items() if run.options.get(k, getattr(RunOptions(), k)) != v]
         if changed:
             await store.set_run_options(run.id, options.to_dict(), changed)
         if ack:
@@ -274,15 +314,33 @@ async def resume_loaded(
         raise
     left = sum(n for s, n in counts.items() if s not in TERMINAL)
     notice(f"resuming run {run.id} ({run.name}): {left} jobs not finished")
-    inv_notify = None
-    if inventory is not None or os.path.exists(run.inventory_path):
-        with contextlib.suppress(Exception):
-            inv_notify = load_inventory_checked(inventory or run.inventory_path, options.endpoint_override)
-    return await drive(store, run, options, role="runner", worker_id=reg.worker_id, proc=proc, out=out,
-                       cloud=cloud, notify_url=_notify_url(proc.notify, inv_notify))
+    path = inventory or run.inventory_path
+
+    def notify_url() -> str | None:
+        # read only when a notification is due (the end of the run): parsing a 100k inventory here
+        # would delay the first call by seconds
+        inv = None
+        if not proc.notify and os.path.exists(path):
+            with contextlib.suppress(Exception):
+                inv = load_inventory_checked(path, options.endpoint_override)
+        return _notify_url(proc.notify, inv)
+
+    return await drive(
+        store,
+        run,
+        options,
+        role="runner",
+        worker_id=reg.worker_id,
+        proc=proc,
+        out=out,
+        cloud=cloud,
+        notify_url=notify_url,
+    )
 
 
-async def _apply_inventory_changes(store: JobStore, run: RunRow, inventory: str | None, options: RunOptions) -> None:
+async def _apply_inventory_changes(
+    store: JobStore, run: RunRow, inventory: str | None, options: RunOptions
+) -> None:
     """A changed inventory: new proxies join the run, removed ones are skipped if never sent, a changed
     target applies to proxies not yet sent. Unchanged (same bytes) is known without parsing it."""
     from orchestrator.inventory import file_sha256
@@ -314,26 +372,24 @@ async def _apply_inventory_changes(store: JobStore, run: RunRow, inventory: str 
     if added:
         n = await store.add_jobs(run.id, added, wave=max(1, run.wave_open))
         notice(f"  added to the run: {n} proxies new in the inventory")
-    from orchestrator.policy import Action, Decision
-    from orchestrator.store import Move
-
     for job in removed:
-        if job.status is JobStatus.PENDING and job.attempt_count == 0:
-            await store.move(
-                job,
-                Move(frm=JobStatus.PENDING, to=JobStatus.SKIPPED,
-                     fields={"reason": "removed from the inventory before it was sent", "rule": "inventory:removed"}),
-                worker_id=None,
-            )
+        if job.status is JobStatus.PENDING and await store.skip_removed(
+            job, "removed from the inventory before it was sent"
+        ):
             notice(f"  removed from the inventory, skipped (never sent): proxy {job.proxy_id}")
         else:
-            notice(f"  removed from the inventory but already {job.status.value}: proxy {job.proxy_id} is followed to its end")
-    del Action, Decision
+            notice(
+                f"  removed from the inventory but already {job.status.value}: proxy {job.proxy_id} is followed to its end"
+            )
     for job, new in retargeted:
         if await store.retarget(job, new, f"target changed {job.target_version} -> {new} in the inventory"):
-            notice(f"  target changed {job.target_version} -> {new}: proxy {job.proxy_id} (not yet sent) will get {new}")
+            notice(
+                f"  target changed {job.target_version} -> {new}: proxy {job.proxy_id} (not yet sent) will get {new}"
+            )
         else:
-            notice(f"  target changed to {new} but proxy {job.proxy_id} is already {job.status.value}: keeps {job.target_version}")
+            notice(
+                f"  target changed to {new} but proxy {job.proxy_id} is already {job.status.value}: keeps {job.target_version}"
+            )
     await store.set_run_inventory(run.id, abspath(path), inv.sha256)
 
 
@@ -350,7 +406,8 @@ async def join_run(run_ref: str | None, *, db: str | None, proc: ProcessOptions,
         if run.status is RunStatus.FINISHED:
             out.print(Text(f"run {run.id} is finished; nothing to do"))
             return EXIT_OK
-        options = RunOptions.from_dict(run.options)
+        options = RunOptions.stored(run.options, run.id)
+        proc = with_metrics(proc)
         try:
             reg = await store.register(run.id, role="worker", lease_s=options.lease, exclusive=False)
         except (RunLocked, ProxiesHeld) as exc:
@@ -370,28 +427,31 @@ async def drive(
     proc: ProcessOptions,
     out: Console,
     cloud: CloudApi | None = None,
-    notify_url: str | None = None,
+    notify_url: str | Callable[[], str | None] | None = None,
     install_signals: bool = True,
 ) -> int:
     """Work on ``run`` in this process (already registered as ``worker_id``) until it is finished or
     stopped; always leaves the registration. Returns the exit code and prints the summary."""
     closer = None
-    metrics = _metrics(proc)
+    proc = with_metrics(proc)
+    metrics, server = proc.metrics, proc.metrics_server
     try:
         if cloud is None:
             built = await build_cloud(options)
             cloud, closer = built.api, built.close
         since = datetime.now(UTC)
         rt = await build_runtime(
-            store, run.id, options, worker_id=worker_id, role=role, cloud=cloud, since=since,
-            confirm=options.confirm and not proc.yes, metrics=metrics,
+            store,
+            run.id,
+            options,
+            worker_id=worker_id,
+            role=role,
+            cloud=cloud,
+            since=since,
+            confirm=options.confirm and not proc.yes,
+            metrics=metrics,
         )
         store.set_outage_hook(lambda event, cause: rt.events.emit(event, cause=cause))
-        refused = await probe_credentials(rt)
-        if refused is not None:
-            if role == "runner":
-                await store.set_run_status(run.id, RunStatus.STOPPED, refused)
-            raise UsageError(refused)
         counts = await store.counts(run.id)
         events = RunEvents(
             total=sum(counts.values()),
@@ -399,8 +459,13 @@ async def drive(
             rate_per_s=_per_s(options.rate),
             metrics=metrics,
         )
-        rt.events = events
+        rt.events = events  # before the probe: its call is one the metrics and the calls/s count
         events.update({k.value: v for k, v in counts.items()})
+        refused = await probe_credentials(rt)
+        if refused is not None:
+            if role == "runner":
+                await store.set_run_status(run.id, RunStatus.STOPPED, refused)
+            raise UsageError(refused)
         if role == "runner":
             await store.set_run_status(run.id, RunStatus.RUNNING)
         _warn_clock(rt)
@@ -410,8 +475,14 @@ async def drive(
         try:
             with events:
                 result = await engine.run()
+                # the last frame and the jobs gauge show where the run ended, not the last 1 s sample
+                with contextlib.suppress(Exception):
+                    events.update({k.value: v for k, v in (await store.counts(run.id)).items()})
         finally:
             restore()
+            if rt.gate is not None:
+                with contextlib.suppress(Exception):
+                    await rt.gate.close()
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await feeder
@@ -422,8 +493,13 @@ async def drive(
         if closer is not None:
             await closer()
         if metrics is not None and proc.metrics_textfile:
-            with contextlib.suppress(Exception):
+            try:
                 metrics.write_textfile(proc.metrics_textfile)
+            except Exception as exc:  # the run's outcome stands; say why the collector will miss it
+                notice(f"warning: could not write --metrics-textfile {proc.metrics_textfile}: {exc}")
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.close()
 
 
 async def _finish(
@@ -433,7 +509,7 @@ async def _finish(
     result: EngineResult,
     role: str,
     out: Console,
-    notify_url: str | None,
+    notify_url: str | Callable[[], str | None] | None,
     metrics: Any,
     proc: ProcessOptions,
 ) -> int:
@@ -466,16 +542,27 @@ async def _finish(
         left = sum(n for s, n in counts.items() if s not in TERMINAL)
         notice(f"stopped: {reason}")
         if code == EXIT_HALTED:
-            notice(f"{left} jobs not finished; after deciding: orchestrator resume {run.id} --ack (or --max-failures N)")
+            notice(
+                f"{left} jobs not finished; after deciding: orchestrator resume {run.id} --ack (or --max-failures N)"
+            )
         elif code != EXIT_USAGE:
             notice(f"{left} jobs not finished; continue with: orchestrator resume {run.id}")
-    if notify_url and role == "runner" and (result.finished or status in (RunStatus.PAUSED, RunStatus.HALTED)):
-        await _notify(store, run, notify_url, status, code, reason or "finished", counts)
+    if role == "runner" and (result.finished or status in (RunStatus.PAUSED, RunStatus.HALTED)):
+        url = notify_url() if callable(notify_url) else notify_url
+        if url:
+            await _notify(store, run, url, status, code, reason or "finished", counts)
     return code
 
 
-async def _notify(store: JobStore, run: RunRow, url: str, status: RunStatus, code: int, reason: str,
-                  counts: Mapping[JobStatus, int]) -> None:
+async def _notify(
+    store: JobStore,
+    run: RunRow,
+    url: str,
+    status: RunStatus,
+    code: int,
+    reason: str,
+    counts: Mapping[JobStatus, int],
+) -> None:
     from orchestrator.notify import notify, summary_payload
 
     flagged = [
@@ -484,8 +571,13 @@ async def _notify(store: JobStore, run: RunRow, url: str, status: RunStatus, cod
     ]
     event = {RunStatus.FINISHED: "run.finished", RunStatus.PAUSED: "run.paused"}.get(status, "run.halted")
     payload = summary_payload(
-        event=event, run_id=str(run.id), status=status.value, exit_code=code, reason=reason,
-        counts={k.value: v for k, v in counts.items() if v}, flagged=flagged,
+        event=event,
+        run_id=str(run.id),
+        status=status.value,
+        exit_code=code,
+        reason=reason,
+        counts={k.value: v for k, v in counts.items() if v},
+        flagged=flagged,
     )
     await notify(url, payload)
 
@@ -500,7 +592,9 @@ async def probe_credentials(rt: Runtime) -> str | None:
     if job is None:
         return None
     async with rt.permit("proxy_version") as on_sent:
+        t0 = rt.mono()
         res = await rt.cloud.proxy_version(rt.ref(job), on_sent=on_sent)
+        rt.events.emit("call", route="proxy_version", outcome=outcome_label(res), latency_s=rt.mono() - t0)
     if isinstance(res, HttpFailure) and res.http_status in (401, 403):
         what = "refused the credentials" if res.http_status == 401 else "denied permission"
         return (
@@ -514,14 +608,15 @@ async def probe_credentials(rt: Runtime) -> str | None:
 
 
 async def _progress(rt: Runtime, events: RunEvents) -> None:
-    """Feed the whole run's counts to the progress display (from the controls' read, at most 1/s)."""
+    """Feed the whole run's counts to the progress display (the controls' latest read: no extra query)."""
+    seen = None
     while True:
         await asyncio.sleep(1.0)
         with contextlib.suppress(Exception):
             ctl = rt.controls
-            if ctl is not None and ctl.state is not None:
-                counts = await rt.store.counts(rt.run_id)
-                events.update({k.value: v for k, v in counts.items()})
+            if ctl is not None and ctl.state is not None and ctl.state is not seen:
+                seen = ctl.state
+                events.update(dict(seen.by_status))
 
 
 def _install_signals(rt: Runtime) -> Callable[[], None]:
@@ -592,7 +687,11 @@ async def _ask(prompt: str, *, default: bool) -> bool:
 
 
 def _notify_url(given: str | None, inv: Any) -> str | None:
-    url = given or (getattr(inv, "notify", None) if inv is not None else None) or os.environ.get("ORCHESTRATOR_NOTIFY_URL")
+    url = (
+        given
+        or (getattr(inv, "notify", None) if inv is not None else None)
+        or os.environ.get("ORCHESTRATOR_NOTIFY_URL")
+    )
     if not url:
         return None
     from orchestrator.notify import check_notify_url
@@ -604,15 +703,22 @@ def _notify_url(given: str | None, inv: Any) -> str | None:
     return url
 
 
-def _metrics(proc: ProcessOptions) -> Any:
+def _metrics(proc: ProcessOptions) -> tuple[Any, Any]:
+    """This process's metrics (None without ``--metrics-*``) and their ``/metrics`` server (None without
+    ``--metrics-port``)."""
     if proc.metrics_port is None and not proc.metrics_textfile:
-        return None
+        return None, None
     from orchestrator.metrics import Metrics
 
     m = Metrics()
-    if proc.metrics_port is not None:
-        m.serve(proc.metrics_port, host=proc.metrics_host)
-    return m
+    if proc.metrics_port is None:
+        return m, None
+    try:
+        server = m.serve(proc.metrics_port, host=proc.metrics_host)
+    except OSError as exc:
+        raise UsageError(f"--metrics-port {proc.metrics_port} on {proc.metrics_host}: {exc}") from None
+    notice(f"metrics: {server.url}")  # the port it bound when 0 (any free port) was asked
+    return m, server
 
 
 def _per_s(rate: str) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +20,7 @@ from orchestrator.errors import UsageError
 from orchestrator.limiter import SlidingWindowLimiter, parse_rate
 from orchestrator.options import RunOptions
 from orchestrator.policy import parse_policy
-from orchestrator.runtime import Controls, Events, LeaseKeeper, NullEvents, Runtime
+from orchestrator.runtime import Controls, Events, LeaseKeeper, Mono, NullEvents, Runtime
 from orchestrator.schedule.dispatch import RunView, dispatch
 from orchestrator.store import JobStore, RunState
 
@@ -43,7 +44,9 @@ async def build_cloud(options: RunOptions, env: Mapping[str, str] | None = None)
     env = os.environ if env is None else env
     session = make_session(ca_bundle=options.ca_bundle)
     try:
-        creds = credentials_from_env(env, iam_endpoint=env.get("ORCHESTRATOR_IAM_ENDPOINT") or None, session=session)
+        creds = credentials_from_env(
+            env, iam_endpoint=env.get("ORCHESTRATOR_IAM_ENDPOINT") or None, session=session
+        )
     except AuthError as exc:
         await session.close()
         raise UsageError(f"credentials: {exc}") from None
@@ -112,9 +115,12 @@ async def build_runtime(
     since: datetime,
     confirm: bool = False,
     metrics: Any = None,
+    mono: Mono = time.monotonic,
 ) -> Runtime:
     """Everything one process needs to work on ``run_id``. ``cloud``: the HTTP client from
-    ``build_cloud``, or an in-process fake in tests. ``since``: when this process started dispatching."""
+    ``build_cloud``, or an in-process fake in tests. ``since``: when this process started dispatching.
+    ``mono``: the monotonic clock (seconds) of the fence, the limiter and the controls (a virtual-time
+    loop's ``time`` in tests; the limiter then sleeps with ``asyncio.sleep`` on that loop)."""
     try:
         policy = parse_policy(options.policy)
     except ValueError as exc:
@@ -123,7 +129,7 @@ async def build_runtime(
     rt = Runtime(
         store=store,
         cloud=cloud,
-        limiter=SlidingWindowLimiter(rate),
+        limiter=SlidingWindowLimiter(rate, clock=mono),
         policy=policy,
         options=options,
         run_id=run_id,
@@ -131,10 +137,11 @@ async def build_runtime(
         role=role,
         events=events or NullEvents(),
         rng=random.Random(options.seed),
-        lease=LeaseKeeper(options.lease),
+        lease=LeaseKeeper(options.lease, mono=mono),
         metrics=metrics,
+        mono=mono,
     )
-    rt.controls = Controls(make_decider(options, since=since, confirm=confirm))
+    rt.controls = Controls(make_decider(options, since=since, confirm=confirm), mono=mono)
     if store.is_postgres:
         from orchestrator.gate import SharedGate
 

@@ -389,6 +389,7 @@ class IamPassword:
                 ).encode("utf-8"),
                 headers={"Content-Type": "application/json;charset=UTF-8"},
                 timeout=self._timeout,
+                proxy=_proxy_for(url),
             ) as response:
                 status = response.status
                 raw = await response.read()
@@ -438,6 +439,13 @@ class IamPassword:
     def _emit(self, event: str, **fields: object) -> None:
         if self._on_event is not None:
             self._on_event(event, fields)
+
+
+def _proxy_for(url: str) -> str | None:
+    # the run's session resolves proxies once per host (cloud/client.py): the IAM call does the same
+    from orchestrator.cloud.client import proxy_for
+
+    return proxy_for(url)
 
 
 def _default_session() -> aiohttp.ClientSession:

@@ -149,11 +149,38 @@ def make_session(*, ca_bundle: str | None = None, verify: bool = True) -> aiohtt
     trace.on_request_headers_sent.append(_on_headers_sent)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ssl=ssl_ctx),
-        trust_env=True,
+        # Proxies from HTTPS_PROXY/NO_PROXY are resolved once per host (``proxy_for``), not by aiohttp on
+        # every request: with trust_env it reads ~/.netrc and the environment per call (a tenth of the
+        # orchestrator's CPU per upgrade call, measured with py-spy).
+        trust_env=False,
         trace_configs=[trace],
     )
     _OUR_SESSIONS.add(session)
     return session
+
+
+_PROXIES: dict[tuple[str, str], str | None] = {}
+_UNSET = object()
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy (HTTPS_PROXY/HTTP_PROXY, minus NO_PROXY) for ``url``'s scheme and host, resolved once
+    per host from the environment, as ``trust_env`` would but without re-reading it on every call."""
+    scheme, _, rest = url.partition("://")
+    key = (scheme, rest.split("/", 1)[0])
+    found = _PROXIES.get(key, _UNSET)
+    if found is not _UNSET:
+        return found  # type: ignore[return-value]
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts = urlsplit(url)
+    if key not in _PROXIES:
+        chosen = getproxies().get(parts.scheme)
+        if chosen and parts.hostname and proxy_bypass(parts.hostname):
+            chosen = None
+        _PROXIES[key] = chosen or None
+    return _PROXIES[key]
 
 
 def _seg(value: str) -> str:
@@ -357,6 +384,7 @@ class CloudClient:
                 timeout=self._timeout,
                 allow_redirects=False,
                 trace_request_ctx=attempt,
+                proxy=proxy_for(url),
             ) as resp:
                 received_at = self.clock.now()
                 answer_headers: Mapping[str, str] = resp.headers

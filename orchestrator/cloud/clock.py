@@ -39,7 +39,20 @@ class ClockSample:
     received_at: float
 
 
+_LAST_DATE: list[tuple[str, float | None]] = [("", None)]
+
+
 def parse_http_date(value: str | None) -> float | None:
+    # answers within one second share their Date header: parse each distinct value once
+    if value is not None and value == _LAST_DATE[0][0]:
+        return _LAST_DATE[0][1]
+    parsed = _parse_http_date(value)
+    if value is not None:
+        _LAST_DATE[0] = (value, parsed)
+    return parsed
+
+
+def _parse_http_date(value: str | None) -> float | None:
     """An HTTP ``Date`` header as epoch seconds (UTC), or None when absent or unreadable.
 
     Accepts the IMF-fixdate form (``Sun, 06 Nov 1994 08:49:37 GMT``) and the obsolete forms that

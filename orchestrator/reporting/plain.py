@@ -5,7 +5,8 @@ rich's ``Table`` measures and wraps every cell through its segment machinery, ab
 writes plain lines, about 30 times faster. Nothing is interpreted: outside text is written as it is,
 except control characters (an ESC from a cloud message must not recolour the terminal), which are shown
 as ``\\xNN``. Cells of ``clip`` columns (ids, times) are never wrapped: a line longer than its column is
-shortened at the end with an ellipsis.
+shortened at the end with an ellipsis; in wrapping columns a word longer than the column (an id quoted in a
+reason) is shortened the same way, never broken across lines.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ class PlainTable:
                 if col.clip or len(line) <= col.width or isinstance(raw, Clipped):
                     lines.append(shorten(line, col.width))
                 else:
-                    lines.extend(textwrap.wrap(line, col.width, break_on_hyphens=False) or [""])
+                    # a word longer than the column (an id in a reason) is shortened like an id in its own
+                    # column, never broken across lines
+                    wrapped = textwrap.wrap(line, col.width, break_on_hyphens=False, break_long_words=False)
+                    lines.extend(shorten(w, col.width) for w in wrapped or [""])
         return lines
 
     def _emit(self, cells: Sequence[list[str]]) -> str:

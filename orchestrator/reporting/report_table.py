@@ -28,28 +28,35 @@ _PROBLEMS = ("flagged", "failed")
 class ReportLayout:
     """Column widths of the report table for a console ``width``: full dates on wide consoles (``MM-DD``
     otherwise; the zone is in the header), workflow ids in a column of their own from 180 characters
-    (under the reason otherwise), and the id columns narrowed (never below 12) when the console is too
-    narrow for them."""
+    (under the reason otherwise), the duration in a column of its own from 92 (under the times otherwise:
+    an 80-column console), and the id columns narrowed (never below 12) when the console is too narrow
+    for them."""
 
     full_dates: bool
     workflow_column: bool
     id_width: int
     reason_width: int
+    took_column: bool = True
 
-    FIXED = 10 + 13 + 8  # status, runs / target, took
+    FIXED = 10 + 13  # status, runs / target
+    TOOK = 8
 
     @classmethod
     def for_width(cls, width: int) -> ReportLayout:
         full = width >= 190
         wf_col = width >= 180
+        took = width >= 92
         times = 24 if full else 19
-        n_cols = 7 if wf_col else 6
+        fixed = cls.FIXED + (cls.TOOK if took else 0)
+        n_cols = (7 if wf_col else 6) - (0 if took else 1)
         ids = 2 if wf_col else 1
         gaps = (n_cols - 1) * len(PlainTable.GAP)
-        spare = width - gaps - cls.FIXED - times - 20  # 20: the narrowest reason column
+        spare = width - gaps - fixed - times - 20  # 20: the narrowest reason column
         id_width = max(12, min(ID_WIDTH, spare // ids))
-        reason = max(20, width - gaps - cls.FIXED - times - ids * id_width)
-        return cls(full_dates=full, workflow_column=wf_col, id_width=id_width, reason_width=reason)
+        reason = max(16, width - gaps - fixed - times - ids * id_width)
+        return cls(
+            full_dates=full, workflow_column=wf_col, id_width=id_width, reason_width=reason, took_column=took
+        )
 
     def columns(self, tz: Zone) -> list[Column]:
         label = zone_label(tz)
@@ -58,8 +65,9 @@ class ReportLayout:
             Column("status", 10),
             Column("runs / target", 13),
             Column(f"times ({label})", 24 if self.full_dates else 19),
-            Column("took", 8, right=True),
         ]
+        if self.took_column:
+            cols.append(Column("took", self.TOOK, right=True))
         if self.workflow_column:
             cols.append(Column("workflows", self.id_width))
         cols.append(
@@ -75,11 +83,13 @@ class ReportLayout:
 def _workflow_lines(row: ReportRow, prefix: str) -> list[str]:
     lines: list[str] = []
     for w in row.workflows:
-        if not w.workflow_id:  # a REJECT item carries no workflow id
+        if not w.workflow_id:  # an item without a workflow id
             lines.append(Clipped(prefix + w.state))
             continue
         lines.append(Clipped(prefix + w.workflow_id))
-        if w.status != "Completed":  # the usual end is left out: the unusual ones stand out
+        if w.state != "ACCEPT":  # a REJECT item has an id but no workflow to poll
+            lines.append(f"  {w.state}")
+        elif w.status != "Completed":  # the usual end is left out: the unusual ones stand out
             lines.append(f"  {w.status or 'not polled yet'}")
     return lines
 
@@ -107,8 +117,11 @@ def report_cells(row: ReportRow, layout: ReportLayout, tz: Zone) -> list[list[st
         [row.status, f"{row.attempts} call{'' if row.attempts == 1 else 's'}"],
         versions,
         times,
-        [duration(row.duration_s)],
     ]
+    if layout.took_column:
+        cells.append([duration(row.duration_s)])
+    elif row.duration_s is not None:
+        times.append(f"took {duration(row.duration_s)}")
     if layout.workflow_column:
         cells += [_workflow_lines(row, ""), why]
     else:

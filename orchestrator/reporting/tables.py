@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol, TextIO, TypeVar, cast
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -72,33 +73,66 @@ def counts_table(run: RunLike, counts: Mapping[_Status, int], *, title: str | No
     return t
 
 
-def runs_table(runs: Sequence[RunSummary], *, tz: Zone = None) -> Table:
+def runs_table(runs: Sequence[RunSummary], *, tz: Zone = None) -> RenderableType:
     """Runs with their times (zone in the header), jobs and jobs needing an operator. Run names are
-    printed whole (they are valid RUN arguments): the column never shortens them."""
-    label = zone_label(tz)
-    longest = max((len(s.run.name) for s in runs), default=4)
-    t = Table(title=f"runs (times in {label})")
-    t.add_column("id", justify="right", no_wrap=True)
-    t.add_column("name", no_wrap=True, min_width=longest)
-    t.add_column("status", no_wrap=True)
-    t.add_column("created", no_wrap=True)
-    t.add_column("finished", no_wrap=True)
-    t.add_column("proxies", justify="right")
-    t.add_column("flagged/failed", justify="right")
-    t.add_column("last stop", overflow="fold")
-    for s in runs:
-        r = s.run
-        t.add_row(
-            str(r.id),
-            _t(r.name),
-            _t(r.status),
-            human_time(r.created_at, tz),
-            human_time(r.finished_at, tz),
-            str(s.jobs),
-            str(s.needs_operator),
-            _t(r.stop_reason),
-        )
-    return t
+    printed whole (they are valid RUN arguments): the column never shortens them. When the one-line-per-run
+    table is wider than the console, each run's status, counts, times and last stop go under its name
+    instead, so a long name does not squeeze the other columns to nothing (or off the screen)."""
+    return _RunsTable(list(runs), tz)
+
+
+class _RunsTable:
+    def __init__(self, runs: list[RunSummary], tz: Zone) -> None:
+        self.runs = runs
+        self.tz = tz
+
+    def _table(self, *, wide: bool) -> Table:
+        tz = self.tz
+        longest = max((len(s.run.name) for s in self.runs), default=4)
+        t = Table(title=f"runs (times in {zone_label(tz)})")
+        t.add_column("id", justify="right", no_wrap=True)
+        if not wide:  # one column under the name: the name is the only thing that must not wrap
+            t.add_column("name / status / created / finished / last stop", min_width=longest, overflow="fold")
+            for s in self.runs:
+                r = s.run
+                cell = _t(r.name)
+                cell.append(f"\n{r.status}: {s.jobs} proxies, {s.needs_operator} flagged/failed")
+                cell.append(f"\ncreated {human_time(r.created_at, tz)}")
+                if r.finished_at is not None:
+                    cell.append(f"\nfinished {human_time(r.finished_at, tz)}")
+                if r.stop_reason:
+                    cell.append("\nlast stop: ")
+                    cell.append(_t(r.stop_reason))
+                t.add_row(str(r.id), cell)
+            return t
+        t.add_column("name", no_wrap=True, min_width=longest)
+        t.add_column("status", no_wrap=True)
+        t.add_column("created", no_wrap=True)
+        t.add_column("finished", no_wrap=True)
+        t.add_column("proxies", justify="right")
+        t.add_column("flagged/failed", justify="right")
+        t.add_column("last stop", overflow="fold")
+        for s in self.runs:
+            r = s.run
+            t.add_row(
+                str(r.id),
+                _t(r.name),
+                _t(r.status),
+                human_time(r.created_at, tz),
+                human_time(r.finished_at, tz),
+                str(s.jobs),
+                str(s.needs_operator),
+                _t(r.stop_reason),
+            )
+        return t
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        wide = self._table(wide=True)
+        natural = Measurement.get(console, options.update(max_width=10_000), wide).maximum  # unclamped
+        if natural <= options.max_width:
+            yield wide
+        else:
+            yield self._table(wide=False)
 
 
 def print_history(

@@ -389,10 +389,19 @@ class Fleet:
                     "influence": "Connections through the proxy are interrupted briefly while it restarts.",
                     "guidance": "Make sure your application reconnects automatically.",
                     "service_impact_duration": "about 10 seconds per node",
-                    "upgrade_duration": "about 5 minutes",
+                    "upgrade_duration": self._upgrade_duration(),
                 },
             },
         )
+
+    def _upgrade_duration(self) -> str:
+        """How long this cloud's upgrade workflows take, as the API words it: the scenario's Pending plus
+        Running time in real seconds (``speed`` applied), so ``plan`` can size a rehearsal of the window."""
+        seconds = (self.workflow_spec.pending_s + self.workflow_spec.running_s) / self.speed
+        if seconds < 90:
+            n = max(1, round(seconds))
+            return f"about {n} second{'' if n == 1 else 's'}"
+        return f"about {round(seconds / 60)} minutes"
 
     def list_proxies(self, project_id: str, instance_id: str, query: Mapping[str, str]) -> Reply:
         self.settle()

@@ -153,7 +153,9 @@ async def run_reconcile(rt: Runtime, job: JobRow) -> None:
         await moves.apply(
             rt,
             job,
-            Decision(Action.RETRY, "no upgrade attempt is recorded: sending", "reconcile:no-attempt", delay=0.0),
+            Decision(
+                Action.RETRY, "no upgrade attempt is recorded: sending", "reconcile:no-attempt", delay=0.0
+            ),
             frm=JobStatus.UNKNOWN,
         )
         return
@@ -174,14 +176,36 @@ async def run_reconcile(rt: Runtime, job: JobRow) -> None:
         NewWorkflow(workflow_id=j.job_id, state="ACCEPT", instance_id=j.instance_id, source="reconciled")
         for j in found.jobs
     )
-    facts = {"current_version": info.current_version, "latest_version": info.latest_version, "read_failures": 0}
+    facts = {
+        "current_version": info.current_version,
+        "latest_version": info.latest_version,
+        "read_failures": 0,
+    }
     attempt_id = last.id if last else None
     if found.jobs:
         ids = ", ".join(j.job_id for j in found.jobs)
-        await _accept(rt, job, f"the answer proved nothing; found workflow {ids} in the cloud's recent jobs",
-                      "reconcile:found-workflow", wf, attempt_id, facts)
+        await _accept(
+            rt,
+            job,
+            f"the answer proved nothing; found workflow {ids} in the cloud's recent jobs",
+            "reconcile:found-workflow",
+            wf,
+            attempt_id,
+            facts,
+        )
         return
     if same_version(info.current_version, job.target_version):
+        if rt.now() < win.settle_at:
+            # the upgrade happened; its workflow may not be listed yet: wait for the listing to catch up
+            # rather than lose the workflow id from the audit trail
+            wait = (win.settle_at - rt.now()).total_seconds() + 0.05
+            await moves.reschedule(
+                rt,
+                job,
+                min(wait, rt.options.reconcile_grace or wait),
+                reason="the proxy runs the target: looking for the workflow that did it",
+            )
+            return
         await _accept(
             rt,
             job,
@@ -263,9 +287,13 @@ async def _find_workflow(rt: Runtime, job: JobRow, win: Window, own: set[str]) -
             res = await rt.cloud.immediate_jobs(
                 ref, start_time=win.start, end_time=win.end, offset=page * PAGE, limit=PAGE, on_sent=on_sent
             )
-            rt.events.emit("call", route="immediate_jobs", outcome=outcome_label(res), latency_s=rt.mono() - t0)
+            rt.events.emit(
+                "call", route="immediate_jobs", outcome=outcome_label(res), latency_s=rt.mono() - t0
+            )
         if not isinstance(res, RecentJobs):
-            d = decide(res, attempt=job.read_failures + 1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT)
+            d = decide(
+                res, attempt=job.read_failures + 1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT
+            )
             await _read_failed(rt, job, d)
             return None
         seen.extend(res.jobs)

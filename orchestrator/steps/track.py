@@ -10,7 +10,6 @@ tracked to its end.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -79,6 +78,11 @@ async def _poll(rt: Runtime, job: JobRow, w: WorkflowRow) -> WorkflowInfo | None
         ended: datetime | None = None
         if info.is_final:
             ended = _cloud_time(rt, info.ended) or rt.now()
+            if w.source == "answer":
+                # not before its answer was recorded: the cloud's times have whole seconds and its offset
+                # is measured from Date headers, so a workflow shorter than a second would seem to end
+                # before it was accepted (a negative duration in the report)
+                ended = max(ended, w.created_at)
         await rt.store.record_workflow_status(
             w.id, status=info.status, progress=info.progress, fail_reason=info.fail_reason, ended_at=ended
         )
@@ -102,7 +106,9 @@ async def run_track(rt: Runtime, job: JobRow) -> None:
         waited = (rt.now() - accepted_at).total_seconds()
         if waited > rt.options.poll_timeout:
             w = prog.open[0]
-            last = f"last status {w.job_status or 'not yet visible'}" + (f" {w.progress}" if w.progress else "")
+            last = f"last status {w.job_status or 'not yet visible'}" + (
+                f" {w.progress}" if w.progress else ""
+            )
             await moves.apply(
                 rt,
                 job,
@@ -170,7 +176,11 @@ async def _postflight(rt: Runtime, job: JobRow, prog: Progress) -> None:
             frm=JobStatus.ACCEPTED,
         )
         return
-    facts = {"current_version": info.current_version, "latest_version": info.latest_version, "read_failures": 0}
+    facts = {
+        "current_version": info.current_version,
+        "latest_version": info.latest_version,
+        "read_failures": 0,
+    }
     tracked = ", ".join(w.workflow_id or "?" for w in prog.completed)
     if same_version(info.current_version, job.target_version):
         reason = (
@@ -178,7 +188,7 @@ async def _postflight(rt: Runtime, job: JobRow, prog: Progress) -> None:
             if tracked
             else f"the proxy runs {info.current_version}; no workflow of this run was found to track"
         )
-        await _succeed(rt, job, reason, facts)
+        await moves.succeed(rt, job, reason, facts)
         return
     what = (
         f"workflow {tracked} completed but the proxy runs {info.current_version}"
@@ -198,20 +208,6 @@ async def _postflight(rt: Runtime, job: JobRow, prog: Progress) -> None:
         frm=JobStatus.ACCEPTED,
         facts=facts,
     )
-
-
-async def _succeed(rt: Runtime, job: JobRow, reason: str, facts: Mapping[str, object]) -> None:
-    from orchestrator.store import Move
-
-    move = Move(
-        frm=JobStatus.ACCEPTED,
-        to=JobStatus.SUCCEEDED,
-        fields={**facts, "reason": None, "hint": None, "rule": "postflight:at-target", "next_attempt_at": None},
-        event_reason=reason,  # the job's columns say the rest; the event log keeps the sentence
-    )
-    ok = await rt.store.move(job, move, worker_id=rt.worker_id)
-    rt.lease.dropped(job.id)
-    rt.events.emit("job.succeeded" if ok else "job.move_lost", job=job.id, proxy=job.proxy_id, reason=reason)
 
 
 def _cloud_time(rt: Runtime, text: str | None) -> datetime | None:

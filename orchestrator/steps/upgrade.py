@@ -31,11 +31,12 @@ def unsettled(attempts: list[AttemptRow], workflows: list[WorkflowRow]) -> bool:
     return any(a.outcome in UNSETTLED_OUTCOMES and a.id not in with_workflow for a in attempts)
 
 
-async def run_upgrade(rt: Runtime, job: JobRow) -> None:
-    """Take one sendable job as far as its upgrade call's recorded answer (see the module docstring)."""
+async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
+    """Take one sendable job as far as its upgrade call's answer (see the module docstring). Returns the
+    task that commits the answer and the move (``Runtime.defer``), or None when no call was made."""
     if not rt.may_start_upgrades():
         await moves.release(rt, job)
-        return
+        return None
     attempts: list[AttemptRow] = []
     workflows: list[WorkflowRow] = []
     if job.attempt_count > 0:
@@ -51,24 +52,26 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> None:
                 reason=f"waiting for workflow {running.workflow_id} ({running.job_status or 'not yet visible'}) "
                 "before sending again",
             )
-            return
+            return None
     is_unsettled = unsettled(attempts, workflows)
     source = job.source_version or job.current_version
-    if (rt.options.preflight and job.status is JobStatus.PENDING) or source is None:
+    # a retry after a failed preflight read has never been judged (no version read is recorded): judge it
+    judged = job.status is not JobStatus.PENDING and job.current_version is not None
+    if (rt.options.preflight and not judged) or source is None:
         checked = await _preflight(rt, job, is_unsettled)
         if checked is None:
-            return
+            return None
         source = checked
     if not rt.may_start_upgrades():
         await moves.release(rt, job)
-        return
+        return None
     # Intent first, then the permit, then the call at once: a commit's latency between permit and send
     # would let the cloud see calls bunched closer than the limiter spaced them.
     intent = await rt.store.record_intent(job, worker_id=rt.worker_id, cloud_offset_s=rt.cloud_offset_s())
     if intent is None:
         rt.events.emit("job.intent_lost", job=job.id, proxy=job.proxy_id)
         await moves.release(rt, job)
-        return
+        return None
     sent_at = None
     async with rt.permit("upgrade") as on_sent:
         sent_at = rt.now()
@@ -87,8 +90,9 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> None:
     )
     answer, items = _answer(outcome, decision, sent_at)
     in_flight = _as_status(job, JobStatus.IN_FLIGHT, intent.number)
-    # shield: Ctrl-C must not skip the write that records what the cloud answered
-    await asyncio.shield(
+    # the record of what the cloud answered commits in its own task: Ctrl-C cannot skip it, and the worker
+    # takes its next job meanwhile
+    return await rt.defer(
         moves.apply(
             rt,
             in_flight,
@@ -113,7 +117,9 @@ async def _preflight(rt: Runtime, job: JobRow, is_unsettled: bool) -> str | None
         d = decide(info, attempt=job.read_failures + 1, policy=rt.policy, rng=rt.rng, stage=Stage.PREFLIGHT)
         if d.action in (Action.RETRY, Action.RECONCILE) and job.status is JobStatus.RETRY_WAIT:
             moves.effects(rt, d)
-            await moves.reschedule(rt, job, d.delay or 2.0, reason=d.reason, read_failures=job.read_failures + 1)
+            await moves.reschedule(
+                rt, job, d.delay or 2.0, reason=d.reason, read_failures=job.read_failures + 1
+            )
             return None
         if d.action is Action.RECONCILE:
             d = Decision(Action.RETRY, d.reason, d.rule, delay=2.0)
@@ -121,7 +127,11 @@ async def _preflight(rt: Runtime, job: JobRow, is_unsettled: bool) -> str | None
         return None
     result = preflight.judge(info, source_version=job.source_version, target_version=job.target_version)
     rt.events.emit("preflight.done", job=job.id, proxy=job.proxy_id, verdict=result.verdict.value)
-    facts = {"current_version": info.current_version, "latest_version": info.latest_version, "read_failures": 0}
+    facts = {
+        "current_version": info.current_version,
+        "latest_version": info.latest_version,
+        "read_failures": 0,
+    }
     if result.verdict is preflight.Verdict.UPGRADE:
         await rt.store.set_preflight_facts(
             job,

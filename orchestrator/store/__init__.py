@@ -1,5 +1,6 @@
 """The one persistence gateway: every connection to the job table of the program lives in this package."""
 
+from orchestrator.errors import DatabaseUnavailable
 from orchestrator.store.gateway import JobStore, describe_url, open_store
 from orchestrator.store.jobs import Requeued, UnknownProxies
 from orchestrator.store.rows import (
@@ -18,7 +19,7 @@ from orchestrator.store.rows import (
     WorkflowRow,
 )
 from orchestrator.store.runs import UnfinishedRun, WavePlanner
-from orchestrator.store.sql import DatabaseDown, DatabaseUnavailable
+from orchestrator.store.sql import DatabaseDown
 from orchestrator.store.workers import ProxiesHeld, RunLocked, new_worker_id
 
 __all__ = [

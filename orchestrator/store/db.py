@@ -8,133 +8,51 @@ through ``run_sync`` (Alembic's async template would call ``asyncio.run`` and fa
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, inspect, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy import event, inspect, pool, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from orchestrator.errors import UsageError
+# Locations are plain strings (store/urls.py): these names stay importable from here.
+from orchestrator.store.urls import (
+    DEFAULT_DB,
+    DatabaseUrlError,
+    asyncpg_dsn,
+    check_target,
+    explain_connect_error,
+    normalize_url,
+    safe_url,
+    sqlite_path,
+)
 
-DEFAULT_DB = "sqlite+aiosqlite:///orchestrator.db"
-
-
-class DatabaseUrlError(UsageError, ValueError):
-    pass
-
-
-def normalize_url(url: str | None) -> str:
-    """Accept the forms operators type (a file path, ``sqlite:///x``, ``postgresql://``) and pick the
-    async driver, so ``--db runs.db`` and ``--db postgresql://u@h/db`` both work."""
-    if not url:
-        url = os.environ.get("ORCHESTRATOR_DB") or DEFAULT_DB
-    if "://" not in url:
-        return f"sqlite+aiosqlite:///{url}"
-    try:
-        parsed = make_url(url)
-    except Exception as exc:  # sqlalchemy raises ArgumentError with the URL (maybe a password) in it
-        raise DatabaseUrlError(
-            "--db: not a database URL (expected sqlite:///FILE or postgresql://...)"
-        ) from exc
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        return parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
-    if backend in {"postgresql", "postgres"}:
-        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
-    raise DatabaseUrlError(f"--db: unsupported database {backend!r} (use sqlite or postgresql)")
-
-
-def safe_url(url: str) -> str:
-    """The URL with any password masked: the only form that may reach logs or errors."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable database URL>"
-
-
-def sqlite_path(url: str) -> str | None:
-    """The file of a SQLite job table URL (None for PostgreSQL or an in-memory database)."""
-    parsed = make_url(normalize_url(url))
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        return None
-    return parsed.database
-
-
-def asyncpg_dsn(url: str) -> str:
-    """The libpq-style DSN asyncpg takes, from a ``postgresql[+driver]://`` URL."""
-    return make_url(normalize_url(url)).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def check_target(url: str | None, *, create: bool) -> None:
-    """Say plainly what is wrong with a job table location before any driver does it cryptically.
-
-    ``create``: the command may create the table (run, demo, db upgrade); read-only commands
-    (status, report, history...) refuse a SQLite file that does not exist, naming it, instead of
-    creating an empty one. Raises ``DatabaseUrlError`` (a UsageError: one line, exit 2)."""
-    full = normalize_url(url)
-    path = sqlite_path(full)
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise DatabaseUrlError(f"job table {path}: is a directory, not a SQLite database file")
-    if p.exists():
-        try:
-            with p.open("rb") as fh:
-                head = fh.read(16)
-        except OSError as exc:
-            raise DatabaseUrlError(f"job table {path}: cannot read it: {exc.strerror}") from None
-        if head and head != SQLITE_MAGIC:
-            raise DatabaseUrlError(f"job table {path}: not a SQLite database")
-        return
-    if not create:
-        raise DatabaseUrlError(f"no job table at {path} (nothing has run with it yet; check --db)")
-    parent = p.parent if str(p.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise DatabaseUrlError(f"job table {path}: {parent} is not a directory")
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise DatabaseUrlError(f"job table {path}: directory {parent} is not writable")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DatabaseUrlError(f"job table {path}: cannot create directory {parent}: {exc.strerror}") from None
-    try:
-        # created owner-only: the job table holds the fleet's layout and the audit trail
-        fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        os.close(fd)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise DatabaseUrlError(f"job table {path}: cannot create it: {exc.strerror}") from None
-
-
-def explain_connect_error(url: str, exc: BaseException) -> str:
-    """One line for an operator: what failed opening the job table (no password, no traceback)."""
-    full = normalize_url(url)
-    parsed = make_url(full)
-    if parsed.get_backend_name() == "sqlite":
-        return f"cannot open the job table {parsed.database}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
-    if isinstance(exc, ConnectionRefusedError | socket.gaierror) or "refused" in str(exc).lower():
-        return f"cannot open the job table: connection refused at {where}"
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if "://" in text:
-        text = safe_url(text)
-    return f"cannot open the job table at {where}: {type(exc).__name__}: {text}"
+__all__ = [
+    "DEFAULT_DB",
+    "HEAD_REVISION",
+    "DatabaseUrlError",
+    "asyncpg_dsn",
+    "check_target",
+    "create_engine",
+    "current_revision",
+    "downgrade",
+    "ensure_current",
+    "explain_connect_error",
+    "normalize_url",
+    "safe_url",
+    "sqlite_path",
+    "stored_revisions",
+    "upgrade",
+]
 
 
 def create_engine(url: str) -> AsyncEngine:
     """SQLAlchemy's async engine on the job table: migrations and report queries (not the hot path)."""
     url = normalize_url(url)
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+    if sqlite_path(url) is not None or url.startswith("sqlite"):
+        # NullPool: a pooled aiosqlite connection keeps a thread that polls its queue every few ms for the
+        # whole run (6% of the run's CPU, measured); reports open a connection when they need one
+        engine = create_async_engine(url, connect_args={"timeout": 30}, poolclass=pool.NullPool)
         _configure_sqlite(engine)
         return engine
     from orchestrator.store.sql import PG_SETTINGS
@@ -184,11 +102,7 @@ def alembic_config(connection: Connection | None = None) -> Any:
     return cfg
 
 
-# The newest migration's revision id. Every command opens the job table, and loading Alembic to learn
-# that nothing needs migrating costs about a second a command (import and script scan); one SELECT of
-# ``alembic_version`` against this constant answers the common case. A unit test compares it with
-# Alembic's own head, so a new migration that forgets to move it fails the suite instead of going unrun.
-HEAD_REVISION = "0006"
+from orchestrator.store.schema import HEAD_REVISION  # noqa: E402 (re-exported; see store/schema.py)
 
 
 async def stored_revisions(engine: AsyncEngine) -> set[str] | None:

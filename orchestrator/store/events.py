@@ -71,8 +71,23 @@ def event_values(
 
 
 async def append(tx: Tx, **values: Any) -> None:
-    """Append one event (keyword arguments as :func:`event_values`)."""
+    """Append one event (keyword arguments as :func:`event_values`). Written with the transaction's
+    other events in one statement just before it commits (``flush``), or at once when the transaction
+    keeps no buffer."""
+    buffer = getattr(tx, "events", None)
+    if buffer is not None:
+        buffer.append(event_values(tx, **values))
+        return
     await tx.execute(_INSERT, event_values(tx, **values))
+
+
+async def flush(tx: Tx) -> None:
+    """Write the events buffered in ``tx`` (called by the driver layer before COMMIT)."""
+    buffer = getattr(tx, "events", None)
+    if buffer:
+        rows = list(buffer)
+        buffer.clear()
+        await tx.executemany(_INSERT, rows)
 
 
 async def append_many(tx: Tx, rows: list[dict[str, Any]]) -> None:

@@ -14,18 +14,19 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
-from orchestrator.store import db
+import orchestrator.store.urls as urls
 from orchestrator.store.jobs import JobOps
 from orchestrator.store.permits import PermitOps
 from orchestrator.store.runs import RunOps
+from orchestrator.store.schema import HEAD_REVISION
 from orchestrator.store.sql import Backend, Op, PgBackend, SqliteBackend, Tx, secure_file
 from orchestrator.store.workers import WorkerOps
 from orchestrator.store.writer import GroupCommitWriter, OutageHook
+
+if TYPE_CHECKING:  # SQLAlchemy is imported only by migrations and reports (start-up costs a second)
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 T = TypeVar("T")
 
@@ -34,7 +35,6 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
     def __init__(
         self,
         url: str,
-        engine: AsyncEngine,
         backend: Backend,
         *,
         outage_timeout: float,
@@ -42,11 +42,20 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
     ) -> None:
         self.url = url
         self._clock = clock or (lambda: datetime.now(UTC))
-        self.engine = engine
+        self._engine: AsyncEngine | None = None
         self.dialect = backend.dialect
         self._backend = backend
         self.writer = GroupCommitWriter(backend, outage_timeout=outage_timeout)
         self._db_offset = 0.0  # database clock minus ours, in seconds (PostgreSQL; 0 on SQLite)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """SQLAlchemy's engine on the same job table, made on first use (reports, migrations)."""
+        if self._engine is None:
+            from orchestrator.store import db
+
+            self._engine = db.create_engine(self.url)
+        return self._engine
 
     @property
     def is_postgres(self) -> bool:
@@ -64,9 +73,9 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
     def set_outage_hook(self, hook: OutageHook | None) -> None:
         self.writer.set_outage_hook(hook)
 
-    async def _submit(self, op: Op[T]) -> T:
+    async def _submit(self, op: Op[T], *, urgent: bool = False) -> T:
         if not self.is_postgres:
-            return await self.writer.submit(op)
+            return await self.writer.submit(op, urgent=urgent)
         sent = time.time()
 
         async def timed(tx: Tx) -> T:
@@ -75,7 +84,7 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
             self._db_offset = tx.now.timestamp() - max(sent, time.time() - 0.5)
             return await op(tx)
 
-        return await self.writer.submit(timed)
+        return await self.writer.submit(timed, urgent=urgent)
 
     async def start(self) -> None:
         self.writer.start()
@@ -83,7 +92,8 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
     async def close(self) -> None:
         await self.writer.close()
         await self._backend.close()
-        await self.engine.dispose()
+        if self._engine is not None:
+            await self._engine.dispose()
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -104,36 +114,62 @@ async def open_store(
     """Open the job table at ``url`` (or ORCHESTRATOR_DB, or ./orchestrator.db), upgraded to head.
 
     ``create`` False (read-only commands): a SQLite file that does not exist is refused, not created.
-    Raises ``db.DatabaseUrlError`` (one line, exit 2) for a bad location, and the driver's error for a
-    database that cannot be reached (``db.explain_connect_error`` words it). ``clock`` (UTC now) and
-    ``inline`` (SQLite batches on the loop's thread) are for tests on virtual time."""
-    full = db.normalize_url(url)
-    db.check_target(full, create=create)
-    engine = db.create_engine(full)
-    try:
-        if migrate:
-            await db.ensure_current(engine)
-    except BaseException:
-        await engine.dispose()
-        raise
-    path = db.sqlite_path(full)
+    Raises ``DatabaseUrlError`` (one line, exit 2) for a bad location, and the driver's error for a
+    database that cannot be reached (``urls.explain_connect_error`` words it). ``clock`` (UTC now) and
+    ``inline`` (SQLite batches on the loop's thread) are for tests on virtual time. The schema revision
+    is read with the driver; SQLAlchemy and Alembic are loaded only when the table must be migrated."""
+    full = urls.normalize_url(url)
+    urls.check_target(full, create=create)
+    if migrate and await stored_revision(full) != HEAD_REVISION:
+        from orchestrator.store import db
+
+        engine = db.create_engine(full)
+        try:
+            await db.upgrade(engine)
+        finally:
+            await engine.dispose()
+    path = urls.sqlite_path(full)
     backend: Backend
     if path is not None:
         secure_file(path)
         backend = SqliteBackend(path, clock=clock or (lambda: datetime.now(UTC)), inline=inline)
     else:
-        backend = PgBackend(db.asyncpg_dsn(full), describe=describe_url(full))
-    store = JobStore(full, engine, backend, outage_timeout=outage_timeout, clock=clock)
+        backend = PgBackend(urls.asyncpg_dsn(full), describe=urls.describe_url(full))
+    store = JobStore(full, backend, outage_timeout=outage_timeout, clock=clock)
     await store.start()
     return store
 
 
-def describe_url(url: str | None) -> str:
-    """The job table for a person: ``sqlite:PATH`` or the URL with its password masked."""
-    full = db.normalize_url(url)
-    parsed = make_url(full)
-    if parsed.get_backend_name() == "sqlite":
-        return f"sqlite:{parsed.database}"
-    return db.safe_url(full)
+async def stored_revision(url: str) -> str | None:
+    """The schema revision recorded in the job table (None: no table yet), read with the driver."""
+    path = urls.sqlite_path(url)
+    if path is not None:
+        import sqlite3
+
+        conn = sqlite3.connect(path, timeout=30)
+        try:
+            try:
+                row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return None
+                raise
+            return str(row[0]) if row else None
+        finally:
+            conn.close()
+    import asyncpg
+
+    from orchestrator.store.sql import PG_SETTINGS
+
+    pg = await asyncpg.connect(urls.asyncpg_dsn(url), server_settings=PG_SETTINGS, timeout=10)
+    try:
+        has = await pg.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL")
+        if not has:
+            return None
+        value = await pg.fetchval("SELECT version_num FROM alembic_version LIMIT 1")
+        return None if value is None else str(value)
+    finally:
+        await pg.close()
 
 
+describe_url = urls.describe_url

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orchestrator.store.events as events
 from orchestrator.states import ACTIVE, TERMINAL, JobStatus, check_move
-from orchestrator.store import events
 from orchestrator.store.decode import (
     ATTEMPT_COLS,
     JOB_COLS,
@@ -100,10 +100,16 @@ async def insert_workflows(
 
 
 async def complete_attempt(tx: Tx, attempt_id: int, answer: AttemptAnswer) -> None:
+    """Record how an attempt ended. When reconcile completes it later (``reconciled``/``lost`` with its
+    rule) the first answer's facts (when it came, HTTP status, error, request id, transport failure) are
+    kept: the audit keeps what the cloud answered. A ``not_sent`` attempt stays one, with its rule."""
     await tx.execute(
-        "UPDATE attempts SET answered_at = :now, sent_at = COALESCE(:sent, sent_at), outcome = :outcome,"
-        " http_status = :hs, error_code = :ec, error_msg = :em, request_id = :rid, rule = :rule,"
-        " transport = :tr WHERE id = :id",
+        "UPDATE attempts SET answered_at = COALESCE(answered_at, :now), sent_at = COALESCE(:sent, sent_at),"
+        " outcome = CASE WHEN outcome = 'not_sent' THEN outcome ELSE :outcome END,"
+        " http_status = COALESCE(http_status, :hs), error_code = COALESCE(error_code, :ec),"
+        " error_msg = COALESCE(error_msg, :em), request_id = COALESCE(request_id, :rid),"
+        " rule = CASE WHEN outcome = 'not_sent' THEN rule ELSE :rule END,"
+        " transport = COALESCE(transport, :tr) WHERE id = :id",
         {
             "now": tx.ts(tx.now),
             "sent": tx.ts(answer.sent_at),
@@ -117,6 +123,58 @@ async def complete_attempt(tx: Tx, attempt_id: int, answer: AttemptAnswer) -> No
             "id": attempt_id,
         },
     )
+
+
+def _answer_values(tx: Tx, answer: AttemptAnswer) -> dict[str, Any]:
+    return {
+        "sent": tx.ts(answer.sent_at),
+        "outcome": answer.outcome,
+        "hs": answer.http_status,
+        "ec": answer.error_code,
+        "em": answer.error_msg,
+        "rid": answer.request_id,
+        "rule": answer.rule,
+        "tr": answer.transport,
+    }
+
+
+async def _answer_pg(
+    tx: Tx, job: JobRow, attempt_id: int, answer: AttemptAnswer, move: Move, worker_id: str
+) -> bool:
+    """PostgreSQL: the attempt's answer and the job's guarded move in one statement (one round trip);
+    the attempt is completed whether or not the move wins, as on SQLite."""
+    sets, params = _move_values(tx, move)
+    n = await tx.fetchone(
+        "WITH a AS (UPDATE attempts SET answered_at = :now, sent_at = COALESCE(:sent, sent_at),"
+        " outcome = :outcome, http_status = :hs, error_code = :ec, error_msg = :em, request_id = :rid,"
+        " rule = :rule, transport = :tr WHERE id = :aid RETURNING id),"
+        f" j AS (UPDATE jobs SET {sets} WHERE id = :id AND status = :frm"
+        " AND (claimed_by = :me OR claimed_by IS NULL) RETURNING id)"
+        " SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM a)",
+        {
+            **params,
+            **_answer_values(tx, answer),
+            "aid": attempt_id,
+            "to": move.to.value,
+            "now": tx.ts(tx.now),
+            "id": job.id,
+            "frm": move.frm.value,
+            "me": worker_id,
+        },
+    )
+    if not n or int(n[0]) != 1:
+        return False
+    await events.append(
+        tx,
+        run_id=job.run_id,
+        job_id=job.id,
+        kind="move",
+        from_status=move.frm.value,
+        to_status=move.to.value,
+        rule=move.fields.get("rule"),
+        reason=move.event_reason or move.fields.get("reason"),
+    )
+    return True
 
 
 async def apply_move(tx: Tx, job: JobRow, move: Move, worker_id: str | None) -> bool:
@@ -152,7 +210,7 @@ async def apply_move(tx: Tx, job: JobRow, move: Move, worker_id: str | None) -> 
 class JobOps:
     """Mixin of ``JobStore``: the queue."""
 
-    async def _submit(self, op: Any) -> Any:  # provided by JobStore
+    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- claims
@@ -216,11 +274,12 @@ class JobOps:
             due = "(next_attempt_at IS NULL OR next_attempt_at <= :now)"
             follow = [S.UNKNOWN.value] + ([S.ACCEPTED.value] if track else [])
             fsql, fparams = in_clause("fs", follow)
-            chosen = [
-                job_row(r)
+            # candidates as (id, project, instance, sendable) only: full rows come back from the claim itself
+            chosen: list[int] = [
+                int(r[0])
                 for r in await tx.fetch(
-                    f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status IN {fsql} AND {due}"
-                    f" AND {free} ORDER BY next_attempt_at LIMIT :lim",
+                    f"SELECT id FROM jobs WHERE run_id = :run AND status IN {fsql} AND {due} AND {free}"
+                    " ORDER BY next_attempt_at LIMIT :lim",
                     {"run": run_id, "now": nts, "lim": limit, **fparams},
                 )
             ]
@@ -228,62 +287,55 @@ class JobOps:
             if allow_new and room > 0:
                 # only candidates whose instance has room: a LIMIT over all pending jobs could be filled
                 # with siblings of busy instances and starve the instances listed after them
-                has_room, room_params = _has_room_sql(track)
-                cands = [
-                    job_row(r)
-                    for r in await tx.fetch(
-                        f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status = 'retry_wait'"
-                        f" AND next_attempt_at <= :now AND {free} AND {has_room}"
-                        " ORDER BY next_attempt_at LIMIT :lim",
-                        {"run": run_id, "now": nts, "lim": room * 4, "per": per_instance, **room_params},
-                    )
-                ]
-                cands += [
-                    job_row(r)
-                    for r in await tx.fetch(
-                        f"SELECT {JOB_COLS} FROM jobs WHERE run_id = :run AND status = 'pending'"
-                        f" AND wave <= :open AND {due} AND {free} AND {has_room}"
-                        " ORDER BY wave, id LIMIT :lim",
-                        {
-                            "run": run_id,
-                            "now": nts,
-                            "lim": room * 4,
-                            "open": open_wave,
-                            "per": per_instance,
-                            **room_params,
-                        },
-                    )
-                ]
+                has_room, room_params = _has_room_sql(track, tx.dialect)
+                cands = await tx.fetch(
+                    "SELECT id, project_id, instance_id FROM jobs WHERE run_id = :run AND status = 'retry_wait'"
+                    f" AND next_attempt_at <= :now AND {free} AND {has_room}"
+                    " ORDER BY next_attempt_at LIMIT :lim",
+                    {"run": run_id, "now": nts, "lim": room * 2, "per": per_instance, **room_params},
+                )
+                cands += await tx.fetch(
+                    "SELECT id, project_id, instance_id FROM jobs WHERE run_id = :run AND status = 'pending'"
+                    f" AND wave <= :open AND {due} AND {free} AND {has_room}"
+                    " ORDER BY wave, id LIMIT :lim",
+                    {
+                        "run": run_id,
+                        "now": nts,
+                        "lim": room * 2,
+                        "open": open_wave,
+                        "per": per_instance,
+                        **room_params,
+                    },
+                )
                 if cands:
-                    busy = await _busy_instances(tx, run_id, cands, track)
-                    for j in cands:
-                        key = (j.project_id, j.instance_id)
+                    busy = await _busy_instances(tx, run_id, {(str(c[1]), str(c[2])) for c in cands}, track)
+                    for job_id, project, instance in cands:
+                        key = (str(project), str(instance))
                         if busy.get(key, 0) >= per_instance:
                             continue
                         busy[key] = busy.get(key, 0) + 1
-                        chosen.append(j)
+                        chosen.append(int(job_id))
                         if len(chosen) >= limit:
                             break
             if not chosen:
                 return Claimed([], now)
             until = tx.ts(now + timedelta(seconds=lease_s))
-            ids_sql, ids = in_clause("j", [j.id for j in chosen])
-            won = {
-                int(r[0])
-                for r in await tx.fetch(
-                    f"UPDATE jobs SET claimed_by = :me, lease_expires_at = :until WHERE id IN {ids_sql}"
-                    f" AND {free} RETURNING id",
-                    {"me": worker_id, "until": until, "now": nts, **ids},
-                )
-            }
-            await tx.execute(
-                "UPDATE workers SET claimed = claimed + :n WHERE id = :me", {"n": len(won), "me": worker_id}
+            ids_sql, ids = in_clause("j", chosen)
+            rows = await tx.fetch(
+                f"UPDATE jobs SET claimed_by = :me, lease_expires_at = :until WHERE id IN {ids_sql}"
+                f" AND {free} RETURNING {JOB_COLS}",
+                {"me": worker_id, "until": until, "now": nts, **ids},
             )
-            lease = now + timedelta(seconds=lease_s)
-            out = [_claimed(j, worker_id, lease) for j in chosen if j.id in won]
+            # a heartbeat never waits for a claim's rows (SKIP LOCKED), so taking the worker row here,
+            # after the job rows, cannot close a wait cycle between parallel batches
+            await tx.execute(
+                "UPDATE workers SET claimed = claimed + :n WHERE id = :me", {"n": len(rows), "me": worker_id}
+            )
+            order = {job_id: i for i, job_id in enumerate(chosen)}
+            out = sorted((job_row(r) for r in rows), key=lambda j: order[j.id])
             return Claimed(out, now)
 
-        result: Claimed = await self._submit(op)
+        result: Claimed = await self._submit(op, urgent=True)
         return result
 
     async def release(self, job_id: int, worker_id: str) -> None:
@@ -305,21 +357,46 @@ class JobOps:
 
         async def op(tx: Tx) -> Intent | None:
             nts = tx.ts(tx.now)
-            n = await tx.execute(
-                "UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"
-                " next_attempt_at = NULL, intent_deadline = lease_expires_at WHERE id = :id"
-                " AND status IN ('pending', 'retry_wait') AND claimed_by = :me AND attempt_count = :prev"
-                " AND lease_expires_at > :now",
-                {"n": number, "now": nts, "id": job.id, "me": worker_id, "prev": job.attempt_count},
-            )
-            if n != 1:
-                return None
-            row = await tx.fetchone(
-                "INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
-                " VALUES (:job, :n, :me, :now, 'in_flight', :off) RETURNING id",
-                {"job": job.id, "n": number, "me": worker_id, "now": nts, "off": cloud_offset_s},
-            )
-            assert row is not None
+            params = {
+                "n": number,
+                "now": nts,
+                "id": job.id,
+                "me": worker_id,
+                "prev": job.attempt_count,
+                "off": cloud_offset_s,
+            }
+            if tx.dialect == "postgresql":
+                # one round trip: the guarded move and the attempt row in one statement
+                both = await tx.fetchone(
+                    "WITH j AS (UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"
+                    " next_attempt_at = NULL, intent_deadline = lease_expires_at WHERE id = :id"
+                    " AND status IN ('pending', 'retry_wait') AND claimed_by = :me AND attempt_count = :prev"
+                    " AND lease_expires_at > :now RETURNING id, intent_deadline)"
+                    " INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
+                    " SELECT j.id, :n, :me, :now, 'in_flight', :off FROM j RETURNING id,"
+                    " (SELECT intent_deadline FROM j)",
+                    params,
+                )
+                if both is None:
+                    return None
+                attempt_id, deadline = int(both[0]), aware(both[1])
+            else:
+                won = await tx.fetchone(
+                    "UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"
+                    " next_attempt_at = NULL, intent_deadline = lease_expires_at WHERE id = :id"
+                    " AND status IN ('pending', 'retry_wait') AND claimed_by = :me AND attempt_count = :prev"
+                    " AND lease_expires_at > :now RETURNING intent_deadline",
+                    params,
+                )
+                if won is None:
+                    return None
+                row = await tx.fetchone(
+                    "INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
+                    " VALUES (:job, :n, :me, :now, 'in_flight', :off) RETURNING id",
+                    {"job": job.id, "n": number, "me": worker_id, "now": nts, "off": cloud_offset_s},
+                )
+                assert row is not None
+                attempt_id, deadline = int(row[0]), aware(won[0])
             await events.append(
                 tx,
                 run_id=job.run_id,
@@ -329,10 +406,9 @@ class JobOps:
                 to_status=JobStatus.IN_FLIGHT.value,
                 reason=f"upgrade call {number}",
             )
-            dl = await tx.fetchone("SELECT intent_deadline FROM jobs WHERE id = :id", {"id": job.id})
-            return Intent(int(row[0]), number, aware(dl[0]) if dl else None)
+            return Intent(attempt_id, number, deadline)
 
-        result: Intent | None = await self._submit(op)
+        result: Intent | None = await self._submit(op, urgent=True)
         return result
 
     async def record_answer(
@@ -352,6 +428,10 @@ class JobOps:
         check_move(move.frm, move.to)  # a bug fails here, before it can fail a whole commit batch
 
         async def op(tx: Tx) -> bool:
+            if tx.dialect == "postgresql":
+                won = await _answer_pg(tx, job, attempt_id, answer, move, worker_id)
+                await insert_workflows(tx, job.id, attempt_id, workflows)
+                return won
             await complete_attempt(tx, attempt_id, answer)
             await insert_workflows(tx, job.id, attempt_id, workflows)
             plain = Move(
@@ -396,9 +476,7 @@ class JobOps:
             if read_failures is not None:
                 sets.append("read_failures = :rf")
                 params["rf"] = read_failures
-            await tx.execute(
-                f"UPDATE jobs SET {', '.join(sets)} WHERE id = :id AND claimed_by = :me", params
-            )
+            await tx.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = :id AND claimed_by = :me", params)
 
         await self._submit(op)
 
@@ -443,7 +521,8 @@ class JobOps:
         async def op(tx: Tx) -> None:
             if status is None:
                 await tx.execute(
-                    "UPDATE workflows SET checked_at = :now WHERE id = :id", {"now": tx.ts(tx.now), "id": row_id}
+                    "UPDATE workflows SET checked_at = :now WHERE id = :id",
+                    {"now": tx.ts(tx.now), "id": row_id},
                 )
                 return
             await tx.execute(
@@ -461,11 +540,29 @@ class JobOps:
 
         await self._submit(op)
 
-    async def attach_workflows(self, job: JobRow, attempt_id: int | None, workflows: Sequence[NewWorkflow]) -> None:
+    async def attach_workflows(
+        self, job: JobRow, attempt_id: int | None, workflows: Sequence[NewWorkflow]
+    ) -> None:
         async def op(tx: Tx) -> None:
             await insert_workflows(tx, job.id, attempt_id, workflows)
 
         await self._submit(op)
+
+    async def skip_removed(self, job: JobRow, reason: str) -> bool:
+        """A proxy removed from the inventory before anything was sent for it: pending -> skipped."""
+        move = Move(
+            frm=JobStatus.PENDING,
+            to=JobStatus.SKIPPED,
+            fields={"reason": reason, "rule": "inventory:removed"},
+        )
+
+        async def op(tx: Tx) -> bool:
+            if job.attempt_count:
+                return False
+            return await apply_move(tx, job, move, None)
+
+        result: bool = await self._submit(op)
+        return result
 
     async def retarget(self, job: JobRow, target_version: str, reason: str) -> bool:
         """A changed inventory target for a job never sent (guarded: pending, no attempt yet)."""
@@ -561,11 +658,20 @@ class JobOps:
                 {**params, "now": nts, "f": False},
             )
             if moved:
-                await tx.execute(
+                reopened = await tx.execute(
                     "UPDATE runs SET status = 'stopped', finished_at = NULL, stop_reason = 're-queued'"
                     " WHERE id = :run AND status = 'finished'",
                     {"run": run_id},
                 )
+                if reopened:  # the run's own move is in the log too (its next one starts from 'stopped')
+                    await events.append(
+                        tx,
+                        run_id=run_id,
+                        kind="run",
+                        from_status="finished",
+                        to_status="stopped",
+                        reason="re-queued",
+                    )
             return Requeued(moved, running)
 
         result: Requeued = await self._submit(op)
@@ -652,7 +758,9 @@ class JobOps:
                 wsql, wparams = in_clause("w", ids[i : i + 500])
                 out |= {
                     str(r[0])
-                    for r in await tx.fetch(f"SELECT workflow_id FROM workflows WHERE workflow_id IN {wsql}", wparams)
+                    for r in await tx.fetch(
+                        f"SELECT workflow_id FROM workflows WHERE workflow_id IN {wsql}", wparams
+                    )
                 }
             return out
 
@@ -686,7 +794,8 @@ class JobOps:
         async def op(tx: Tx) -> int:
             asql, aparams = in_clause("a", active)
             r = await tx.fetchone(
-                f"SELECT count(*) FROM jobs WHERE run_id = :run AND status IN {asql}", {"run": run_id, **aparams}
+                f"SELECT count(*) FROM jobs WHERE run_id = :run AND status IN {asql}",
+                {"run": run_id, **aparams},
             )
             return int(r[0]) if r else 0
 
@@ -695,20 +804,22 @@ class JobOps:
 
 
 async def _busy_instances(
-    tx: Tx, run_id: int, cands: list[JobRow], track: bool
+    tx: Tx, run_id: int, keys: set[tuple[str, str]], track: bool
 ) -> dict[tuple[str, str], int]:
-    """How many proxies of each candidate's instance are being upgraded now (the availability guard)."""
+    """How many proxies of each (project, instance) are being upgraded now (the availability guard)."""
     busy_states = [JobStatus.IN_FLIGHT.value, JobStatus.UNKNOWN.value] + (
         [JobStatus.ACCEPTED.value] if track else []
     )
     out: dict[tuple[str, str], int] = {}
-    instances = sorted({j.instance_id for j in cands})
+    instances = sorted({i for _p, i in keys})
     bsql, bparams = in_clause("b", busy_states)
     ssql, sparams = in_clause("s", _SENDABLE)
     for i in range(0, len(instances), 400):
         isql, iparams = in_clause("i", instances[i : i + 400])
+        # SQLite's planner otherwise walks the (run, status) index over every pending job of the run
+        hint = " INDEXED BY ix_jobs_run_instance" if tx.dialect == "sqlite" else ""
         for project, instance, n in await tx.fetch(
-            "SELECT project_id, instance_id, count(*) FROM jobs WHERE run_id = :run"
+            f"SELECT project_id, instance_id, count(*) FROM jobs{hint} WHERE run_id = :run"
             f" AND instance_id IN {isql} AND (status IN {bsql} OR (status IN {ssql}"
             " AND claimed_by IS NOT NULL AND lease_expires_at > :now)) GROUP BY project_id, instance_id",
             {"run": run_id, "now": tx.ts(tx.now), **iparams, **bparams, **sparams},
@@ -717,7 +828,7 @@ async def _busy_instances(
     return out
 
 
-def _has_room_sql(track: bool) -> tuple[str, dict[str, Any]]:
+def _has_room_sql(track: bool, dialect: str) -> tuple[str, dict[str, Any]]:
     """The condition "fewer than ``:per`` proxies of this job's instance are being upgraded now" on a
     ``jobs`` row (the same count as :func:`_busy_instances`), with its parameters (``:now`` bound by the
     caller)."""
@@ -726,18 +837,14 @@ def _has_room_sql(track: bool) -> tuple[str, dict[str, Any]]:
     )
     bsql, bparams = in_clause("rb", busy_states)
     ssql, sparams = in_clause("rs", _SENDABLE)
+    hint = " INDEXED BY ix_jobs_run_instance" if dialect == "sqlite" else ""  # as in _busy_instances
     return (
-        "(SELECT count(*) FROM jobs o WHERE o.run_id = jobs.run_id AND o.instance_id = jobs.instance_id"
-        f" AND o.project_id = jobs.project_id AND (o.status IN {bsql} OR (o.status IN {ssql}"
+        f"(SELECT count(*) FROM jobs o{hint} WHERE o.run_id = jobs.run_id"
+        " AND o.instance_id = jobs.instance_id AND o.project_id = jobs.project_id"
+        f" AND (o.status IN {bsql} OR (o.status IN {ssql}"
         " AND o.claimed_by IS NOT NULL AND o.lease_expires_at > :now))) < :per",
         {**bparams, **sparams},
     )
-
-
-def _claimed(j: JobRow, worker_id: str, lease: datetime) -> JobRow:
-    from dataclasses import replace
-
-    return replace(j, claimed_by=worker_id, lease_expires_at=lease)
 
 
 TERMINAL_VALUES = tuple(sorted(s.value for s in TERMINAL))

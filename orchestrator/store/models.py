@@ -83,7 +83,6 @@ class Job(Base):
         Index("ix_jobs_run_instance", "run_id", "instance_id"),
         # which live run holds a proxy (migration 0003): the overlap check joins on the proxy's key
         Index("ix_jobs_proxy", "project_id", "instance_id", "proxy_id"),
-        Index("ix_jobs_claimed_by", "claimed_by"),
         # claiming pending jobs wave by wave in inventory order without a scan (migration 0004)
         Index("ix_jobs_run_status_wave", "run_id", "status", "wave", "id"),
         CheckConstraint(JOB_STATUS_CHECK, name="status"),

@@ -12,14 +12,74 @@ from datetime import timedelta
 from typing import Any
 
 from orchestrator.store.jobs import RUN_LOCK
-from orchestrator.store.sql import Tx, aware
+from orchestrator.store.sql import Tx, aware, in_clause
 
 
 class PermitOps:
     """Mixin of ``JobStore``: send permits."""
 
-    async def _submit(self, op: Any) -> Any:  # provided by JobStore
+    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
         raise NotImplementedError
+
+    async def try_send_slots(
+        self,
+        run_id: int,
+        *,
+        worker_id: str,
+        count: int,
+        period: float,
+        cap: int,
+        lease_s: float,
+        margin: float = 0.0,
+        want: int = 1,
+    ) -> tuple[list[int], float]:
+        """One attempt at up to ``want`` permits: (their slot ids, 0) or ([], seconds to wait). The window
+        spans ``period + margin``: a permit is stamped before its commit and its send, and the margin
+        absorbs how much later one send leaves than another. Callers ask for as many permits as they
+        have senders waiting right now, so a permit is used at once, never kept in stock."""
+
+        async def op(tx: Tx) -> tuple[list[int], float]:
+            if tx.dialect == "postgresql":
+                await tx.execute("SELECT pg_advisory_xact_lock(:k)", {"k": RUN_LOCK + run_id})
+            now = tx.now
+            window_start = now - timedelta(seconds=period + margin)
+            ws = tx.ts(window_start)
+            row = await tx.fetchone(
+                "SELECT count(*) FROM send_log WHERE run_id = :run AND at > :ws", {"run": run_id, "ws": ws}
+            )
+            in_window = int(row[0]) if row else 0
+            if in_window >= count:
+                oldest = await tx.fetchone(
+                    "SELECT at FROM send_log WHERE run_id = :run AND at > :ws ORDER BY at LIMIT 1 OFFSET :skip",
+                    {"run": run_id, "ws": ws, "skip": in_window - count},
+                )
+                at = aware(oldest[0]) if oldest else None
+                wait = (at - window_start).total_seconds() if at is not None else 0.01
+                return [], max(0.001, wait)
+            r = await tx.fetchone(
+                "SELECT count(*) FROM send_log WHERE run_id = :run AND done_at IS NULL"
+                " AND lease_expires_at > :now",
+                {"run": run_id, "now": tx.ts(now)},
+            )
+            room = min(want, count - in_window, cap - (int(r[0]) if r else 0))
+            if room <= 0:
+                return [], 0.02
+            rows = await tx.fetch(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :k)"
+                " INSERT INTO send_log (run_id, at, worker, lease_expires_at)"
+                " SELECT :run, :now, :me, :until FROM n RETURNING id",
+                {
+                    "k": room,
+                    "run": run_id,
+                    "now": tx.ts(now),
+                    "me": worker_id,
+                    "until": tx.ts(now + timedelta(seconds=lease_s)),
+                },
+            )
+            return [int(x[0]) for x in rows], 0.0
+
+        result: tuple[list[int], float] = await self._submit(op, urgent=True)
+        return result
 
     async def try_send_slot(
         self,
@@ -32,51 +92,31 @@ class PermitOps:
         lease_s: float,
         margin: float = 0.0,
     ) -> tuple[int | None, float]:
-        """One attempt at a permit: (slot id, 0) or (None, seconds to wait). The window spans ``period +
-        margin``: a permit is stamped before its commit and its send, and the margin absorbs how much later
-        one send leaves than another."""
+        """One permit (see ``try_send_slots``): (slot id, 0) or (None, seconds to wait)."""
+        ids, wait = await self.try_send_slots(
+            run_id, worker_id=worker_id, count=count, period=period, cap=cap, lease_s=lease_s, margin=margin
+        )
+        return (ids[0], 0.0) if ids else (None, wait)
 
-        async def op(tx: Tx) -> tuple[int | None, float]:
-            if tx.dialect == "postgresql":
-                await tx.execute("SELECT pg_advisory_xact_lock(:k)", {"k": RUN_LOCK + run_id})
-            now = tx.now
-            window_start = now - timedelta(seconds=period + margin)
-            starts = [
-                aware(r[0])
-                for r in await tx.fetch(
-                    "SELECT at FROM send_log WHERE run_id = :run AND at > :ws ORDER BY at",
-                    {"run": run_id, "ws": tx.ts(window_start)},
+    async def release_send_slots(self, slot_ids: list[int]) -> None:
+        """Mark permits done (their calls answered), in one statement."""
+        if not slot_ids:
+            return
+
+        async def op(tx: Tx) -> None:
+            for i in range(0, len(slot_ids), 500):
+                sql, params = in_clause("s", slot_ids[i : i + 500])
+                await tx.execute(
+                    f"UPDATE send_log SET done_at = :now WHERE id IN {sql}", {"now": tx.ts(tx.now), **params}
                 )
-            ]
-            if len(starts) >= count:
-                oldest = starts[len(starts) - count]
-                assert oldest is not None
-                return None, max(0.001, (oldest - window_start).total_seconds())
-            r = await tx.fetchone(
-                "SELECT count(*) FROM send_log WHERE run_id = :run AND done_at IS NULL AND lease_expires_at > :now",
-                {"run": run_id, "now": tx.ts(now)},
-            )
-            if r is not None and int(r[0]) >= cap:
-                return None, 0.02
-            row = await tx.fetchone(
-                "INSERT INTO send_log (run_id, at, worker, lease_expires_at) VALUES (:run, :now, :me, :until)"
-                " RETURNING id",
-                {
-                    "run": run_id,
-                    "now": tx.ts(now),
-                    "me": worker_id,
-                    "until": tx.ts(now + timedelta(seconds=lease_s)),
-                },
-            )
-            assert row is not None
-            return int(row[0]), 0.0
 
-        result: tuple[int | None, float] = await self._submit(op)
-        return result
+        await self._submit(op)
 
     async def release_send_slot(self, slot_id: int) -> None:
         async def op(tx: Tx) -> None:
-            await tx.execute("UPDATE send_log SET done_at = :now WHERE id = :id", {"now": tx.ts(tx.now), "id": slot_id})
+            await tx.execute(
+                "UPDATE send_log SET done_at = :now WHERE id = :id", {"now": tx.ts(tx.now), "id": slot_id}
+            )
 
         await self._submit(op)
 

@@ -201,8 +201,9 @@ class RunState:
     ``finished``: jobs in a terminal status; ``failures``: of those, counted by the breaker (minus none:
     ``failures_acked`` is on ``run``); ``not_started``: pending or retry_wait jobs with no intent now;
     ``in_flight``: jobs with work under way (in_flight, unknown, accepted); ``open_unfinished``: jobs of waves
-    <= ``run.wave_open`` not yet finished; ``waves``: the highest wave number; ``db_now``: the clock every
-    comparison of this run uses (the database's on PostgreSQL).
+    <= ``run.wave_open`` not yet finished; ``waves``: the highest wave number; ``last_wave_finished_at``: when
+    the open wave's end was recorded (None before); ``db_now``: the clock every comparison of this run uses
+    (the database's on PostgreSQL).
     """
 
     run: RunRow
@@ -216,6 +217,7 @@ class RunState:
     last_wave_finished_at: datetime | None
     db_now: datetime
     next_wave_size: int = 0
+    by_status: Mapping[str, int] = field(default_factory=dict)  # job counts by status value
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import orchestrator.store.events as events
 from orchestrator.states import TERMINAL, JobStatus, RunStatus
-from orchestrator.store import events
 from orchestrator.store.decode import RUN_COLS, run_row
 from orchestrator.store.rows import NewJob, Registration, RunRow, RunState
-from orchestrator.store.sql import Tx, aware
+from orchestrator.store.sql import Tx, aware, from_json
 from orchestrator.store.workers import lock_registry, register_in
 
 _JOB_INSERT = (
@@ -90,7 +90,7 @@ async def assign_waves(tx: Tx, run_id: int, planner: WavePlanner) -> list[int]:
 class RunOps:
     """Mixin of ``JobStore``: runs."""
 
-    async def _submit(self, op: Any) -> Any:  # provided by JobStore
+    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
         raise NotImplementedError
 
     async def create_run(
@@ -174,7 +174,12 @@ class RunOps:
 
     async def set_run_status(self, run_id: int, status: RunStatus, reason: str | None = None) -> None:
         async def op(tx: Tx) -> None:
-            values: dict[str, Any] = {"st": status.value, "reason": reason, "id": run_id, "now": tx.ts(tx.now)}
+            values: dict[str, Any] = {
+                "st": status.value,
+                "reason": reason,
+                "id": run_id,
+                "now": tx.ts(tx.now),
+            }
             extra = ""
             if status is RunStatus.RUNNING:
                 extra = ", started_at = COALESCE(started_at, :now), finished_at = NULL"
@@ -198,9 +203,7 @@ class RunOps:
             await tx.execute(
                 "UPDATE runs SET options = :o WHERE id = :id", {"o": tx.json(dict(options)), "id": run_id}
             )
-            await events.append(
-                tx, run_id=run_id, kind="options", reason="changed: " + ", ".join(changed)
-            )
+            await events.append(tx, run_id=run_id, kind="options", reason="changed: " + ", ".join(changed))
 
         await self._submit(op)
 
@@ -253,6 +256,7 @@ class RunOps:
                 raise LookupError(f"no run {run_id}")
             run = run_row(row)
             total = finished = failures = not_started = in_flight = open_unfinished = next_size = 0
+            by_status: dict[str, int] = {}
             for status, wave_key, counts, n in await tx.fetch(
                 "SELECT status, CASE WHEN wave <= :open THEN 0 WHEN wave = :next THEN 1 ELSE 2 END,"
                 " counts_failure, count(*) FROM jobs WHERE run_id = :run GROUP BY 1, 2, 3",
@@ -261,6 +265,7 @@ class RunOps:
                 st = JobStatus(status)
                 n = int(n)
                 total += n
+                by_status[st.value] = by_status.get(st.value, 0) + n
                 if wave_key == 1:
                     next_size += n
                 done = st in TERMINAL or (st is JobStatus.ACCEPTED and not track)
@@ -276,9 +281,16 @@ class RunOps:
                 else:
                     in_flight += n
             w = await tx.fetchone("SELECT max(wave) FROM jobs WHERE run_id = :run", {"run": run_id})
-            last = await tx.fetchone(
-                "SELECT max(at) FROM events WHERE run_id = :run AND kind = 'wave-done'", {"run": run_id}
-            )
+            waves = int(w[0]) if w and w[0] is not None else 1
+            # when the open wave (not any earlier one) finished: --pause-between counts from there
+            done_at = None
+            if waves > 1:
+                for at, detail in await tx.fetch(
+                    "SELECT at, detail FROM events WHERE run_id = :run AND kind = 'wave-done'",
+                    {"run": run_id},
+                ):
+                    if (from_json(detail) or {}).get("wave") == run.wave_open:
+                        done_at = aware(at)
             return RunState(
                 run=run,
                 total=total,
@@ -287,10 +299,11 @@ class RunOps:
                 not_started=not_started,
                 in_flight=in_flight,
                 open_unfinished=open_unfinished,
-                waves=int(w[0]) if w and w[0] is not None else 1,
-                last_wave_finished_at=aware(last[0]) if last else None,
+                waves=waves,
+                last_wave_finished_at=done_at,
                 db_now=tx.now,
                 next_wave_size=next_size,
+                by_status=by_status,
             )
 
         result: RunState = await self._submit(op)
@@ -305,8 +318,6 @@ class RunOps:
                 "SELECT detail FROM events WHERE run_id = :run AND kind = 'wave-done'", {"run": run_id}
             )
             for (detail,) in seen:
-                from orchestrator.store.sql import from_json
-
                 if (from_json(detail) or {}).get("wave") == wave:
                     return
             await events.append(
@@ -339,7 +350,9 @@ class RunOps:
         result: RunRow | None = await self._submit(op)
         return result
 
-    async def latest_run(self, *, unfinished: bool = False, inventory_path: str | None = None) -> RunRow | None:
+    async def latest_run(
+        self, *, unfinished: bool = False, inventory_path: str | None = None
+    ) -> RunRow | None:
         async def op(tx: Tx) -> RunRow | None:
             where = ["1 = 1"]
             params: dict[str, Any] = {}

@@ -53,10 +53,6 @@ class DatabaseDown(Exception):
     """The job table cannot be used right now; the message names the cause (never a password)."""
 
 
-class DatabaseUnavailable(Exception):
-    """The job table stayed unusable longer than the outage budget: the run must stop (exit 3)."""
-
-
 class Tx(Protocol):
     """One open transaction. ``now``: the transaction's clock (the database server's on PostgreSQL)."""
 
@@ -105,6 +101,8 @@ class _SqliteTx:
     def __init__(self, conn: sqlite3.Connection, now: datetime) -> None:
         self._conn = conn
         self.now = now
+        self._now_text = _sqlite_ts(now)
+        self.events: list[dict[str, Any]] = []  # store/events.py buffers the batch's events here
 
     async def execute(self, sql: str, params: Params = None) -> int:
         return self._conn.execute(sql, _sqlite_params(params)).rowcount
@@ -120,13 +118,19 @@ class _SqliteTx:
         return row
 
     def ts(self, value: datetime | None) -> Any:
-        # SQLAlchemy's SQLite DateTime format, so its readers parse what we write and text order is time
         if value is None:
             return None
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        if value is self.now:
+            return self._now_text
+        return _sqlite_ts(value)
 
     def json(self, value: Any) -> Any:
         return None if value is None else json.dumps(value)
+
+
+def _sqlite_ts(value: datetime) -> str:
+    # SQLAlchemy's SQLite DateTime format, so its readers parse what we write and text order is time
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 def _sqlite_params(params: Params) -> Mapping[str, Any]:
@@ -135,7 +139,7 @@ def _sqlite_params(params: Params) -> Mapping[str, Any]:
     out: dict[str, Any] = {}
     for k, v in params.items():
         if isinstance(v, datetime):
-            v = v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+            v = _sqlite_ts(v)
         elif isinstance(v, bool):
             v = int(v)
         out[k] = v
@@ -177,9 +181,7 @@ class SqliteBackend:
 
     dialect = "sqlite"
 
-    def __init__(
-        self, path: str, *, clock: Callable[[], datetime] = utcnow, inline: bool = False
-    ) -> None:
+    def __init__(self, path: str, *, clock: Callable[[], datetime] = utcnow, inline: bool = False) -> None:
         """``clock``: the transaction clock (UTC now; a virtual clock in tests). ``inline``: run each batch
         on the event loop's thread instead of the writer thread (tests on a virtual-time loop, where a
         thread's wait would let virtual time jump)."""
@@ -216,6 +218,8 @@ class SqliteBackend:
             tx = _SqliteTx(conn, now)
             try:
                 results = [_drive(op(tx)) for op in ops]
+                if tx.events:
+                    _drive(_flush_events(tx))
                 conn.execute("COMMIT")
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -290,6 +294,7 @@ class _PgTx:
     def __init__(self, conn: Any, now: datetime) -> None:
         self._conn = conn
         self.now = now
+        self.events: list[dict[str, Any]] = []
 
     async def execute(self, sql: str, params: Params = None) -> int:
         st = _pg(sql)
@@ -319,7 +324,7 @@ class _PgTx:
 
 
 def pg_down(exc: BaseException) -> DatabaseDown | None:
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     if isinstance(
         exc,
@@ -345,59 +350,73 @@ def pg_down(exc: BaseException) -> DatabaseDown | None:
 
 
 class PgBackend:
-    """The writer's own asyncpg connection; reconnected after a failure."""
+    """The writer's own asyncpg connections (``parallel`` of them: batches are independent units of work,
+    so several commit at once and the server's cores share the load); each is reconnected after a
+    failure."""
 
     dialect = "postgresql"
 
-    def __init__(self, dsn: str, *, describe: str) -> None:
+    def __init__(self, dsn: str, *, describe: str, parallel: int = 4) -> None:
         self._dsn = dsn
         self._describe = describe
-        self._conn: Any = None
+        self.parallel = parallel
+        self._idle: list[Any] = []
+        self._all: set[Any] = set()
 
-    async def _connection(self) -> Any:
+    async def _connect(self) -> Any:
         import asyncpg
 
-        if self._conn is None or self._conn.is_closed():
-            try:
-                self._conn = await asyncpg.connect(
-                    self._dsn, server_settings=PG_SETTINGS, timeout=10, command_timeout=60
-                )
-            except Exception as exc:
-                down = pg_down(exc)
-                if down is not None:
-                    raise DatabaseDown(f"{down} (connecting to {self._describe})") from exc
-                raise
-        return self._conn
+        try:
+            conn = await asyncpg.connect(
+                self._dsn, server_settings=PG_SETTINGS, timeout=10, command_timeout=60
+            )
+        except Exception as exc:
+            down = pg_down(exc)
+            if down is not None:
+                raise DatabaseDown(f"{down} (connecting to {self._describe})") from exc
+            raise
+        self._all.add(conn)
+        return conn
 
     async def run_batch(self, ops: Sequence[Op[Any]]) -> list[Any]:
-        conn = await self._connection()
+        conn = self._idle.pop() if self._idle else await self._connect()
+        if conn.is_closed():
+            self._all.discard(conn)
+            conn = await self._connect()
         try:
             async with conn.transaction():
                 now = aware(await conn.fetchval("SELECT clock_timestamp()"))
                 assert now is not None
                 tx = _PgTx(conn, now)
-                return [await op(tx) for op in ops]
+                results = [await op(tx) for op in ops]
+                if tx.events:
+                    await _flush_events(tx)
         except Exception as exc:
             down = pg_down(exc)
             if down is not None:
-                await self._drop()
+                self._all.discard(conn)
+                with contextlib.suppress(Exception):
+                    conn.terminate()
                 raise down from exc
+            self._idle.append(conn)
             raise
-
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.terminate()
+        self._idle.append(conn)
+        return results
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        conns, self._all, self._idle = list(self._all), set(), []
+        for conn in conns:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 5)
 
 
 Backend = SqliteBackend | PgBackend
+
+
+async def _flush_events(tx: Tx) -> None:
+    from orchestrator.store.events import flush
+
+    await flush(tx)
 
 
 def in_clause(prefix: str, values: Iterable[Any]) -> tuple[str, dict[str, Any]]:

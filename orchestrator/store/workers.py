@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
+import orchestrator.store.events as events
 from orchestrator.states import TERMINAL
-from orchestrator.store import events
 from orchestrator.store.decode import WORKER_COLS, worker_row
 from orchestrator.store.rows import Registration, WorkerRow
 from orchestrator.store.sql import Tx, in_clause
@@ -176,7 +176,7 @@ async def register_in(
 class WorkerOps:
     """Mixin of ``JobStore``: registration, heartbeats, leaving, live workers."""
 
-    async def _submit(self, op: Any) -> Any:  # provided by JobStore
+    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
         raise NotImplementedError
 
     async def register(
@@ -194,26 +194,38 @@ class WorkerOps:
         result: Registration = await self._submit(op)
         return result
 
-    async def heartbeat(self, worker_id: str, lease_s: float) -> tuple[bool, set[int], datetime]:
-        """Extend this process's lease and its claims' leases (only claims still unexpired).
+    async def heartbeat(
+        self, worker_id: str, lease_s: float, *, claimed: int = 0
+    ) -> tuple[bool, set[int], datetime]:
+        """Extend this process's lease and its claims' leases (only claims still unexpired); ``claimed``
+        adds the jobs claimed since the last heartbeat to the worker's total (``status``).
 
         Returns (alive, ids of the jobs whose claims were renewed, the database's now). ``alive`` False:
-        the registration was closed by another process that presumed this one dead: stop at once."""
+        the registration was closed by another process that presumed this one dead: stop at once.
+        On PostgreSQL rows another batch of this process is moving right now are skipped, not waited
+        for (``SKIP LOCKED``: batches commit in parallel and must never wait on each other in a cycle);
+        those jobs are being released by that batch."""
 
         async def op(tx: Tx) -> tuple[bool, set[int], datetime]:
             until = tx.ts(tx.now + timedelta(seconds=lease_s))
             n = await tx.execute(
-                "UPDATE workers SET heartbeat_at = :now, lease_expires_at = :until"
+                "UPDATE workers SET heartbeat_at = :now, lease_expires_at = :until, claimed = claimed + :c"
                 " WHERE id = :me AND left_at IS NULL",
-                {"now": tx.ts(tx.now), "until": until, "me": worker_id},
+                {"now": tx.ts(tx.now), "until": until, "me": worker_id, "c": claimed},
             )
             if n == 0:
                 return False, set(), tx.now
-            rows = await tx.fetch(
-                "UPDATE jobs SET lease_expires_at = :until WHERE claimed_by = :me AND lease_expires_at > :now"
-                " RETURNING id",
-                {"until": until, "me": worker_id, "now": tx.ts(tx.now)},
-            )
+            if tx.dialect == "postgresql":
+                sql = (
+                    "UPDATE jobs SET lease_expires_at = :until WHERE id IN (SELECT id FROM jobs"
+                    " WHERE claimed_by = :me AND lease_expires_at > :now FOR UPDATE SKIP LOCKED) RETURNING id"
+                )
+            else:
+                sql = (
+                    "UPDATE jobs SET lease_expires_at = :until WHERE claimed_by = :me AND lease_expires_at > :now"
+                    " RETURNING id"
+                )
+            rows = await tx.fetch(sql, {"until": until, "me": worker_id, "now": tx.ts(tx.now)})
             return True, {int(r[0]) for r in rows}, tx.now
 
         result: tuple[bool, set[int], datetime] = await self._submit(op)
@@ -224,7 +236,9 @@ class WorkerOps:
 
         async def op(tx: Tx) -> None:
             now = tx.ts(tx.now)
-            await tx.execute("UPDATE workers SET left_at = :now WHERE id = :me", {"now": now, "me": worker_id})
+            await tx.execute(
+                "UPDATE workers SET left_at = :now WHERE id = :me", {"now": now, "me": worker_id}
+            )
             # in-flight jobs keep their intent; their deadline is now (this process sends nothing more)
             await tx.execute(
                 "UPDATE jobs SET claimed_by = NULL, lease_expires_at = NULL,"
@@ -244,6 +258,20 @@ class WorkerOps:
             return [w for w in await workers_of(tx, run_id) if is_live(w, tx.now, tx.dialect)]
 
         result: list[WorkerRow] = await self._submit(op)
+        return result
+
+    async def claimed_counts(self, run_id: int) -> dict[str, int]:
+        """Worker id -> jobs it holds now (for ``status``)."""
+
+        async def op(tx: Tx) -> dict[str, int]:
+            rows = await tx.fetch(
+                "SELECT claimed_by, count(*) FROM jobs WHERE run_id = :run AND claimed_by IS NOT NULL"
+                " GROUP BY claimed_by",
+                {"run": run_id},
+            )
+            return {str(k): int(v) for k, v in rows}
+
+        result: dict[str, int] = await self._submit(op)
         return result
 
     async def live_runs(self, run_ids: Iterable[int]) -> dict[int, WorkerRow]:

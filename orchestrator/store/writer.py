@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from orchestrator.store.sql import Backend, DatabaseDown, DatabaseUnavailable, Op
+from orchestrator.errors import DatabaseUnavailable
+from orchestrator.store.sql import Backend, DatabaseDown, Op
 
 T = TypeVar("T")
 OutageHook = Callable[[str, str], None]  # (event, cause): "db.down" / "db.recovered"
@@ -44,6 +46,12 @@ class _Item:
 
 
 class GroupCommitWriter:
+    """One task applying queued ops in batches (see the module docstring).
+
+    Two lanes: ``urgent`` ops (an intent that a call waits for, a claim that workers wait for) are
+    committed before the others: a batch holds every urgent op queued and, only when none is, the rest.
+    Recording answers therefore never delays the next call's intent; answers wait a batch at most."""
+
     def __init__(
         self,
         backend: Backend,
@@ -56,7 +64,10 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self.outage_timeout = outage_timeout
         self._on_outage = on_outage
-        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._urgent: deque[_Item] = deque()
+        self._normal: deque[_Item] = deque()
+        self._ready = asyncio.Event()
+        self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._dead: DatabaseUnavailable | None = None
         self.stats = WriterStats()
@@ -68,7 +79,7 @@ class GroupCommitWriter:
     def set_outage_hook(self, hook: OutageHook | None) -> None:
         self._on_outage = hook
 
-    async def submit(self, op: Op[T]) -> T:
+    async def submit(self, op: Op[T], *, urgent: bool = False) -> T:
         """Queue ``op`` and wait until the batch holding it committed; returns what ``op`` returned.
 
         Raises ``DatabaseUnavailable`` once an outage outlasted the budget, and whatever ``op`` raised."""
@@ -77,35 +88,52 @@ class GroupCommitWriter:
         if self._task is None or self._task.done():
             raise RuntimeError("the store writer is not running")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Item(op, fut))
+        (self._urgent if urgent else self._normal).append(_Item(op, fut))
+        self._ready.set()
         # shield: a worker cancelled while its answer is being committed must not cancel the commit
         return await asyncio.shield(fut)
 
     async def close(self) -> None:
         if self._task is None:
             return
-        self._queue.put_nowait(None)
+        self._closing = True
+        self._ready.set()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
 
+    def _take(self) -> list[_Item]:
+        lane = self._urgent if self._urgent else self._normal
+        batch: list[_Item] = []
+        while lane and len(batch) < self._max_batch:
+            batch.append(lane.popleft())
+        return batch
+
     async def _loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            await self._apply(batch)
+        # SQLite: one batch at a time (one writer). PostgreSQL: up to `parallel` batches commit at once
+        # on their own connections (each batch is an independent unit of work).
+        parallel = max(1, getattr(self._backend, "parallel", 1))
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(t: asyncio.Task[None]) -> None:
+            running.discard(t)
+            self._ready.set()
+
+        while True:
+            self._ready.clear()
+            while (self._urgent or self._normal) and len(running) < parallel:
+                batch = self._take()
+                if parallel == 1:
+                    await self._apply(batch)
+                    continue
+                task = asyncio.create_task(self._apply(batch))
+                running.add(task)
+                task.add_done_callback(finished)
+            if not running and not (self._urgent or self._normal) and self._closing:
+                return
+            if (self._urgent or self._normal) and len(running) < parallel:
+                continue
+            await self._ready.wait()
 
     async def _apply(self, batch: list[_Item]) -> None:
         if self._dead is not None:
@@ -171,15 +199,9 @@ class GroupCommitWriter:
                 self._on_outage(event, cause)
 
     def _drain(self, dead: DatabaseUnavailable) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            if item is None:
-                self._queue.put_nowait(None)
-                return
-            _fail(item, dead)
+        for lane in (self._urgent, self._normal):
+            while lane:
+                _fail(lane.popleft(), dead)
 
 
 def _fail(item: _Item, exc: BaseException) -> None:

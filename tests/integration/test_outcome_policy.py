@@ -328,7 +328,8 @@ def test_retry_flagged_after_the_fix_upgrades_exactly_the_flagged_proxies(
                 inst(0, {"id": MIXED, "nodes": 2, "reject": SUBNET, "reject_nodes": [1]}),
                 inst(1, {"id": REJECTING, "reject": SUBNET}),
                 inst(2, {"id": WF_FAILS, "workflow": "fail", "fail_reason": "node restart timed out"}),
-                inst(3, {"id": FAILS, "script": [{"http": 418, "error_code": "DBS.99999999"}]}),
+                # a proven refusal that stays transient until the policy gives up: the job ends failed
+                inst(3, {"id": FAILS, "script": [{"http": 409, "error_code": "DBS.200019"}] * 3}),
             ],
             "generate": {"proxies": 30, "proxies_per_instance": 1, "reject_rate": 0.2, "at_target_rate": 0.1},
         },
@@ -336,7 +337,9 @@ def test_retry_flagged_after_the_fix_upgrades_exactly_the_flagged_proxies(
     sim: Sim = sim_factory(scen)
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
     common = ["--db", db_url, "--rate", "100/s", "--concurrency", "8", *FAST]
-    r = cli("run", str(inv), "--endpoint", sim.url, *common)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"policy": {"backoff": {"initial": 0.1, "max": 0.2, "max_attempts": 2}}}))
+    r = cli("run", str(inv), "--endpoint", sim.url, "--policy", str(policy), *common)
     assert r.code == 1, str(r)
 
     jobs = jobs_of(db_url)

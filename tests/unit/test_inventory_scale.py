@@ -79,3 +79,90 @@ def test_loading_and_streaming_100k_entries_peaks_under_150_mb(
     peak, out = _peak_rss_kb(["-c", script, str(fleet[fmt])], tmp_path)
     assert out.strip() == str(2 * N)
     assert peak <= LIMIT_KB, f"load + 2 passes of entries() {fmt}: peak RSS {peak / 1024:.0f} MB"
+
+
+def test_run_of_100k_proxies_peaks_under_150_mb(fleet: dict[str, Path], tmp_path: Path) -> None:
+    """``run`` creates the 100k jobs (streamed into one transaction) and works on them against a loopback
+    server that ACCEPTs every call; stopped with SIGINT after a few seconds of upgrades, its peak RSS
+    (creation and engine alike) stays under the bound. Memory, not time."""
+    import signal
+    import socket
+    import sqlite3
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Accept(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # upgrade-version
+            n = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(n)
+            inst = self.path.split("/instances/")[1].split("/")[0]
+            body = (
+                '{"update_result":[{"instance_id":"%s","workflow_id":"wf-%s","state":"ACCEPT",'
+                '"error_message":null}]}' % (inst, inst)
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_a: object) -> None:
+            return None
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadingHTTPServer(("127.0.0.1", port), Accept)
+    Thread(target=server.serve_forever, daemon=True).start()
+    db = tmp_path / "jobs.db"
+    try:
+        out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+        with out_path.open("w") as out, err_path.open("w") as err:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "orchestrator",
+                    "--log-format",
+                    "plain",
+                    "run",
+                    str(fleet["yaml"]),
+                    "--db",
+                    str(db),
+                    "--endpoint",
+                    f"http://127.0.0.1:{port}",
+                    "--no-preflight",
+                    "--no-wait",
+                    "--rate",
+                    "100000/s",
+                    "--concurrency",
+                    "64",
+                ],
+                stdout=out,
+                stderr=err,
+                env={
+                    k: v for k, v in os.environ.items() if not k.startswith(("ORCHESTRATOR_", "HUAWEICLOUD_"))
+                },
+            )
+            deadline = time.monotonic() + 120
+            sent = 0
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(1)
+                try:
+                    with sqlite3.connect(db) as conn:
+                        sent = conn.execute("SELECT count(*) FROM attempts").fetchone()[0]
+                except sqlite3.Error:
+                    continue
+                if sent >= 2000:
+                    break
+            proc.send_signal(signal.SIGINT)
+            _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        server.shutdown()
+    assert sent >= 2000, err_path.read_text()[-2000:]
+    assert os.waitstatus_to_exitcode(status) == 3, err_path.read_text()[-2000:]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == N
+    print(f"run peak RSS {usage.ru_maxrss / 1024:.0f} MB")
+    assert usage.ru_maxrss <= LIMIT_KB, f"peak RSS {usage.ru_maxrss / 1024:.0f} MB"

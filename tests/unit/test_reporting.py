@@ -388,16 +388,3 @@ def test_time_and_duration_formats() -> None:
     assert shorten(d.P1, 12) == d.P1[:11] + "…" and shorten(d.P1, 36) == d.P1
 
 
-async def test_legacy_calls_of_the_current_cli_still_work(engine: AsyncEngine) -> None:
-    class Store:
-        def __init__(self, e: AsyncEngine) -> None:
-            self.engine = e
-
-    rows = await reporting.report_rows(Store(engine), 1, ["failed"])
-    assert [r.proxy_id for r in rows] == [d.P3]
-    con = Console(file=io.StringIO(), width=200)
-    reporting.render_report(rows, "csv", con)
-    reporting.render_report(rows, "table", con)
-    out = con.file.getvalue()  # type: ignore[attr-defined]
-    assert out.startswith("run_id,job_id") and d.P3 in out
-    assert all("v_" in sql for _, sql in reporting.AUDIT_QUERIES)
