@@ -271,11 +271,12 @@ def _loop_running() -> bool:
     return True
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_server: str | None) -> str:
-    """A fresh, empty job table on each backend."""
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty job table on each backend (the PostgreSQL case carries the ``postgres`` marker)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
+    pg_server: str | None = request.getfixturevalue("pg_server")  # no server started for SQLite cases
     if pg_server is None:
         pytest.skip("no PostgreSQL here (set ORCHESTRATOR_TEST_PG_URL or install postgresql)")
     return _create_pg_db(pg_server)
@@ -283,9 +284,19 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_server: str | None
 
 @pytest.fixture
 def pg_url(pg_server: str | None) -> str:
+    """A fresh, empty PostgreSQL database (cases using it carry the ``postgres`` marker)."""
     if pg_server is None:
         pytest.skip("no PostgreSQL here (set ORCHESTRATOR_TEST_PG_URL or install postgresql)")
     return _create_pg_db(pg_server)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``postgres`` on every case that needs a PostgreSQL server: ``db_url``'s PostgreSQL parameter carries
+    it already; a case that asks for ``pg_url`` or ``pg_server`` itself gets it here."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "pg_url" in names or ("pg_server" in names and "db_url" not in names):
+            item.add_marker(pytest.mark.postgres)
 
 
 # ------------------------------------------------------------------ helpers

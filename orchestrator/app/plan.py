@@ -130,28 +130,40 @@ def estimate(
     upgrades: list[tuple[str, float]], *, rate_per_s: float, concurrency: int, per_instance: int
 ) -> float:
     """Pure: the makespan of ``upgrades`` ((instance, seconds) each) when starts are spaced by the rate,
-    at most ``concurrency`` run at once and at most ``per_instance`` per instance, greedily in order."""
+    at most ``concurrency`` run at once and at most ``per_instance`` per instance. Each start takes the
+    first upgrade in order whose instance has room, as the claim does (it skips a busy instance's
+    siblings): an instance with many proxies never holds back the instances listed after it."""
     import heapq
+    from collections import deque
 
     if not upgrades:
         return 0.0
     spacing = 1.0 / rate_per_s if rate_per_s > 0 else 0.0
-    running: list[float] = []  # end times of upgrades under way
-    per: dict[str, list[float]] = {}
-    t = 0.0
-    end = 0.0
-    for instance, dur in upgrades:
-        slots = per.setdefault(instance, [])
-        while len(running) >= concurrency:
-            t = max(t, heapq.heappop(running))
-        slots.sort()
-        while len([e for e in slots if e > t]) >= per_instance:
-            t = max(t, min(e for e in slots if e > t))
-        finish = t + dur
-        heapq.heappush(running, finish)
-        slots.append(finish)
-        end = max(end, finish)
-        t += spacing
+    waiting: dict[str, deque[tuple[int, float]]] = {}
+    for i, (instance, dur) in enumerate(upgrades):
+        waiting.setdefault(instance, deque()).append((i, dur))
+    ready = [(q[0][0], instance) for instance, q in waiting.items()]  # instances with room, by next index
+    heapq.heapify(ready)
+    running: list[tuple[float, str]] = []  # (end, instance) of upgrades under way
+    active: dict[str, int] = dict.fromkeys(waiting, 0)
+    t = end = 0.0
+    while ready or running:
+        while running and running[0][0] <= t:
+            _, instance = heapq.heappop(running)
+            active[instance] -= 1
+            if waiting[instance] and active[instance] == per_instance - 1:
+                heapq.heappush(ready, (waiting[instance][0][0], instance))
+        if ready and len(running) < concurrency:
+            _, instance = heapq.heappop(ready)
+            _, dur = waiting[instance].popleft()
+            active[instance] += 1
+            heapq.heappush(running, (t + dur, instance))
+            end = max(end, t + dur)
+            if waiting[instance] and active[instance] < per_instance:
+                heapq.heappush(ready, (waiting[instance][0][0], instance))
+            t += spacing
+        elif running:
+            t = max(t, running[0][0])
     return end
 
 

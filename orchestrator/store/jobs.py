@@ -286,15 +286,27 @@ class JobOps:
             ]
             room = limit - len(chosen)
             if allow_new and room > 0:
+                # only candidates whose instance has room: a LIMIT over all pending jobs could be filled
+                # with siblings of busy instances and starve the instances listed after them
+                has_room, room_params = _has_room_sql(track, tx.dialect)
                 cands = await tx.fetch(
                     "SELECT id, project_id, instance_id FROM jobs WHERE run_id = :run AND status = 'retry_wait'"
-                    f" AND next_attempt_at <= :now AND {free} ORDER BY next_attempt_at LIMIT :lim",
-                    {"run": run_id, "now": nts, "lim": room * 2},
+                    f" AND next_attempt_at <= :now AND {free} AND {has_room}"
+                    " ORDER BY next_attempt_at LIMIT :lim",
+                    {"run": run_id, "now": nts, "lim": room * 2, "per": per_instance, **room_params},
                 )
                 cands += await tx.fetch(
                     "SELECT id, project_id, instance_id FROM jobs WHERE run_id = :run AND status = 'pending'"
-                    f" AND wave <= :open AND {due} AND {free} ORDER BY wave, id LIMIT :lim",
-                    {"run": run_id, "now": nts, "lim": room * 2, "open": open_wave},
+                    f" AND wave <= :open AND {due} AND {free} AND {has_room}"
+                    " ORDER BY wave, id LIMIT :lim",
+                    {
+                        "run": run_id,
+                        "now": nts,
+                        "lim": room * 2,
+                        "open": open_wave,
+                        "per": per_instance,
+                        **room_params,
+                    },
                 )
                 if cands:
                     busy = await _busy_instances(tx, run_id, {(str(c[1]), str(c[2])) for c in cands}, track)
@@ -812,6 +824,25 @@ async def _busy_instances(
         ):
             out[(str(project), str(instance))] = int(n)
     return out
+
+
+def _has_room_sql(track: bool, dialect: str) -> tuple[str, dict[str, Any]]:
+    """The condition "fewer than ``:per`` proxies of this job's instance are being upgraded now" on a
+    ``jobs`` row (the same count as :func:`_busy_instances`), with its parameters (``:now`` bound by the
+    caller)."""
+    busy_states = [JobStatus.IN_FLIGHT.value, JobStatus.UNKNOWN.value] + (
+        [JobStatus.ACCEPTED.value] if track else []
+    )
+    bsql, bparams = in_clause("rb", busy_states)
+    ssql, sparams = in_clause("rs", _SENDABLE)
+    hint = " INDEXED BY ix_jobs_run_instance" if dialect == "sqlite" else ""  # as in _busy_instances
+    return (
+        f"(SELECT count(*) FROM jobs o{hint} WHERE o.run_id = jobs.run_id"
+        " AND o.instance_id = jobs.instance_id AND o.project_id = jobs.project_id"
+        f" AND (o.status IN {bsql} OR (o.status IN {ssql}"
+        " AND o.claimed_by IS NOT NULL AND o.lease_expires_at > :now))) < :per",
+        {**bparams, **sparams},
+    )
 
 
 TERMINAL_VALUES = tuple(sorted(s.value for s in TERMINAL))

@@ -284,6 +284,7 @@ CHAOS_KILLS = 20
 REGISTERED = "SELECT count(*) FROM workers WHERE pid = ? AND left_at IS NULL"
 
 
+@pytest.mark.slow
 def test_chaos_sigkill_and_resume_until_done(
     sim_factory: Callable[..., Sim], tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -372,6 +373,7 @@ def test_chaos_sigkill_and_resume_until_done(
 
 
 # ------------------------------------------------------------------ SIGINT
+@pytest.mark.slow
 def test_sigint_stops_with_exit_3_nothing_lost_and_resume_completes(
     sim_factory: Callable[..., Sim], tmp_path: Path, db_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -418,6 +420,7 @@ def start_holder(sim: Sim, inv: Path, db: str, out: Path, *extra: str) -> subpro
     return holder
 
 
+@pytest.mark.slow
 def test_second_runner_is_refused_naming_the_holder_and_takes_over_a_killed_one(
     sim_factory: Callable[..., Sim], tmp_path: Path, db_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -448,6 +451,7 @@ def test_second_runner_is_refused_naming_the_holder_and_takes_over_a_killed_one(
     assert len(rows) == 2 and rows[0][5] is not None  # the dead holder's registration was closed
 
 
+@pytest.mark.slow
 def test_a_refused_runner_changes_nothing_in_the_held_run(
     sim_factory: Callable[..., Sim], tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -495,6 +499,7 @@ def test_a_refused_runner_changes_nothing_in_the_held_run(
     assert r.code == expected_exit(counts), f"{counts}\n{r}"
 
 
+@pytest.mark.slow
 def test_frozen_holder_keeps_the_run_until_its_lease_expires_then_is_taken_over(
     sim_factory: Callable[..., Sim], tmp_path: Path, db_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -606,6 +611,7 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(
         assert len(sim.log()) == calls, "a finished run sends nothing"
 
 
+@pytest.mark.slow
 def test_run_refuses_an_inventory_whose_last_run_is_unfinished(
     sim_factory: Callable[..., Sim], tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:

@@ -179,6 +179,7 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 # ------------------------------------------------------------------- tests
+@pytest.mark.slow
 def test_one_run_three_workers_share_fleet_rate_and_cap(
     sim_factory: Callable[..., Sim], tmp_path: Path, pg_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.conftest import Result, Sim, cli, cli_bg, db_rows, make_inventory
@@ -129,6 +130,7 @@ def chaos_scenario(n: int) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 def test_chaos_every_job_ends_classified_and_nothing_is_upgraded_twice(
     sim_factory: Any, tmp_path: Path
 ) -> None:
@@ -307,6 +309,7 @@ WF_FAILS = "2f46fc46396e4fb19a0cb52f578e9511po01"
 FAILS = "3f46fc46396e4fb19a0cb52f578e9511po01"  # an unclassified answer: failed, not flagged
 
 
+@pytest.mark.slow
 def test_retry_flagged_after_the_fix_upgrades_exactly_the_flagged_proxies(
     sim_factory: Any, tmp_path: Path
 ) -> None:
@@ -422,6 +425,7 @@ AFTER_CASES = {pid("a1"): "reset_after", pid("b2"): "timeout_after", pid("c3"): 
 BEFORE_CASES = {pid("d4"): "reset_before", pid("e5"): "timeout", pid("f6"): "malformed_before"}
 
 
+@pytest.mark.slow
 def test_lost_answers_are_reconciled_never_blindly_resent(
     sim_factory: Any, tmp_path: Path, db_url: str
 ) -> None:
@@ -490,6 +494,7 @@ def test_lost_answers_are_reconciled_never_blindly_resent(
 MULTI = pid("77")
 
 
+@pytest.mark.slow
 def test_lost_answer_of_a_multi_node_proxy_records_every_node_workflow(
     sim_factory: Any, tmp_path: Path
 ) -> None:
@@ -515,6 +520,7 @@ BUSY_PROJECT_INSTANCE = "8817ea793ab91438cbfcd9c4b1c958b1in07"
 PROJECT = "054e292c9880d4992f02c0196d3ea468"
 
 
+@pytest.mark.slow
 def test_lost_answer_is_found_in_a_busy_project(sim_factory: Any, tmp_path: Path) -> None:
     """immediate-jobs lists the whole project, newest first, with no instance filter. When others start
     hundreds of jobs in the project right after our lost call, our workflow is the oldest row of a long

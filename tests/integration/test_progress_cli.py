@@ -135,6 +135,7 @@ def test_progress_bar_on_a_terminal_after_a_resume(sim_factory: Any, tmp_path: P
     assert last_bar and last_bar[-1].group(1) == "24", final  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_progress_lines_off_a_terminal(sim_factory: Any, tmp_path: Path) -> None:
     """Four proxies whose workflows take 21 s: no job finishes for 20 s, yet a line comes every 10 s."""
     sim = sim_factory({**scenario(4, 21.0), "fleet": {"generate": {"proxies": 4, "proxies_per_instance": 2}}})

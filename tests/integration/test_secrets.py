@@ -265,6 +265,7 @@ LOGS = {"debug": ["--log-level", "debug"], "debug-json": ["--log-level", "debug"
 
 
 # every mode once and both log formats, not the full product: each case is a full messy run
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "log"), [("token", "debug-json"), ("aksk", "debug"), ("iam", "debug"), ("iam", "debug-json")]
 )
@@ -297,6 +298,7 @@ def test_no_secret_in_any_output_or_in_the_sqlite_file(
     assert_no_leaks(out)
 
 
+@pytest.mark.slow
 def test_no_secret_in_the_postgresql_tables(pg_url: str, sim_factory, tmp_path: Path) -> None:
     s = Secrets()
     sim = sim_factory(messy_scenario(24, auth_for("iam", s)))

@@ -7,10 +7,10 @@ template, with its batches run inline on the loop's thread), a run created by ``
 either drive one step at a time (``Bench.step``: claim the job as the engine does, hand it to the step its
 status calls for) or the whole ``Engine``.
 
-Time: the loop is ``VirtualTimeLoop`` (its clock jumps to the next timer), so ``asyncio.sleep(3600)``
-returns at once with an hour passed. Every clock of the bench follows it: the fleet's (``EPOCH`` +
-loop time), the job table's and the cloud clock's local side (both shifted by ``skew_s``: our host's
-clock against the cloud's) and the runtime's monotonic clock.
+Time: the loop is ``VirtualTimeLoop`` (tests/virtual.py: its clock jumps to the next timer), so
+``asyncio.sleep(3600)`` returns at once with an hour passed. Every clock of the bench follows it: the fleet's
+(``EPOCH`` + loop time), the job table's and the cloud clock's local side (both shifted by ``skew_s``: our
+host's clock against the cloud's) and the runtime's monotonic clock.
 
 Usage::
 
@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import math
 import os
-import selectors
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +48,7 @@ from orchestrator.steps.reconcile import run_reconcile
 from orchestrator.steps.track import run_track
 from orchestrator.steps.upgrade import run_upgrade
 from orchestrator.store import AttemptRow, JobRow, JobStore, NewJob, WorkflowRow, new_worker_id, open_store
+from tests.virtual import run_virtual
 
 T = TypeVar("T")
 
@@ -66,37 +65,6 @@ QUOTA_MSG = "The quota of proxy nodes is insufficient"
 
 
 # ------------------------------------------------------------------------------------- virtual time
-class _InstantSelector(selectors.DefaultSelector):
-    """Never blocks on a timeout: moves the virtual clock forward by it instead (whole nanoseconds)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.now_ns = 0
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is not None and timeout > 0:
-            self.now_ns += math.ceil(timeout * 1e9)
-            timeout = 0
-        result: list[tuple[selectors.SelectorKey, int]] = super().select(timeout)
-        return result
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """An event loop whose clock jumps straight to the next timer (as in tests/unit/test_limiter.py)."""
-
-    def __init__(self) -> None:
-        self._instant = _InstantSelector()
-        super().__init__(self._instant)
-
-    def time(self) -> float:
-        return self._instant.now_ns / 1e9
-
-
-def run_virtual(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-        return runner.run(make())
-
-
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
 

@@ -26,7 +26,7 @@ from orchestrator.discovery import (
 from orchestrator.inventory import load_inventory
 from orchestrator.outcomes import InstanceInfo, TransportFailure, TransportKind
 from orchestrator.simulator import Fleet, Scenario, SimulatorServer
-from tests.unit.test_limiter import run_virtual
+from tests.virtual import run_virtual
 
 PROJECT = "054e292c9880d4992f02c0196d3ea468"
 OLD, NEW, NEWER = "2.23.12.000", "2.24.03.000", "2.25.01.000"

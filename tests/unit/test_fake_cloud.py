@@ -25,7 +25,7 @@ from orchestrator.outcomes import (
 from orchestrator.simulator import Fleet, Scenario, SimulatorServer
 from orchestrator.simulator.faults import FaultInjector
 from tests import simlog
-from tests.unit.test_limiter import run_virtual
+from tests.virtual import run_virtual
 
 PROJECT = "054e292c9880d4992f02c0196d3ea468"
 INST, INST2 = "517ea793ab91438cbfcd9c4b1c958b1ein07", "627ea793ab91438cbfcd9c4b1c958b1ein07"

@@ -1,8 +1,8 @@
 """The limiter's promises, checked on a virtual clock so minutes of traffic run in milliseconds.
 
-Most tests run on ``VirtualTimeLoop``: an asyncio loop whose time jumps straight to the next timer
-instead of waiting, so ``loop.time`` / ``asyncio.sleep`` are a consistent fake clock for the limiter and
-for the simulated workers alike.
+Most tests run on ``VirtualTimeLoop`` (tests/virtual.py): an asyncio loop whose time jumps straight to the
+next timer instead of waiting, so ``loop.time`` / ``asyncio.sleep`` are a consistent fake clock for the
+limiter and for the simulated workers alike.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import selectors
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -27,37 +26,7 @@ from orchestrator.limiter import (
     ThrottleAdapter,
     parse_rate,
 )
-
-T = TypeVar("T")
-
-
-class _InstantSelector(selectors.DefaultSelector):
-    """Never blocks on a timeout: moves the virtual clock forward by it instead (whole nanoseconds)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.now_ns = 0
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is not None and timeout > 0:
-            self.now_ns += math.ceil(timeout * 1e9)
-            timeout = 0
-        result: list[tuple[selectors.SelectorKey, int]] = super().select(timeout)
-        return result
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    def __init__(self) -> None:
-        self._instant = _InstantSelector()
-        super().__init__(self._instant)
-
-    def time(self) -> float:
-        return self._instant.now_ns / 1e9
-
-
-def run_virtual(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-        return runner.run(make())
+from tests.virtual import VirtualTimeLoop, run_virtual
 
 
 def max_in_window(starts: Sequence[float], period: float) -> int:
