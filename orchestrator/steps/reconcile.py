@@ -132,8 +132,21 @@ def search_window(
     )
     start = min(cloud(a.sent_at, a.cloud_offset_s) for a in sent) - slack
     end = max(cloud(a.sent_at, a.cloud_offset_s) for a in sent) + timedelta(seconds=timeout_s) + slack
-    settle = max(last + timedelta(seconds=timeout_s), intent_deadline or first) + timedelta(seconds=grace_s)
-    return Window(start=start, end=end, settle_at=settle)
+    # When can no attempt have any more effect? An attempt answered by a server (a gateway 5xx page, a
+    # malformed 200) ended when its answer came; one whose answer never came (timeout, reset, a sender that
+    # stopped) may act until its own timeout, and, when its sender stopped before recording anything, until
+    # that sender's send deadline (the fence: it will never send after it).
+    ends = [
+        a.answered_at
+        if a.http_status is not None and a.answered_at is not None
+        else a.sent_at + timedelta(seconds=timeout_s)
+        for a in sent
+    ]
+    settle = max(ends)
+    if sent[-1].answered_at is None and intent_deadline is not None:
+        settle = max(settle, intent_deadline)
+    del first, last
+    return Window(start=start, end=end, settle_at=settle + timedelta(seconds=grace_s))
 
 
 async def run_reconcile(rt: Runtime, job: JobRow) -> None:
