@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -474,6 +475,11 @@ async def drive(
             await store.set_run_status(run.id, RunStatus.RUNNING)
         _warn_clock(rt)
         engine = Engine(rt, confirm=_confirmer(proc))
+        # the objects built so far live as long as the run: keep the cyclic collector off them, and let
+        # it run less often (a run allocates futures and frames per call; measured: 10% of the CPU)
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
         restore = _install_signals(rt) if install_signals else (lambda: None)
         feeder = asyncio.create_task(_progress(rt, events))
         try:
