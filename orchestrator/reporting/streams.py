@@ -9,6 +9,7 @@ gets a leading apostrophe (:func:`orchestrator.reporting.text.csv_cell`); JSON n
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -144,7 +145,10 @@ class ReportWriter:
         self.out = out
         self.iso = iso_formatter(tz)
         self.rows = 0
-        self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        # rows are formatted into a buffer and written a chunk at a time: one write per row through the
+        # output's Python wrapper cost a fifth of a 100k-row report
+        self._buf = io.StringIO()
+        self._csv = csv.writer(self._buf, lineterminator="\n") if fmt == "csv" else None
         self._cells: list[list[object]] = []
         self._chunks: list[str] = []
         if self._csv is not None:
@@ -167,6 +171,9 @@ class ReportWriter:
         if self._csv is not None:
             self._csv.writerows(self._cells)
             self._cells.clear()
+            self.out.write(self._buf.getvalue())
+            self._buf.seek(0)
+            self._buf.truncate()
         else:
             self.out.write("".join(self._chunks))
             self._chunks.clear()
