@@ -140,18 +140,28 @@ def _answer_values(tx: Tx, answer: AttemptAnswer) -> dict[str, Any]:
 
 
 async def _answer_pg(
-    tx: Tx, job: JobRow, attempt_id: int, answer: AttemptAnswer, move: Move, worker_id: str
+    tx: Tx,
+    job: JobRow,
+    attempt_id: int,
+    answer: AttemptAnswer,
+    move: Move,
+    worker_id: str,
+    workflows: Sequence[NewWorkflow],
 ) -> bool:
-    """PostgreSQL: the attempt's answer and the job's guarded move in one statement (one round trip);
-    the attempt is completed whether or not the move wins, as on SQLite."""
+    """PostgreSQL: the attempt's answer, its workflows and the job's guarded move in one statement (one
+    round trip); the attempt and its workflows are recorded whether or not the move wins, as on SQLite."""
     sets, params = _move_values(tx, move)
     n = await tx.fetchone(
         "WITH a AS (UPDATE attempts SET answered_at = :now, sent_at = COALESCE(:sent, sent_at),"
         " outcome = :outcome, http_status = :hs, error_code = :ec, error_msg = :em, request_id = :rid,"
         " rule = :rule, transport = :tr WHERE id = :aid RETURNING id),"
+        " w AS (INSERT INTO workflows (job_id, attempt_id, workflow_id, instance_id, state, error_message,"
+        " source, created_at) SELECT :id, :aid, x.wid, x.inst, x.state, x.msg, x.src, :now"
+        " FROM unnest(:wids::text[], :insts::text[], :states::text[], :msgs::text[], :srcs::text[])"
+        " AS x(wid, inst, state, msg, src) RETURNING 1),"
         f" j AS (UPDATE jobs SET {sets} WHERE id = :id AND status = :frm"
         " AND (claimed_by = :me OR claimed_by IS NULL) RETURNING id)"
-        " SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM a)",
+        " SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM a), (SELECT count(*) FROM w)",
         {
             **params,
             **_answer_values(tx, answer),
@@ -161,6 +171,11 @@ async def _answer_pg(
             "id": job.id,
             "frm": move.frm.value,
             "me": worker_id,
+            "wids": [w.workflow_id for w in workflows],
+            "insts": [w.instance_id for w in workflows],
+            "states": [w.state for w in workflows],
+            "msgs": [w.error_message for w in workflows],
+            "srcs": [w.source for w in workflows],
         },
     )
     if not n or int(n[0]) != 1:
@@ -430,9 +445,7 @@ class JobOps:
 
         async def op(tx: Tx) -> bool:
             if tx.dialect == "postgresql":
-                won = await _answer_pg(tx, job, attempt_id, answer, move, worker_id)
-                await insert_workflows(tx, job.id, attempt_id, workflows)
-                return won
+                return await _answer_pg(tx, job, attempt_id, answer, move, worker_id, workflows)
             await complete_attempt(tx, attempt_id, answer)
             await insert_workflows(tx, job.id, attempt_id, workflows)
             plain = Move(
