@@ -46,7 +46,8 @@ AUDIT_QUERIES = [
     ),
     (
         "what needs an operator, and why",
-        "SELECT proxy_id, instance_id, status, reason, hint\n  FROM v_flagged WHERE run_id = {run} ORDER BY job_id;",
+        "SELECT proxy_id, instance_id, status, reason, hint\n"
+        "  FROM v_flagged WHERE run_id = {run} ORDER BY job_id;",
     ),
 ]
 

@@ -194,7 +194,8 @@ async def make_plan(inv: Any, options: RunOptions, cloud: CloudApi) -> PlanResul
         if isinstance(info, HttpFailure) and info.http_status in (401, 403):
             what = "refused the credentials" if info.http_status == 401 else "denied permission"
             refused.append(
-                f"the cloud {what} ({info.error_code or info.http_status}: {info.error_msg or 'no message'}); "
+                f"the cloud {what} "
+                f"({info.error_code or info.http_status}: {info.error_msg or 'no message'}); "
                 "plan stopped at the first refusal (a key locks after five bad signatures)"
             )
             return
@@ -261,10 +262,11 @@ def render_plan(result: PlanResult, out: Console) -> None:
     o = result.options
     out.print(
         Text(
-            f"to upgrade: {result.count('upgrade')}, skip: {result.count('skip')}, flag: {result.count('flag')}, "
-            f"unreachable: {result.unreachable}; estimated duration: {_mins(est)} (rate {o.rate}, concurrency "
-            f"{o.concurrency}, at most {o.per_instance} proxies of an instance at once, each upgrade as long as "
-            "the cloud's upgrade_duration)"
+            f"to upgrade: {result.count('upgrade')}, skip: {result.count('skip')}, "
+            f"flag: {result.count('flag')}, "
+            f"unreachable: {result.unreachable}; estimated duration: {_mins(est)} (rate {o.rate}, "
+            f"concurrency {o.concurrency}, at most {o.per_instance} proxies of an instance at once, "
+            "each upgrade as long as the cloud's upgrade_duration)"
         )
     )
     note = result.window_note()

@@ -3,6 +3,7 @@ that does not exist (naming it) instead of creating an empty one, and show times
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime, tzinfo
@@ -206,7 +207,10 @@ async def show_report(
                 await reporting.print_report_table(rows, out, tz=tz_)
                 return
             if output:
-                with open(output, "w", encoding="utf-8", newline="") as fh:
+                # Opened in a thread (creating or truncating a file may wait on the disk); the rows are then
+                # written a chunk at a time from this task, as they stream in, which is what the report needs.
+                fh = await asyncio.to_thread(open, output, "w", encoding="utf-8", newline="")
+                with fh:
                     await reporting.write_report(rows, fmt, fh, tz=tz_)
                 return
             await reporting.write_report(rows, fmt, _stdout(out), tz=tz_)

@@ -158,7 +158,9 @@ async def run_inventory(
     out: Console,
     cloud: CloudApi | None = None,
 ) -> int:
-    """``orchestrator run INVENTORY``: validate everything, create the run, drive it. Returns the exit code."""
+    """``orchestrator run INVENTORY``: validate everything, create the run, drive it.
+
+    Returns the exit code."""
     try:
         base = build_options(RunOptions(), kw)
     except ValueError as exc:
@@ -228,22 +230,25 @@ async def _unfinished(
     if existing.id in live:
         w = live[existing.id]
         raise UsageError(
-            f"refused: run {existing.id} ({existing.name}) of this inventory is held by pid {w.pid} on {w.host}, "
-            f"live (last heartbeat {w.heartbeat_at:%H:%M:%S} UTC)"
+            f"refused: run {existing.id} ({existing.name}) of this inventory is held by pid {w.pid} "
+            f"on {w.host}, live (last heartbeat {w.heartbeat_at:%H:%M:%S} UTC)"
         )
-    if resume_mode != "resume" and existing.status is not RunStatus.PAUSED:
-        if not (
+    if (
+        resume_mode != "resume"
+        and existing.status is not RunStatus.PAUSED
+        and not (
             sys.stdin.isatty()
             and await _ask(
                 f"run {existing.id} ({existing.name}) of this inventory is "
                 f"{existing.status.value}; resume it? [Y/n]",
                 default=True,
             )
-        ):
-            raise UsageError(
-                f"run {existing.id} ({existing.name}) of this inventory is unfinished ({existing.status.value}):"
-                " pass --resume to continue it or --new-run to start over"
-            )
+        )
+    ):
+        raise UsageError(
+            f"run {existing.id} ({existing.name}) of this inventory is unfinished "
+            f"({existing.status.value}): pass --resume to continue it or --new-run to start over"
+        )
     if existing.status is RunStatus.PAUSED:
         notice(f"run {existing.id} ({existing.name}) of this inventory is paused: resuming it")
     return await resume_loaded(store, existing, kw=kw, proc=proc, out=out, inventory=inventory, cloud=cloud)
@@ -371,8 +376,8 @@ async def _apply_inventory_changes(
             retargeted.append((job, j.target_version))
     removed = [job for key, job in existing.items() if key not in seen]
     notice(
-        f"the inventory {path} changed since run {run.id} started (+{len(added)} added, -{len(removed)} removed, "
-        f"{len(retargeted)} with a new target):"
+        f"the inventory {path} changed since run {run.id} started "
+        f"(+{len(added)} added, -{len(removed)} removed, {len(retargeted)} with a new target):"
     )
     if added:
         n = await store.add_jobs(run.id, added, wave=max(1, run.wave_open))
@@ -384,16 +389,19 @@ async def _apply_inventory_changes(
             notice(f"  removed from the inventory, skipped (never sent): proxy {job.proxy_id}")
         else:
             notice(
-                f"  removed from the inventory but already {job.status.value}: proxy {job.proxy_id} is followed to its end"
+                f"  removed from the inventory but already {job.status.value}: "
+                f"proxy {job.proxy_id} is followed to its end"
             )
     for job, new in retargeted:
         if await store.retarget(job, new, f"target changed {job.target_version} -> {new} in the inventory"):
             notice(
-                f"  target changed {job.target_version} -> {new}: proxy {job.proxy_id} (not yet sent) will get {new}"
+                f"  target changed {job.target_version} -> {new}: "
+                f"proxy {job.proxy_id} (not yet sent) will get {new}"
             )
         else:
             notice(
-                f"  target changed to {new} but proxy {job.proxy_id} is already {job.status.value}: keeps {job.target_version}"
+                f"  target changed to {new} but proxy {job.proxy_id} is already {job.status.value}: "
+                f"keeps {job.target_version}"
             )
     await store.set_run_inventory(run.id, abspath(path), inv.sha256)
 
@@ -555,7 +563,8 @@ async def _finish(
         notice(f"stopped: {reason}")
         if code == EXIT_HALTED:
             notice(
-                f"{left} jobs not finished; after deciding: orchestrator resume {run.id} --ack (or --max-failures N)"
+                f"{left} jobs not finished; after deciding: "
+                f"orchestrator resume {run.id} --ack (or --max-failures N)"
             )
         elif code != EXIT_USAGE:
             notice(f"{left} jobs not finished; continue with: orchestrator resume {run.id}")
@@ -631,7 +640,10 @@ async def probe_credentials(rt: Runtime) -> str | None:
             f"gaussdbformysql:proxy:upgrade), then: orchestrator resume {rt.run_id}"
         )
     if isinstance(res, TransportFailure) and res.kind is TransportKind.TLS:
-        return f"TLS: {res.detail}; nothing was sent. Fix the endpoint or --ca-bundle, then: orchestrator resume {rt.run_id}"
+        return (
+            f"TLS: {res.detail}; nothing was sent. "
+            f"Fix the endpoint or --ca-bundle, then: orchestrator resume {rt.run_id}"
+        )
     return None
 
 
@@ -657,7 +669,8 @@ def _install_signals(rt: Runtime) -> Callable[[], None]:
         hits["n"] += 1
         if hits["n"] == 1:
             notice(
-                f"{signame}: stopping: no new calls; waiting up to {rt.options.drain_timeout:.0f}s for calls in "
+                f"{signame}: stopping: no new calls; "
+                f"waiting up to {rt.options.drain_timeout:.0f}s for calls in "
                 "flight (press again to exit at once)",
                 style="yellow",
             )
