@@ -290,7 +290,8 @@ class JobOps:
                 # with siblings of busy instances and starve the instances listed after them
                 has_room, room_params = _has_room_sql(track, tx.dialect)
                 cands = await tx.fetch(
-                    "SELECT id, project_id, instance_id FROM jobs WHERE run_id = :run AND status = 'retry_wait'"
+                    "SELECT id, project_id, instance_id FROM jobs"
+                    " WHERE run_id = :run AND status = 'retry_wait'"
                     f" AND next_attempt_at <= :now AND {free} AND {has_room}"
                     " ORDER BY next_attempt_at LIMIT :lim",
                     {"run": run_id, "now": nts, "lim": room * 2, "per": per_instance, **room_params},
@@ -342,7 +343,8 @@ class JobOps:
     async def release(self, job_id: int, worker_id: str) -> None:
         async def op(tx: Tx) -> None:
             await tx.execute(
-                "UPDATE jobs SET claimed_by = NULL, lease_expires_at = NULL WHERE id = :id AND claimed_by = :me",
+                "UPDATE jobs SET claimed_by = NULL, lease_expires_at = NULL"
+                " WHERE id = :id AND claimed_by = :me",
                 {"id": job_id, "me": worker_id},
             )
 

@@ -50,7 +50,8 @@ class PermitOps:
             in_window = int(row[0]) if row else 0
             if in_window >= count:
                 oldest = await tx.fetchone(
-                    "SELECT at FROM send_log WHERE run_id = :run AND at > :ws ORDER BY at LIMIT 1 OFFSET :skip",
+                    "SELECT at FROM send_log WHERE run_id = :run AND at > :ws"
+                    " ORDER BY at LIMIT 1 OFFSET :skip",
                     {"run": run_id, "ws": ws, "skip": in_window - count},
                 )
                 at = aware(oldest[0]) if oldest else None

@@ -3,9 +3,10 @@
 A proxy may be held by one live run at a time, on both backends. "Live" means a registered process that
 has not left, whose lease has not run out (in the database's clock on PostgreSQL; in the one host's clock
 on SQLite, a local file), and whose process still exists when it is on this host. A stalled process whose
-lease ran out may be taken over: the send fence (``runtime.LeaseKeeper``) keeps it from sending after. Registering checks, in the same transaction that registers (SQLite: one
-``BEGIN IMMEDIATE``; PostgreSQL: a global advisory lock), that no other live run has an unfinished job on
-any of this run's unfinished proxies, so two runs started at once cannot both win.
+lease ran out may be taken over: the send fence (``runtime.LeaseKeeper``) keeps it from sending after.
+Registering checks, in the same transaction that registers (SQLite: one ``BEGIN IMMEDIATE``; PostgreSQL:
+a global advisory lock), that no other live run has an unfinished job on any of this run's unfinished
+proxies, so two runs started at once cannot both win.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ async def register_in(
             tx,
             run_id=run_id,
             kind="takeover",
-            reason=f"took over from pid {w.pid} on {w.host} (no heartbeat since {w.heartbeat_at:%H:%M:%S} UTC)",
+            reason=f"took over from pid {w.pid} on {w.host} "
+            f"(no heartbeat since {w.heartbeat_at:%H:%M:%S} UTC)",
         )
     return Registration(worker_id=worker_id, taken_over=tuple(dead), db_now=now, lease_until=until)
 
@@ -222,7 +224,8 @@ class WorkerOps:
                 )
             else:
                 sql = (
-                    "UPDATE jobs SET lease_expires_at = :until WHERE claimed_by = :me AND lease_expires_at > :now"
+                    "UPDATE jobs SET lease_expires_at = :until"
+                    " WHERE claimed_by = :me AND lease_expires_at > :now"
                     " RETURNING id"
                 )
             rows = await tx.fetch(sql, {"until": until, "me": worker_id, "now": tx.ts(tx.now)})
