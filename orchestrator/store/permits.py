@@ -114,6 +114,8 @@ class PermitOps:
         await self._submit(op)
 
     async def release_send_slot(self, slot_id: int) -> None:
+        """Mark one permit done (see ``release_send_slots``)."""
+
         async def op(tx: Tx) -> None:
             await tx.execute(
                 "UPDATE send_log SET done_at = :now WHERE id = :id", {"now": tx.ts(tx.now), "id": slot_id}

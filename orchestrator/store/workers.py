@@ -54,10 +54,13 @@ class ProxiesHeld(RuntimeError):
 
 
 def new_worker_id() -> str:
+    """A fresh worker id: ``host:pid:`` and 8 random hex digits."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0; one owned by another user counts
+    as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -78,6 +81,7 @@ def is_live(w: WorkerRow, now: datetime, dialect: str) -> bool:
 
 
 async def workers_of(tx: Tx, run_id: int) -> list[WorkerRow]:
+    """The run's registrations that have not left (live or not), oldest first."""
     rows = await tx.fetch(
         f"SELECT {WORKER_COLS} FROM workers WHERE run_id = :run AND left_at IS NULL ORDER BY started_at",
         {"run": run_id},
@@ -86,6 +90,8 @@ async def workers_of(tx: Tx, run_id: int) -> list[WorkerRow]:
 
 
 async def lock_registry(tx: Tx) -> None:
+    """Serialise registrations: on PostgreSQL the registry's advisory lock, held until the transaction
+    ends; on SQLite nothing (the batch's ``BEGIN IMMEDIATE`` already serialises writers)."""
     if tx.dialect == "postgresql":
         await tx.execute("SELECT pg_advisory_xact_lock(:k)", {"k": REGISTRY_LOCK})
 
@@ -257,6 +263,8 @@ class WorkerOps:
         await self._submit(op)
 
     async def live_workers(self, run_id: int) -> list[WorkerRow]:
+        """The run's live registrations (the module docstring's rule), oldest first."""
+
         async def op(tx: Tx) -> list[WorkerRow]:
             return [w for w in await workers_of(tx, run_id) if is_live(w, tx.now, tx.dialect)]
 
