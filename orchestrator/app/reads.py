@@ -24,6 +24,8 @@ from orchestrator.store import JobStore, RunRow
 def counts_table(
     run: RunRow, counts: Mapping[JobStatus, int] | Mapping[str, int], *, title: str | None = None
 ) -> Table:
+    """The run's jobs by status as a table (``reporting.counts_table``); ``counts`` keyed by status
+    values or ``JobStatus`` members."""
     from orchestrator import reporting
 
     return reporting.counts_table(run, {str(k): v for k, v in counts.items()}, title=title)
@@ -147,6 +149,9 @@ def _when(t: datetime, window_zone: Any, tz: Any) -> str:
 async def show_runs(
     *, db: str | None, since: datetime | None, statuses: Sequence[str], tz: str | None, fmt: str, out: Console
 ) -> None:
+    """``orchestrator runs``: the runs newest first (created at or after ``since``, aware, and in one of
+    ``statuses`` when given) with their counts, as a table, csv or json on ``out``. Raises ``UsageError``
+    for a missing job table or an unknown ``tz``."""
     async with opened(db, create=False) as store:
         await _runs(store, since=since, statuses=statuses, tz=tz, fmt=fmt, out=out)
 
@@ -185,6 +190,10 @@ async def show_report(
     output: str | None,
     out: Console,
 ) -> None:
+    """``orchestrator report RUN``: every job of the run (only ``statuses`` when given) streamed as a
+    table (after the counts), csv or json, to ``output`` or ``out``; ``html`` writes one self-contained
+    window report to ``output`` (required). Times in ``tz``. Raises ``UsageError`` for a missing job
+    table, run or ``-o`` (html), and ``OSError`` when ``output`` cannot be written."""
     from orchestrator import reporting
     from orchestrator.store import reports
 
@@ -219,6 +228,9 @@ async def show_report(
 async def show_flagged(
     run_ref: str | None, *, db: str | None, rule: str | None, fmt: str, tz: str | None, out: Console
 ) -> None:
+    """``orchestrator flagged [RUN]``: the run's flagged and failed jobs grouped by rule (only ``rule``
+    when given), each with its reason and the hint to act on, as a table, csv or json. Raises
+    ``UsageError`` for a missing job table or run."""
     from orchestrator import reporting
     from orchestrator.store import reports
 
@@ -245,6 +257,9 @@ async def show_history(
     tz: str | None,
     out: Console,
 ) -> None:
+    """``orchestrator history``: every upgrade call, workflow and event of one proxy (``proxy``) or of
+    each proxy of one instance (``instance``), across runs, since ``since`` (aware) when given, as a
+    table, csv or json. Raises ``UsageError`` when neither is given or the job table is missing."""
     from orchestrator import reporting
     from orchestrator.store import reports
 

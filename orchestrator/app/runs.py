@@ -74,6 +74,7 @@ def with_metrics(proc: ProcessOptions) -> ProcessOptions:
 
 
 def exit_code_for(counts: Mapping[JobStatus, int]) -> int:
+    """A finished run's exit code from its counts by status: 1 when any job is flagged or failed, else 0."""
     if counts.get(JobStatus.FLAGGED, 0) or counts.get(JobStatus.FAILED, 0):
         return EXIT_PROBLEMS
     return EXIT_OK
@@ -101,6 +102,8 @@ def entries_as_jobs(inv: Any) -> Callable[[], Any]:
 
 
 def load_inventory_checked(path: str, endpoint: str | None) -> Any:
+    """The validated inventory at ``path`` (``endpoint``: ``--endpoint``, serving every entry). Raises
+    ``InventoryErrors`` (an ``InputErrors``: every problem, one line each, exit 2)."""
     from orchestrator.inventory import load_inventory
 
     return load_inventory(path, endpoint_override=endpoint)
@@ -130,6 +133,8 @@ def options_for_inventory(
 
 
 def wave_planner(options: RunOptions) -> Any:
+    """The ``WavePlanner`` that ``create_run`` applies once: the rows put in ``--order`` (seeded with
+    ``order_seed``) and cut into ``--waves``; None for one wave in inventory order (nothing to assign)."""
     spec = options.wave_spec()
     if spec is None and options.order == "inventory":
         return None
@@ -265,6 +270,9 @@ async def resume_run(
     out: Console,
     cloud: CloudApi | None = None,
 ) -> int:
+    """``orchestrator resume [RUN]``: the run ``run_ref`` names (the newest unfinished one when None) in
+    an existing job table, resumed (see ``resume_loaded``). Returns the exit code; raises ``UsageError``
+    for a missing job table or run."""
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref, unfinished=run_ref is None)
         return await resume_loaded(
@@ -283,6 +291,11 @@ async def resume_loaded(
     ack: bool = False,
     cloud: CloudApi | None = None,
 ) -> int:
+    """Resume ``run``: its stored options with the command line's over them (a changed set is logged),
+    the runner lock taken (``UsageError`` while another live process holds the run or its proxies),
+    failures acknowledged with ``ack``, the changes of its inventory file applied (``inventory``, else
+    the path the run recorded), then ``drive``. A finished run with nothing left prints its counts and
+    returns its exit code at once. Returns the exit code."""
     counts = await store.counts(run.id)
     active = sum(n for s, n in counts.items() if s not in TERMINAL)
     if run.status is RunStatus.FINISHED and not active:
