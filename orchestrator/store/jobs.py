@@ -455,7 +455,10 @@ class JobOps:
         return result
 
     async def move(self, job: JobRow, move: Move, *, worker_id: str | None) -> bool:
-        """Apply one guarded move (see :func:`apply_move`)."""
+        """Apply one guarded move in its own commit (see :func:`apply_move`: guarded on ``move.frm`` and,
+        with ``worker_id``, on that process's claim; the attempt's answer, the workflows and the event in
+        the same commit). Returns whether it won. Raises ``IllegalMove`` before anything is queued for a
+        move the state table forbids, and ``ValueError`` for a column a move may not set."""
         check_move(move.frm, move.to)
 
         async def op(tx: Tx) -> bool:
