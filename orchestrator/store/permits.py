@@ -100,7 +100,7 @@ class PermitOps:
         return (ids[0], 0.0) if ids else (None, wait)
 
     async def release_send_slots(self, slot_ids: list[int]) -> None:
-        """Mark permits done (their calls answered), in one statement."""
+        """Mark permits done (their calls answered), in one transaction (a statement per 500 ids)."""
         if not slot_ids:
             return
 
