@@ -109,7 +109,10 @@ db_option = click.option(
     "db",
     envvar="ORCHESTRATOR_DB",
     default=None,
-    help="Job table: a SQLite file or URL, or postgresql://... [default: ./orchestrator.db; env ORCHESTRATOR_DB]",
+    help=(
+        "Job table: a SQLite file or URL, or postgresql://... "
+        "[default: ./orchestrator.db; env ORCHESTRATOR_DB]"
+    ),
 )
 tz_option = click.option(
     "--tz", help="Show times in this IANA zone [env TZ, else UTC]; stored times stay UTC"
@@ -354,7 +357,8 @@ def runs(db: str | None, tz: str | None, since: datetime | None, statuses: Seque
 def report(
     run_ref: str, db: str | None, tz: str | None, fmt: str, output: str | None, statuses: Sequence[str]
 ) -> None:
-    """Every job of RUN with its state, versions, times, workflows, reason and hint (html: a window report)."""
+    """Every job of RUN with its state, versions, times, workflows, reason and hint (html: a window
+    report)."""
     from orchestrator.app.reads import show_report
 
     _run(lambda: show_report(run_ref, db=db, fmt=fmt, statuses=statuses, tz=tz, output=output, out=out))
@@ -471,7 +475,8 @@ def discover(
     rate: str,
     output: str | None,
 ) -> None:
-    """Build an inventory from the cloud: instances, their proxies, each proxy's current and latest version."""
+    """Build an inventory from the cloud: instances, their proxies, each proxy's current and latest
+    version."""
     from orchestrator.app.discover import discover_inventory
 
     raise SystemExit(

@@ -109,10 +109,12 @@ class Discovery:
 
     @property
     def to_upgrade(self) -> tuple[DiscoveredProxy, ...]:
+        """The proxies that go into the inventory (no ``skip`` reason), in listing order."""
         return tuple(p for p in self.proxies if p.skip is None)
 
     @property
     def skipped(self) -> tuple[DiscoveredProxy, ...]:
+        """The proxies left out, each with its ``skip`` reason, in listing order."""
         return tuple(p for p in self.proxies if p.skip is not None)
 
 

@@ -46,6 +46,9 @@ Confirmer = Callable[[Confirm], Awaitable[bool | None]]
 
 @dataclass(frozen=True, slots=True)
 class EngineResult:
+    """How ``Engine.run`` ended: whether the run has no active job left and, when a stop was requested,
+    its reason, the exit code it asks for (``orchestrator.errors``) and the run status to record."""
+
     finished: bool  # no job of the run is active any more
     stop_reason: str | None
     exit_code: int | None  # set when the run was stopped
@@ -53,6 +56,10 @@ class EngineResult:
 
 
 class Engine:
+    """The run loop of one process on one run (see the module docstring): a feeder that claims due jobs,
+    ``2 * concurrency`` workers that hand each job to its step, and a heartbeat. ``confirm`` asks the
+    operator before a wave when ``--confirm`` is set (only the runner asks; workers wait for it)."""
+
     def __init__(self, rt: Runtime, *, confirm: Confirmer | None = None, idle_s: float = IDLE_S) -> None:
         """``idle_s``: the feeder's idle tick (seconds; tests of long windows on virtual time raise it)."""
         self.rt = rt
@@ -69,6 +76,14 @@ class Engine:
         self._waiting_logged: tuple[str, float] | None = None  # (reason, monotonic time) of the last line
 
     async def run(self) -> EngineResult:
+        """Work on the run until no job of it is active or a stop is requested (a signal, the run-wide
+        controls, refused credentials, this process's registration taken over, or the job table down for
+        longer than ``--db-outage-timeout``: ``DatabaseUnavailable`` becomes a stop with exit 3).
+
+        On the way out it waits up to ``drain_timeout`` seconds for the workers' calls, then up to
+        ``max(drain_timeout, db_outage_timeout)`` for answers still being committed, and gives back the
+        claims of jobs queued but never started. Any other error of the feeder propagates after that
+        clean-up; a worker's error is logged (``job.error``) and its job looked at again later."""
         rt = self.rt
         # twice as many workers as call slots (Runtime.permit caps calls in flight at --concurrency): a
         # worker records its job's intent while the others' calls are in flight, so a commit's latency

@@ -27,4 +27,6 @@ class InputErrors(Exception):
 
     @property
     def errors(self) -> Sequence[InputErrors]:
+        """The problems to print, one ``error:`` line each: here just this one; subclasses that gather
+        several (the inventory's) return them all."""
         return [self]

@@ -33,6 +33,10 @@ RELEASE_EVERY_S = 0.02
 
 
 class SharedGate:
+    """One process's door to the run-wide permits in ``send_log`` (built on PostgreSQL by
+    ``app.runtime.build_runtime``; see the module docstring). ``rate`` and ``concurrency`` are the run's;
+    ``lease_s`` (seconds) is how long a permit stays held if this process dies holding it."""
+
     def __init__(
         self, store: JobStore, run_id: int, worker_id: str, rate: Rate, concurrency: int, *, lease_s: float
     ) -> None:
@@ -50,6 +54,11 @@ class SharedGate:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
+        """Hold one run-wide permit for the body. Waits until the rate window and the concurrency cap
+        allow one, asking the job table again after the wait it names (the oldest start leaving the
+        window, or 20 ms while the cap is full) plus the safety margin. The release is batched and written
+        about 20 ms after the body ends. Store errors while asking propagate (``DatabaseUnavailable`` once
+        the outage budget is spent)."""
         slot_id = await self._acquire()
         try:
             yield
@@ -96,6 +105,8 @@ class SharedGate:
             await asyncio.shield(self._store.release_send_slots(done))
 
     async def close(self) -> None:
+        """Write the releases still pending. Best effort: errors are swallowed (a permit not released
+        frees itself when its lease runs out)."""
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher

@@ -90,6 +90,7 @@ class Rate:
 
     @property
     def per_second(self) -> float:
+        """The average starts per second the rate allows (``count / period``)."""
         return self.count / self.period
 
     def __str__(self) -> str:
@@ -101,6 +102,8 @@ def parse_rate(text: str) -> Rate:
 
     COUNT must be a whole number: a fractional count has no meaning for a window of discrete starts, and
     any fractional rate can be written with a longer period (2.5/s is ``5/2s``). Units are case-insensitive.
+    Raises ``ValueError`` naming the problem (a bad shape, a count outside 1..``MAX_COUNT``, an unknown
+    unit, a period that is zero or longer than ``MAX_PERIOD_S``).
     """
     match = _RATE_RE.match(text)
     if match is None:
@@ -131,9 +134,16 @@ def parse_rate(text: str) -> Rate:
 class Limiter(Protocol):
     """What the engine needs: wait for a start permit; report that the gateway throttled us."""
 
-    async def acquire(self) -> Start | None: ...
+    async def acquire(self) -> Start | None:
+        """Wait until a call may start. Returns the permit, whose ``sent()`` the caller calls when the
+        request leaves, or None from a limiter that keeps no send times."""
+        ...
 
-    def throttled(self, retry_after: float | None = None) -> None: ...
+    def throttled(self, retry_after: float | None = None) -> None:
+        """The gateway throttled a call (APIGW.0308 / HTTP 429): pause starts for ``retry_after`` seconds
+        when given (the parsed ``Retry-After``) and slow down where the limiter can. Raises ``ValueError``
+        for a negative or non-finite ``retry_after``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +174,7 @@ class Start:
         self._clock = clock
 
     def sent(self) -> None:
+        """Record that the request left now (on the limiter's clock); a start is never moved earlier."""
         self.at = max(self.at, self._clock())
 
 
@@ -216,10 +227,12 @@ class SlidingWindowLimiter:
 
     @property
     def rate(self) -> Rate:
+        """The configured rate (the effective one after throttling is in ``stats``)."""
         return self._rate
 
     @property
     def margin(self) -> float:
+        """Seconds added to ``period`` between a start and the start ``limit`` places later."""
         return self._margin
 
     async def acquire(self) -> Start:
@@ -246,7 +259,9 @@ class SlidingWindowLimiter:
         return start
 
     def throttled(self, retry_after: float | None = None) -> None:
-        """The gateway said "too many": pause all starts and slow down (see the class docstring)."""
+        """The gateway said "too many": pause all starts and slow down (see the class docstring).
+
+        ``retry_after`` is in seconds; raises ``ValueError`` when it is negative or not finite."""
         _check_retry_after(retry_after)
         now = self._clock()
         self._throttle_events += 1
@@ -261,6 +276,7 @@ class SlidingWindowLimiter:
 
     @property
     def stats(self) -> LimiterStats:
+        """A snapshot of the effective limit (as of the clock now) and of the counters."""
         limit = self._limit(self._clock())
         return LimiterStats(
             current_rate=limit / self._rate.period,
@@ -328,11 +344,15 @@ class ThrottleAdapter:
         self._paused_until = -math.inf
 
     async def acquire(self) -> None:
+        """Wait out any throttle pause, then for the wrapped throttler's permit (it keeps no send times,
+        so this returns None)."""
         while (delay := self._paused_until - self._clock()) > 0:
             await self._sleep(delay)
         await self._throttler.acquire()  # type: ignore[no-untyped-call]  # the library is untyped
 
     def throttled(self, retry_after: float | None = None) -> None:
+        """Pause starts for ``retry_after`` seconds when given; the rate stays as configured. Raises
+        ``ValueError`` when ``retry_after`` is negative or not finite."""
         _check_retry_after(retry_after)
         if retry_after is not None:
             self._paused_until = max(self._paused_until, self._clock() + retry_after)

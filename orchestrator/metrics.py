@@ -66,6 +66,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
+        """The scrape address, ``http://HOST:PORT/metrics`` (an IPv6 host in brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/metrics"
 

@@ -183,5 +183,7 @@ async def reschedule(
 
 
 async def release(rt: Runtime, job: JobRow) -> None:
+    """Give the job's claim back without moving it (status and due time unchanged) and take it off the
+    fence, so this process no longer sends it."""
     await rt.store.release(job.id, rt.worker_id)
     rt.lease.dropped(job.id)

@@ -40,6 +40,7 @@ class SafeStream:
         self.broken = False
 
     def write(self, text: str) -> int:
+        """Write ``text``; returns its length even when it was dropped (the stream broke, now or before)."""
         if self.broken:
             return len(text)
         try:
@@ -49,6 +50,7 @@ class SafeStream:
             return len(text)
 
     def flush(self) -> None:
+        """Flush the stream; a failure marks it broken instead of raising."""
         if self.broken:
             return
         try:
@@ -57,16 +59,19 @@ class SafeStream:
             self.broken = True
 
     def isatty(self) -> bool:
+        """Whether the stream is a terminal (False when it cannot tell)."""
         try:
             return bool(self._stream.isatty())
         except (OSError, ValueError):
             return False
 
     def fileno(self) -> int:
+        """The wrapped stream's file descriptor (raises as the wrapped stream does when it has none)."""
         return self._stream.fileno()
 
     @property
     def encoding(self) -> str:
+        """The wrapped stream's encoding, ``utf-8`` when it names none."""
         return getattr(self._stream, "encoding", "utf-8") or "utf-8"
 
 
@@ -216,6 +221,7 @@ class RunEvents:
 
     @property
     def done(self) -> int:
+        """Jobs of the run in a final status (succeeded, skipped, flagged, failed) at the last ``update``."""
         return sum(self._counts.get(s, 0) for s in _FINAL)
 
     def snapshot(self) -> dict[str, Any]:
@@ -263,6 +269,11 @@ class RunEvents:
 
     # ------------------------------------------------------------------------------ events
     def emit(self, event: str, **fields: Any) -> None:
+        """The ``Events`` hook. ``call`` (one cloud call: ``route``, ``outcome``, ``latency_s`` in seconds)
+        feeds the calls-per-second figure and the metrics, no log line. Other events become a log line
+        (fields that are None left out): warning for names ending in a problem (``flagged``, ``failed``,
+        ``error``, ``throttled``, ``fenced``...), debug for per-job chatter (dropped unless the level is
+        debug), info otherwise. Never raises."""
         if event == "call":
             self._calls.append(self._clock())
             if len(self._calls) > 4096:

@@ -94,7 +94,7 @@ class RunOptions:
 
     # ------------------------------------------------------------------------------ parsed views
     def window_spec(self) -> Any:
-        """The parsed window (``schedule.window.Window``) or None."""
+        """The parsed window (``schedule.window.Window``) or None. Raises ValueError naming ``--window``."""
         if self.window is None:
             return None
         from orchestrator.schedule.window import parse_window
@@ -105,13 +105,18 @@ class RunOptions:
             raise ValueError(f"--window: {exc}") from None
 
     def cutoff_delta(self) -> timedelta:
+        """``--cutoff`` parsed: no new upgrade call starts later than this before the window's end.
+        Raises ValueError naming the option."""
         return _duration("--cutoff", self.cutoff)
 
     def pause_delta(self) -> timedelta:
+        """``--pause-between`` parsed: the least pause between one wave's end and the next wave's start.
+        Raises ValueError naming the option."""
         return _duration("--pause-between", self.pause_between)
 
     def wave_spec(self) -> Any:
-        """The parsed ``--waves`` (``schedule.waves.WaveSpec``) or None (one wave)."""
+        """The parsed ``--waves`` (``schedule.waves.WaveSpec``) or None (one wave). Raises ValueError
+        naming the option."""
         if self.waves is None:
             return None
         from orchestrator.schedule.waves import parse_waves
@@ -122,7 +127,8 @@ class RunOptions:
             raise ValueError(f"--waves: {exc}") from None
 
     def breaker(self) -> Any:
-        """The parsed ``--max-failures`` (``schedule.breaker.Breaker``) or None (no limit)."""
+        """The parsed ``--max-failures`` (``schedule.breaker.Breaker``) or None (no limit). Raises
+        ValueError naming the option."""
         if self.max_failures is None:
             return None
         from orchestrator.schedule.breaker import parse_max_failures
@@ -134,6 +140,7 @@ class RunOptions:
 
     # ---------------------------------------------------------------------------------- storage
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, JSON-ready (what ``runs.options`` stores; ``from_dict`` reads it back)."""
         return asdict(self)
 
     @classmethod
@@ -154,7 +161,8 @@ class RunOptions:
             raise UsageError(f"run {run_id}'s stored options: {exc} (pass a valid one to resume)") from None
 
     def override(self, **changes: Any) -> RunOptions:
-        """These options with what the command line set explicitly (None: not given)."""
+        """These options with what the command line set explicitly (None: not given). Raises ValueError
+        naming the option when the result is invalid."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def changed_from(self, other: RunOptions) -> list[str]:

@@ -32,7 +32,9 @@ class UpdateItem:
 
     @property
     def accepted(self) -> bool:
-        # Huawei's Terraform provider treats anything but ACCEPT with an empty message as failure.
+        """True when ``state`` is ACCEPT and ``error_message`` is empty.
+
+        Huawei's Terraform provider treats anything else as failure (docs/api-contract.md, section 1)."""
         return self.state == "ACCEPT" and not self.error_message
 
 
@@ -58,6 +60,9 @@ class HttpFailure:
 
 @dataclass(frozen=True, slots=True)
 class TransportFailure:
+    """A call that got no usable HTTP answer: refused or not sent, timed out, reset, TLS, or an answer
+    whose body is not the documented shape (``MALFORMED``, with its ``http_status``)."""
+
     kind: TransportKind
     sent: bool  # True when the request may have reached the cloud (the outcome is then unknown)
     detail: str = ""
@@ -91,10 +96,13 @@ class WorkflowInfo:
 
     @property
     def ended_ok(self) -> bool:
+        """True when the workflow's status is ``Completed``."""
         return self.status == "Completed"
 
     @property
     def is_final(self) -> bool:
+        """True once the workflow has ended: Completed, Failed, Canceled or Unauthorized (the job statuses
+        of docs/api-contract.md, section 5; Pending and Running are not final)."""
         return self.status in {"Completed", "Failed", "Canceled", "Unauthorized"}
 
 

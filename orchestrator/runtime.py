@@ -32,20 +32,32 @@ class Events(Protocol):
     """Observability hook: stable event names (``job.flagged``, ``call``) with fields, feeding the log,
     the progress display and metrics alike."""
 
-    def emit(self, event: str, **fields: Any) -> None: ...
+    def emit(self, event: str, **fields: Any) -> None:
+        """Report ``event`` with its fields; must not raise and must not block (it is called on the hot
+        path, between a call's answer and its record)."""
+        ...
 
 
 class NullEvents:
+    """The ``Events`` hook that drops everything (when nothing listens)."""
+
     def emit(self, event: str, **fields: Any) -> None:
+        """Drop the event."""
         return None
 
 
 class SendGate(Protocol):
     """Run-wide send permits shared by every process of a run (PostgreSQL)."""
 
-    def slot(self) -> Any: ...
+    def slot(self) -> Any:
+        """An async context manager holding one run-wide permit while the call is in flight (entered
+        before the request leaves, exited once its answer came back)."""
+        ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release what is still held (best effort: permits left behind free themselves when their
+        leases run out)."""
+        ...
 
 
 class LeaseKeeper:
@@ -67,29 +79,42 @@ class LeaseKeeper:
         self._until: dict[int, float] = {}
 
     def claimed(self, job_ids: Iterable[int], submitted: float) -> None:
+        """These jobs were claimed by a transaction submitted at ``submitted`` (this process's monotonic
+        clock, seconds): each is held until ``submitted + lease_s``."""
         for j in job_ids:
             self._until[j] = submitted + self.lease_s
 
     def renewed(self, job_ids: Iterable[int], submitted: float) -> None:
+        """The database confirmed the renewal of these jobs' claims, submitted at ``submitted`` (monotonic
+        seconds). Extends only claims still held now: one that lapsed stays void."""
         until = submitted + self.lease_s
         for j in job_ids:
             if j in self._until and self._mono() < self._until[j]:
                 self._until[j] = max(self._until[j], until)
 
     def dropped(self, job_id: int) -> None:
+        """This process let the job go (it moved on or was released): it may no longer be sent."""
         self._until.pop(job_id, None)
 
     def holds(self, job_id: int) -> bool:
+        """Whether the job may be sent now: its claim is held for more than ``margin_s`` seconds still."""
         until = self._until.get(job_id)
         return until is not None and self._mono() < until - self.margin_s
 
     def remaining(self, job_id: int) -> float:
+        """Seconds until the job's claim lapses here (negative once lapsed; -1.0 for a job not held)."""
         until = self._until.get(job_id)
         return -1.0 if until is None else until - self._mono()
 
 
 @dataclass
 class Runtime:
+    """What the steps of one process's work on one run share: the job table, the cloud, the limiter, the
+    policy, the run's stored options, the fence (``lease``), the run-wide controls and the stop request.
+    ``role`` is ``runner`` (``run``/``resume``: the process that owns the run) or ``worker`` (an extra
+    ``orchestrator worker`` process). ``gate`` is set on PostgreSQL. Built by
+    ``orchestrator.app.runtime.build_runtime``."""
+
     store: JobStore
     cloud: CloudApi
     limiter: Limiter
@@ -118,10 +143,12 @@ class Runtime:
         return self.store.db_now()
 
     def after(self, seconds: float) -> datetime:
+        """The job table's clock ``seconds`` from now (negative counts as 0): a due time to store."""
         return self.now() + timedelta(seconds=max(0.0, seconds))
 
     def request_stop(self, reason: str, exit_code: int = 3, run_status: str | None = None) -> None:
-        """Stop dispatching new work; the first reason wins."""
+        """Stop dispatching new work; the first reason wins. ``exit_code`` is the command's (see
+        ``orchestrator.errors``); ``run_status`` the run status to record, None for the default."""
         if not self.stop_requested.is_set():
             self.stop_reason = reason
             self.stop_exit_code = exit_code
@@ -171,8 +198,9 @@ class Runtime:
         """One call's start permit, held until its answer: one of this process's ``concurrency`` call
         slots (the engine runs more workers than that, so the next calls' intents are recorded while
         these calls are in flight), this process's limiter (which also carries the throttle slowdown) and,
-        when several processes share the run, the run-wide gate. Yields the hook the cloud client calls
-        when the request really leaves, so the limiter's window is kept on send times."""
+        on PostgreSQL (where several processes may share the run), the run-wide gate. Yields the hook the
+        cloud client calls when the request really leaves (None when the limiter keeps no send times), so
+        the limiter's window is kept on send times. Store errors of the gate propagate."""
         t0 = self.mono()
         if self._calls is None:
             self._calls = asyncio.Semaphore(max(1, self.options.concurrency))
@@ -193,6 +221,7 @@ class Runtime:
                 self.metrics.limiter_wait(self.mono() - t0)
 
     def ref(self, job: JobRow) -> ProxyRef:
+        """The cloud address of the job's proxy (``--endpoint`` overrides the inventory's endpoint)."""
         return ProxyRef(
             project_id=job.project_id,
             instance_id=job.instance_id,
@@ -233,6 +262,7 @@ class Controls:
 
     @property
     def stale(self) -> bool:
+        """Whether ``refresh_s`` seconds (monotonic) have passed since the last read of the run."""
         return self._mono() - self._read_at >= self.refresh_s
 
     def update(self, state: RunState, *, read_s: float = 0.0) -> Any:
@@ -272,6 +302,8 @@ class Controls:
 
     @property
     def open_wave(self) -> int:
+        """The highest wave whose upgrades may start: the decision's when it is a ``Start``, else the
+        run's stored ``wave_open`` (1 before the first read)."""
         if isinstance(self.decision, Start):
             return self.decision.open_wave
         return self.state.run.wave_open if self.state is not None else 1

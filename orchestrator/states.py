@@ -11,6 +11,9 @@ import enum
 
 
 class JobStatus(enum.StrEnum):
+    """A job's (one proxy's) status in a run; the values are what ``jobs.status`` stores (the CHECK
+    constraint of migration 0002 refuses any other). Moves between them: ``ALLOWED``, docs/states.md."""
+
     PENDING = "pending"  # loaded, waiting to be claimed (preflight not yet done or not needed)
     IN_FLIGHT = "in_flight"  # an upgrade call's intent is recorded; the answer is not
     UNKNOWN = "unknown"  # the call may have reached the cloud but its answer was lost: reconcile first
@@ -23,6 +26,7 @@ class JobStatus(enum.StrEnum):
 
     @property
     def terminal(self) -> bool:
+        """True for succeeded, skipped, flagged and failed (see ``TERMINAL``)."""
         return self in TERMINAL
 
 
@@ -59,6 +63,9 @@ class IllegalMove(RuntimeError):
 
 
 def check_move(old: JobStatus, new: JobStatus) -> None:
+    """Check the move ``old -> new`` against ``ALLOWED``, in memory, before the store writes it.
+
+    Raises ``IllegalMove`` when the table forbids it (a bug in the caller)."""
     if new not in ALLOWED[old]:
         raise IllegalMove(f"job status {old.value} -> {new.value} is not allowed")
 
@@ -69,6 +76,9 @@ def sources_of(new: JobStatus) -> frozenset[JobStatus]:
 
 
 class RunStatus(enum.StrEnum):
+    """A run's status; the values are what ``runs.status`` stores (CHECK constraint, migration 0002).
+    docs/states.md says who moves a run between them and which exit code each end gives."""
+
     CREATED = "created"
     RUNNING = "running"
     STOPPED = "stopped"  # interrupted (signal, crash detected on resume, auth failure, lost database)

@@ -31,6 +31,8 @@ async def opened(db: str | None, *, create: bool, outage_timeout: float = 60.0) 
 
 
 async def find_run(store: JobStore, ref: str | None, *, unfinished: bool = False) -> RunRow:
+    """The run ``ref`` names (an id, or the newest run of that name); with ``ref`` None the newest run
+    (the newest unfinished one when ``unfinished``). Raises ``UsageError`` when there is none."""
     if ref is None:
         run = await store.latest_run(unfinished=unfinished)
         if run is None:
@@ -45,6 +47,7 @@ async def find_run(store: JobStore, ref: str | None, *, unfinished: bool = False
 
 
 def abspath(path: str) -> str:
+    """``path`` made absolute with symlinks resolved: how a run records its inventory file."""
     return str(Path(path).resolve())
 
 
@@ -82,4 +85,5 @@ def show_time(t: datetime | None, tz: tzinfo, fmt: str = "%Y-%m-%d %H:%M:%S") ->
 
 
 def utcnow() -> datetime:
+    """This host's clock now, as an aware UTC datetime."""
     return datetime.now(UTC)

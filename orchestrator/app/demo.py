@@ -3,9 +3,9 @@
 Starts the simulator on a free loopback port with the bundled scenario, writes an inventory for its
 fleet, runs it into a fresh SQLite job table through the same path as ``run``, prints the summary and two
 audit queries (on the audit views, run for real), and checks the outcome against the simulator's own
-record: every workflow it created is in the job table, no proxy was upgraded twice, every proxy it
-upgraded is ``succeeded`` and every proxy the scenario rejects for subnet IPs is ``flagged`` with that
-reason. Exit 0 only if all of that holds.
+record: every workflow it created is in the job table, no proxy accepted more than one upgrade, a job is
+``succeeded`` exactly when the simulator's proxy runs its target, and every ``flagged`` job has a reason.
+Exit 0 only if all of that holds.
 """
 
 from __future__ import annotations
@@ -46,12 +46,17 @@ AUDIT_QUERIES = [
     ),
     (
         "what needs an operator, and why",
-        "SELECT proxy_id, instance_id, status, reason, hint\n  FROM v_flagged WHERE run_id = {run} ORDER BY job_id;",
+        "SELECT proxy_id, instance_id, status, reason, hint\n"
+        "  FROM v_flagged WHERE run_id = {run} ORDER BY job_id;",
     ),
 ]
 
 
 async def run_demo(db: str, proxies: int | None, out: Console) -> int:
+    """``orchestrator demo`` (see the module docstring). ``db``: the SQLite file of the job table,
+    deleted first with its ``-wal``/``-shm``; ``proxies``: a generated fleet of that size (seed 7, ten
+    times faster) instead of the bundled scenario. Returns the exit code: the run's own when it did not
+    finish (neither 0 nor 1), 1 when the outcome is not the scenario's, else 0."""
     from orchestrator.simulator import SimulatorServer, generate_scenario, load_bundled, scenario_to_inventory
 
     scenario = load_bundled() if proxies is None else generate_scenario(proxies, seed=7, speed=10.0)

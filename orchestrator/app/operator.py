@@ -47,14 +47,15 @@ async def requeue(
             out.print(
                 Text(
                     f"proxy {proxy}: its workflow {workflow} was {status} when last checked "
-                    f"({show_time(seen, zone_)}): nothing is sent to it while that workflow runs (resume looks "
-                    "at it first)"
+                    f"({show_time(seen, zone_)}): nothing is sent to it while that workflow runs "
+                    "(resume looks at it first)"
                 )
             )
         if result.moved:
             out.print(
                 Text(
-                    f"re-queued {result.moved} jobs of run {run.id}; send them with: orchestrator resume {run.id}"
+                    f"re-queued {result.moved} jobs of run {run.id}; "
+                    f"send them with: orchestrator resume {run.id}"
                 )
             )
         else:

@@ -54,6 +54,10 @@ def parse_duration(text: object) -> float | None:
 
 @dataclass
 class PlanRow:
+    """One inventory proxy as plan judged it: ``verdict`` upgrade, skip, flag or unreachable (its version
+    could not be read), ``reason`` one line, the version it runs, and the cloud's ``upgrade_duration``
+    in seconds when it gave one (``parse_duration``)."""
+
     entry: ProxyEntry
     verdict: str  # upgrade | skip | flag | unreachable
     reason: str
@@ -63,14 +67,18 @@ class PlanRow:
 
 @dataclass
 class PlanResult:
+    """Every judged proxy in inventory order, and the options the estimate assumes."""
+
     rows: list[PlanRow] = field(default_factory=list)
     options: RunOptions = field(default_factory=RunOptions)
 
     def count(self, verdict: str) -> int:
+        """How many proxies got ``verdict``."""
         return sum(1 for r in self.rows if r.verdict == verdict)
 
     @property
     def unreachable(self) -> int:
+        """How many proxies' versions could not be read."""
         return self.count("unreachable")
 
     def estimate_s(self) -> float:
@@ -89,6 +97,8 @@ class PlanResult:
         )
 
     def window_note(self) -> str | None:
+        """One line on whether the estimate fits one occurrence of ``--window`` (the current or next one
+        on this host's clock, its length minus the cutoff), or None without a window."""
         window = self.options.window_spec()
         if window is None:
             return None
@@ -107,6 +117,8 @@ class PlanResult:
         )
 
     def as_dict(self) -> dict[str, Any]:
+        """The ``--format json`` document: ``summary`` (counts by verdict, ``estimated_duration_s``, the
+        window note) and ``proxies`` (one object per judged proxy)."""
         return {
             "summary": {v: self.count(v) for v in ("upgrade", "skip", "flag", "unreachable")}
             | {"estimated_duration_s": round(self.estimate_s(), 1), "window": self.window_note()},
@@ -194,7 +206,8 @@ async def make_plan(inv: Any, options: RunOptions, cloud: CloudApi) -> PlanResul
         if isinstance(info, HttpFailure) and info.http_status in (401, 403):
             what = "refused the credentials" if info.http_status == 401 else "denied permission"
             refused.append(
-                f"the cloud {what} ({info.error_code or info.http_status}: {info.error_msg or 'no message'}); "
+                f"the cloud {what} "
+                f"({info.error_code or info.http_status}: {info.error_msg or 'no message'}); "
                 "plan stopped at the first refusal (a key locks after five bad signatures)"
             )
             return
@@ -239,6 +252,8 @@ def _row(e: ProxyEntry, info: Any) -> PlanRow:
 
 
 def render_plan(result: PlanResult, out: Console) -> None:
+    """Print the plan as a table, then the counts with the estimate and what it assumes, then the window
+    note."""
     t = Table(title="plan: what `run` would do")
     for col in ("proxy", "instance", "current", "target", "would", "why"):
         t.add_column(col, overflow="fold")
@@ -261,10 +276,11 @@ def render_plan(result: PlanResult, out: Console) -> None:
     o = result.options
     out.print(
         Text(
-            f"to upgrade: {result.count('upgrade')}, skip: {result.count('skip')}, flag: {result.count('flag')}, "
-            f"unreachable: {result.unreachable}; estimated duration: {_mins(est)} (rate {o.rate}, concurrency "
-            f"{o.concurrency}, at most {o.per_instance} proxies of an instance at once, each upgrade as long as "
-            "the cloud's upgrade_duration)"
+            f"to upgrade: {result.count('upgrade')}, skip: {result.count('skip')}, "
+            f"flag: {result.count('flag')}, "
+            f"unreachable: {result.unreachable}; estimated duration: {_mins(est)} (rate {o.rate}, "
+            f"concurrency {o.concurrency}, at most {o.per_instance} proxies of an instance at once, "
+            "each upgrade as long as the cloud's upgrade_duration)"
         )
     )
     note = result.window_note()
@@ -281,6 +297,11 @@ async def plan_inventory(
     out: Console,
     cloud: CloudApi | None = None,
 ) -> int:
+    """``orchestrator plan INVENTORY``: the options as ``run`` builds them, the inventory validated, every
+    proxy's version read (``cloud``: the HTTP client on the environment's credentials when None), the
+    plan printed (``fmt`` ``json`` or a table). Returns 0, or 1 when some version could not be read.
+    Raises ``UsageError`` for bad options, half-configured or refused credentials, or a certificate that
+    fails verification, and ``InputErrors`` for a bad inventory."""
     try:
         base = build_options(RunOptions(), kw)
     except ValueError as exc:

@@ -3,6 +3,7 @@ that does not exist (naming it) instead of creating an empty one, and show times
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime, tzinfo
@@ -23,6 +24,8 @@ from orchestrator.store import JobStore, RunRow
 def counts_table(
     run: RunRow, counts: Mapping[JobStatus, int] | Mapping[str, int], *, title: str | None = None
 ) -> Table:
+    """The run's jobs by status as a table (``reporting.counts_table``); ``counts`` keyed by status
+    values or ``JobStatus`` members."""
     from orchestrator import reporting
 
     return reporting.counts_table(run, {str(k): v for k, v in counts.items()}, title=title)
@@ -146,6 +149,9 @@ def _when(t: datetime, window_zone: Any, tz: Any) -> str:
 async def show_runs(
     *, db: str | None, since: datetime | None, statuses: Sequence[str], tz: str | None, fmt: str, out: Console
 ) -> None:
+    """``orchestrator runs``: the runs newest first (created at or after ``since``, aware, and in one of
+    ``statuses`` when given) with their counts, as a table, csv or json on ``out``. Raises ``UsageError``
+    for a missing job table or an unknown ``tz``."""
     async with opened(db, create=False) as store:
         await _runs(store, since=since, statuses=statuses, tz=tz, fmt=fmt, out=out)
 
@@ -184,6 +190,10 @@ async def show_report(
     output: str | None,
     out: Console,
 ) -> None:
+    """``orchestrator report RUN``: every job of the run (only ``statuses`` when given) streamed as a
+    table (after the counts), csv or json, to ``output`` or ``out``; ``html`` writes one self-contained
+    window report to ``output`` (required). Times in ``tz``. Raises ``UsageError`` for a missing job
+    table, run or ``-o`` (html), and ``OSError`` when ``output`` cannot be written."""
     from orchestrator import reporting
     from orchestrator.store import reports
 
@@ -206,7 +216,10 @@ async def show_report(
                 await reporting.print_report_table(rows, out, tz=tz_)
                 return
             if output:
-                with open(output, "w", encoding="utf-8", newline="") as fh:
+                # Opened in a thread (creating or truncating a file may wait on the disk); the rows are then
+                # written a chunk at a time from this task, as they stream in, which is what the report needs.
+                fh = await asyncio.to_thread(open, output, "w", encoding="utf-8", newline="")
+                with fh:
                     await reporting.write_report(rows, fmt, fh, tz=tz_)
                 return
             await reporting.write_report(rows, fmt, _stdout(out), tz=tz_)
@@ -215,6 +228,9 @@ async def show_report(
 async def show_flagged(
     run_ref: str | None, *, db: str | None, rule: str | None, fmt: str, tz: str | None, out: Console
 ) -> None:
+    """``orchestrator flagged [RUN]``: the run's flagged and failed jobs grouped by rule (only ``rule``
+    when given), each with its reason and the hint to act on, as a table, csv or json. Raises
+    ``UsageError`` for a missing job table or run."""
     from orchestrator import reporting
     from orchestrator.store import reports
 
@@ -241,6 +257,9 @@ async def show_history(
     tz: str | None,
     out: Console,
 ) -> None:
+    """``orchestrator history``: every upgrade call, workflow and event of one proxy (``proxy``) or of
+    each proxy of one instance (``instance``), across runs, since ``since`` (aware) when given, as a
+    table, csv or json. Raises ``UsageError`` when neither is given or the job table is missing."""
     from orchestrator import reporting
     from orchestrator.store import reports
 

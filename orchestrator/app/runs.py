@@ -74,6 +74,7 @@ def with_metrics(proc: ProcessOptions) -> ProcessOptions:
 
 
 def exit_code_for(counts: Mapping[JobStatus, int]) -> int:
+    """A finished run's exit code from its counts by status: 1 when any job is flagged or failed, else 0."""
     if counts.get(JobStatus.FLAGGED, 0) or counts.get(JobStatus.FAILED, 0):
         return EXIT_PROBLEMS
     return EXIT_OK
@@ -101,6 +102,8 @@ def entries_as_jobs(inv: Any) -> Callable[[], Any]:
 
 
 def load_inventory_checked(path: str, endpoint: str | None) -> Any:
+    """The validated inventory at ``path`` (``endpoint``: ``--endpoint``, serving every entry). Raises
+    ``InventoryErrors`` (an ``InputErrors``: every problem, one line each, exit 2)."""
     from orchestrator.inventory import load_inventory
 
     return load_inventory(path, endpoint_override=endpoint)
@@ -130,6 +133,8 @@ def options_for_inventory(
 
 
 def wave_planner(options: RunOptions) -> Any:
+    """The ``WavePlanner`` that ``create_run`` applies once: the rows put in ``--order`` (seeded with
+    ``order_seed``) and cut into ``--waves``; None for one wave in inventory order (nothing to assign)."""
     spec = options.wave_spec()
     if spec is None and options.order == "inventory":
         return None
@@ -158,7 +163,9 @@ async def run_inventory(
     out: Console,
     cloud: CloudApi | None = None,
 ) -> int:
-    """``orchestrator run INVENTORY``: validate everything, create the run, drive it. Returns the exit code."""
+    """``orchestrator run INVENTORY``: validate everything, create the run, drive it.
+
+    Returns the exit code."""
     try:
         base = build_options(RunOptions(), kw)
     except ValueError as exc:
@@ -228,22 +235,25 @@ async def _unfinished(
     if existing.id in live:
         w = live[existing.id]
         raise UsageError(
-            f"refused: run {existing.id} ({existing.name}) of this inventory is held by pid {w.pid} on {w.host}, "
-            f"live (last heartbeat {w.heartbeat_at:%H:%M:%S} UTC)"
+            f"refused: run {existing.id} ({existing.name}) of this inventory is held by pid {w.pid} "
+            f"on {w.host}, live (last heartbeat {w.heartbeat_at:%H:%M:%S} UTC)"
         )
-    if resume_mode != "resume" and existing.status is not RunStatus.PAUSED:
-        if not (
+    if (
+        resume_mode != "resume"
+        and existing.status is not RunStatus.PAUSED
+        and not (
             sys.stdin.isatty()
             and await _ask(
                 f"run {existing.id} ({existing.name}) of this inventory is "
                 f"{existing.status.value}; resume it? [Y/n]",
                 default=True,
             )
-        ):
-            raise UsageError(
-                f"run {existing.id} ({existing.name}) of this inventory is unfinished ({existing.status.value}):"
-                " pass --resume to continue it or --new-run to start over"
-            )
+        )
+    ):
+        raise UsageError(
+            f"run {existing.id} ({existing.name}) of this inventory is unfinished "
+            f"({existing.status.value}): pass --resume to continue it or --new-run to start over"
+        )
     if existing.status is RunStatus.PAUSED:
         notice(f"run {existing.id} ({existing.name}) of this inventory is paused: resuming it")
     return await resume_loaded(store, existing, kw=kw, proc=proc, out=out, inventory=inventory, cloud=cloud)
@@ -260,6 +270,9 @@ async def resume_run(
     out: Console,
     cloud: CloudApi | None = None,
 ) -> int:
+    """``orchestrator resume [RUN]``: the run ``run_ref`` names (the newest unfinished one when None) in
+    an existing job table, resumed (see ``resume_loaded``). Returns the exit code; raises ``UsageError``
+    for a missing job table or run."""
     async with opened(db, create=False) as store:
         run = await find_run(store, run_ref, unfinished=run_ref is None)
         return await resume_loaded(
@@ -278,6 +291,11 @@ async def resume_loaded(
     ack: bool = False,
     cloud: CloudApi | None = None,
 ) -> int:
+    """Resume ``run``: its stored options with the command line's over them (a changed set is logged),
+    the runner lock taken (``UsageError`` while another live process holds the run or its proxies),
+    failures acknowledged with ``ack``, the changes of its inventory file applied (``inventory``, else
+    the path the run recorded), then ``drive``. A finished run with nothing left prints its counts and
+    returns its exit code at once. Returns the exit code."""
     counts = await store.counts(run.id)
     active = sum(n for s, n in counts.items() if s not in TERMINAL)
     if run.status is RunStatus.FINISHED and not active:
@@ -371,8 +389,8 @@ async def _apply_inventory_changes(
             retargeted.append((job, j.target_version))
     removed = [job for key, job in existing.items() if key not in seen]
     notice(
-        f"the inventory {path} changed since run {run.id} started (+{len(added)} added, -{len(removed)} removed, "
-        f"{len(retargeted)} with a new target):"
+        f"the inventory {path} changed since run {run.id} started "
+        f"(+{len(added)} added, -{len(removed)} removed, {len(retargeted)} with a new target):"
     )
     if added:
         n = await store.add_jobs(run.id, added, wave=max(1, run.wave_open))
@@ -384,16 +402,19 @@ async def _apply_inventory_changes(
             notice(f"  removed from the inventory, skipped (never sent): proxy {job.proxy_id}")
         else:
             notice(
-                f"  removed from the inventory but already {job.status.value}: proxy {job.proxy_id} is followed to its end"
+                f"  removed from the inventory but already {job.status.value}: "
+                f"proxy {job.proxy_id} is followed to its end"
             )
     for job, new in retargeted:
         if await store.retarget(job, new, f"target changed {job.target_version} -> {new} in the inventory"):
             notice(
-                f"  target changed {job.target_version} -> {new}: proxy {job.proxy_id} (not yet sent) will get {new}"
+                f"  target changed {job.target_version} -> {new}: "
+                f"proxy {job.proxy_id} (not yet sent) will get {new}"
             )
         else:
             notice(
-                f"  target changed to {new} but proxy {job.proxy_id} is already {job.status.value}: keeps {job.target_version}"
+                f"  target changed to {new} but proxy {job.proxy_id} is already {job.status.value}: "
+                f"keeps {job.target_version}"
             )
     await store.set_run_inventory(run.id, abspath(path), inv.sha256)
 
@@ -555,7 +576,8 @@ async def _finish(
         notice(f"stopped: {reason}")
         if code == EXIT_HALTED:
             notice(
-                f"{left} jobs not finished; after deciding: orchestrator resume {run.id} --ack (or --max-failures N)"
+                f"{left} jobs not finished; after deciding: "
+                f"orchestrator resume {run.id} --ack (or --max-failures N)"
             )
         elif code != EXIT_USAGE:
             notice(f"{left} jobs not finished; continue with: orchestrator resume {run.id}")
@@ -631,7 +653,10 @@ async def probe_credentials(rt: Runtime) -> str | None:
             f"gaussdbformysql:proxy:upgrade), then: orchestrator resume {rt.run_id}"
         )
     if isinstance(res, TransportFailure) and res.kind is TransportKind.TLS:
-        return f"TLS: {res.detail}; nothing was sent. Fix the endpoint or --ca-bundle, then: orchestrator resume {rt.run_id}"
+        return (
+            f"TLS: {res.detail}; nothing was sent. "
+            f"Fix the endpoint or --ca-bundle, then: orchestrator resume {rt.run_id}"
+        )
     return None
 
 
@@ -657,7 +682,8 @@ def _install_signals(rt: Runtime) -> Callable[[], None]:
         hits["n"] += 1
         if hits["n"] == 1:
             notice(
-                f"{signame}: stopping: no new calls; waiting up to {rt.options.drain_timeout:.0f}s for calls in "
+                f"{signame}: stopping: no new calls; "
+                f"waiting up to {rt.options.drain_timeout:.0f}s for calls in "
                 "flight (press again to exit at once)",
                 style="yellow",
             )

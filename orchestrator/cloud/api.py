@@ -143,21 +143,23 @@ class CloudApi(Protocol):
         on_sent: OnSent = None,
         may_send: MaySend = None,
     ) -> Answered | Failure:
-        """``POST .../proxy/{proxy_id}/upgrade-version``; the answer's items are validated (states
-        exactly ACCEPT/REJECT, a workflow id on ACCEPT, the instance asked for, no id twice), anything
-        else is ``MALFORMED`` with ``sent=True`` (reconcile)."""
+        """``POST .../proxy/{proxy_id}/upgrade-version`` (docs/api-contract.md, section 1); the answer's
+        items are validated (states exactly ACCEPT/REJECT, a workflow id on ACCEPT, the instance asked
+        for, no id twice), anything else is ``MALFORMED`` with ``sent=True`` (reconcile)."""
         ...
 
     async def proxy_version(
         self, ref: ProxyRef, *, on_sent: OnSent = None, may_send: MaySend = None
     ) -> VersionInfo | Failure:
-        """``GET .../proxy/{proxy_id}/taurusproxy/proxy-version``: current and latest version."""
+        """``GET .../proxy/{proxy_id}/taurusproxy/proxy-version``: current and latest version
+        (docs/api-contract.md, section 2)."""
         ...
 
     async def job(
         self, ref: AnyRef, workflow_id: str, *, on_sent: OnSent = None, may_send: MaySend = None
     ) -> WorkflowInfo | Failure:
-        """``GET /v3/{project_id}/jobs?id=``: one workflow's status."""
+        """``GET /v3/{project_id}/jobs?id=``: one workflow's status (docs/api-contract.md, section 5; a
+        workflow a few seconds old may not be visible yet: 400 ``DBS.200543``)."""
         ...
 
     async def immediate_jobs(
@@ -172,7 +174,8 @@ class CloudApi(Protocol):
         may_send: MaySend = None,
     ) -> RecentJobs | Failure:
         """``GET /v3/{project_id}/immediate-jobs``: recent tasks created in ``[start_time, end_time]``
-        **on the cloud's clock** (convert with ``clock.to_cloud``); limit 10, 20 or 50."""
+        **on the cloud's clock** (convert with ``clock.to_cloud``); limit 10, 20 or 50
+        (docs/api-contract.md, section 6: the API has no instance filter)."""
         ...
 
     async def list_instances(
@@ -185,7 +188,8 @@ class CloudApi(Protocol):
         on_sent: OnSent = None,
         may_send: MaySend = None,
     ) -> InstancePage | Failure:
-        """``GET /v3/{project_id}/instances?offset&limit[&name]`` (limit 1-100), with ``total_count``."""
+        """``GET /v3/{project_id}/instances?offset&limit[&name]`` (limit 1-100), with ``total_count``
+        (docs/api-contract.md, section 4)."""
         ...
 
     async def list_proxies(
@@ -197,5 +201,6 @@ class CloudApi(Protocol):
         on_sent: OnSent = None,
         may_send: MaySend = None,
     ) -> ProxyPage | Failure:
-        """``GET /v3/{project_id}/instances/{instance_id}/proxies?offset&limit`` (limit 1-100)."""
+        """``GET /v3/{project_id}/instances/{instance_id}/proxies?offset&limit`` (limit 1-100;
+        docs/api-contract.md, section 3)."""
         ...

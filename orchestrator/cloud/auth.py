@@ -89,20 +89,28 @@ class IamUnavailable(AuthError):
 
 @runtime_checkable
 class Credentials(Protocol):
+    """A credential provider: what the client asks for each attempt's authentication headers and, on a
+    401, whether a resend may help. ``name`` names the kind in logs (``aksk``, ``iam-password``,
+    ``token``, ``none``), never the secret."""
+
     name: str
 
     async def headers_for(
         self, scope: Scope, method: str, url: str, headers: Mapping[str, str], body: bytes
     ) -> dict[str, str]:
         """Headers to add to this attempt (send ``{**headers, **result}``; ``headers`` must not already
-        hold any of the returned names)."""
+        hold any of the returned names). ``url`` is the full URL with its query, ``body`` the exact bytes
+        sent. Raises ``AuthError`` when no usable credential can be had (refused, misconfigured) and
+        ``IamUnavailable`` when a token cannot be fetched now (the client then sends nothing)."""
         ...
 
     async def on_unauthorized(self, scope: Scope, sent_headers: Mapping[str, str]) -> bool:
         """A 401 came back for a request sent with ``sent_headers``: True if resending once may succeed."""
         ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Release what the provider holds (an HTTP session it opened itself); safe to call twice."""
+        ...
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -118,12 +126,15 @@ class NoAuth:
     async def headers_for(
         self, scope: Scope, method: str, url: str, headers: Mapping[str, str], body: bytes
     ) -> dict[str, str]:
+        """No headers."""
         return {}
 
     async def on_unauthorized(self, scope: Scope, sent_headers: Mapping[str, str]) -> bool:
+        """False: there is nothing to renew."""
         return False
 
     async def aclose(self) -> None:
+        """Nothing to release."""
         return None
 
     def __repr__(self) -> str:
@@ -143,12 +154,15 @@ class StaticToken:
     async def headers_for(
         self, scope: Scope, method: str, url: str, headers: Mapping[str, str], body: bytes
     ) -> dict[str, str]:
+        """The token as ``X-Auth-Token`` (docs/api-contract.md, Common: headers)."""
         return {_TOKEN_HEADER: self._token.reveal()}
 
     async def on_unauthorized(self, scope: Scope, sent_headers: Mapping[str, str]) -> bool:
+        """False: the token cannot be renewed, the 401 is final."""
         return False
 
     async def aclose(self) -> None:
+        """Nothing to release."""
         return None
 
     def __repr__(self) -> str:
@@ -177,6 +191,10 @@ class AkSk:
     async def headers_for(
         self, scope: Scope, method: str, url: str, headers: Mapping[str, str], body: bytes
     ) -> dict[str, str]:
+        """The signature headers for this attempt, dated now on ``clock``: ``X-Sdk-Date``, ``Host``,
+        ``X-Project-Id``, ``X-Security-Token`` for temporary keys, and ``Authorization`` (the steps of
+        docs/api-contract.md, Authentication; ``signer.sign_request``). Only headers not already sent with
+        the same value are returned."""
         signed = sign_request(
             self.ak,
             self._sk.reveal(),
@@ -191,9 +209,11 @@ class AkSk:
         return {name: value for name, value in signed.items() if headers.get(name) != value}
 
     async def on_unauthorized(self, scope: Scope, sent_headers: Mapping[str, str]) -> bool:
+        """False: a signature cannot be renewed (see the class docstring)."""
         return False
 
     async def aclose(self) -> None:
+        """Nothing to release."""
         return None
 
     def __repr__(self) -> str:
@@ -305,6 +325,9 @@ class IamPassword:
         )
 
     def iam_base_url(self, scope: Scope) -> str:
+        """The IAM base URL for ``scope`` (no trailing ``/``): the explicit endpoint (a string, or a
+        function of the scope) when given, else the region's IAM endpoint. Raises ``AuthError`` when
+        neither an endpoint nor a region is known."""
         if callable(self._iam_endpoint):
             base = self._iam_endpoint(scope)
         elif self._iam_endpoint is not None:
@@ -318,9 +341,15 @@ class IamPassword:
     async def headers_for(
         self, scope: Scope, method: str, url: str, headers: Mapping[str, str], body: bytes
     ) -> dict[str, str]:
+        """The scope's cached token as ``X-Auth-Token``, exchanged first when there is none or it is due
+        for renewal. A failed renewal (``IamUnavailable``) keeps a token with more than a minute left and
+        tries again 30 s later; without one it raises. Raises ``AuthError`` when IAM refuses the user."""
         return {_TOKEN_HEADER: (await self._current_token(scope)).value.reveal()}
 
     async def on_unauthorized(self, scope: Scope, sent_headers: Mapping[str, str]) -> bool:
+        """A 401 for a request sent with ``sent_headers``: unless another worker already replaced the
+        refused token, exchange a new one now. True (resend once) when a token was sent; False for a
+        request without one. Raises as ``headers_for`` does when the exchange fails."""
         sent = _header(sent_headers, _TOKEN_HEADER)
         if sent is None:
             return False
@@ -338,6 +367,7 @@ class IamPassword:
         return True
 
     async def aclose(self) -> None:
+        """Close the IAM session this provider opened itself (not one it was given); safe to call twice."""
         session, self._owned_session = self._owned_session, None
         if session is not None:
             await session.close()

@@ -140,8 +140,9 @@ async def _on_headers_sent(_session: aiohttp.ClientSession, ctx: SimpleNamespace
 
 def make_session(*, ca_bundle: str | None = None, verify: bool = True) -> aiohttp.ClientSession:
     """The process's one ClientSession: TLS verified (optionally against a private CA), proxies from
-    HTTPS_PROXY/NO_PROXY (trust_env), and the trace hook that tells whether a request left. A
-    ``CloudClient`` accepts only sessions made here (without the hook every failure would look unsent)."""
+    HTTPS_PROXY/NO_PROXY (resolved per host by ``proxy_for``: the session's own ``trust_env`` is off),
+    and the trace hook that tells whether a request left. A ``CloudClient`` accepts only sessions made
+    here (without the hook every failure would look unsent)."""
     ssl_ctx: ssl.SSLContext | bool = verify
     if verify and ca_bundle:
         ssl_ctx = ssl.create_default_context(cafile=ca_bundle)
@@ -198,7 +199,9 @@ class CloudClient:
     ``session`` must come from ``make_session`` (raises ``ValueError`` otherwise); ``credentials``
     give each attempt's auth headers; ``timeout`` (s) bounds a whole call including reading the answer,
     ``connect_timeout`` (s) the TCP connect; ``clock`` receives every answer's ``Date`` (a new
-    ``CloudClock`` on ``time.time`` by default)."""
+    ``CloudClock`` on ``time.time`` by default). A credential that cannot be had comes back as a value
+    too: IAM unreachable as ``TransportFailure(CONNECT, sent=False)``, refused or misconfigured as
+    ``HttpFailure(401, "IAM.AUTH")``; nothing was sent to the service in either case."""
 
     def __init__(
         self,

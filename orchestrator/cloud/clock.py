@@ -43,6 +43,8 @@ _LAST_DATE: list[tuple[str, float | None]] = [("", None)]
 
 
 def parse_http_date(value: str | None) -> float | None:
+    """An HTTP ``Date`` header (RFC 9110 section 5.6.7) as epoch seconds, UTC; None when absent or
+    unreadable. IMF-fixdate and the obsolete forms ``email.utils`` reads; no zone means UTC."""
     # answers within one second share their Date header: parse each distinct value once
     if value is not None and value == _LAST_DATE[0][0]:
         return _LAST_DATE[0][1]

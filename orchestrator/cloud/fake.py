@@ -104,6 +104,9 @@ def loop_clock(epoch: float = DEFAULT_EPOCH) -> Clock:
 
 
 class FaultKind(enum.StrEnum):
+    """What an injected ``Fault`` does to one call (the table in the module docstring; ``PASS``: the
+    call is answered normally, after any delay)."""
+
     PASS = "pass"
     LOST = "lost"
     HTTP = "http"

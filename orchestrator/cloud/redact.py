@@ -38,6 +38,7 @@ class Secret:
         self._value = value
 
     def reveal(self) -> str:
+        """The secret itself: only for the header or body it is sent in, never for text."""
         return self._value
 
     def __repr__(self) -> str:

@@ -94,6 +94,9 @@ class Match:
             object.__setattr__(self, "_regex", re.compile(self.message, re.IGNORECASE))
 
     def matches(self, s: Subject) -> bool:
+        """Whether every key this match names matches ``s`` (a key the subject lacks never matches):
+        statuses by pattern, error codes by case-sensitive glob, the message by case-insensitive regex
+        search, workflow statuses case-insensitively, the rest by equality."""
         return all(
             (
                 self.stage is None or s.stage in self.stage,
@@ -152,6 +155,7 @@ class Policy:
 
     @classmethod
     def default(cls) -> Policy:
+        """The built-in rules (``DEFAULT_RULES``: docs/policy.md's table) with the default backoff."""
         return cls(rules=DEFAULT_RULES, backoff=Backoff())
 
     def first_match(self, subject: Subject) -> Rule:

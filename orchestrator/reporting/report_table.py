@@ -43,6 +43,7 @@ class ReportLayout:
 
     @classmethod
     def for_width(cls, width: int) -> ReportLayout:
+        """The layout for a console ``width`` characters wide (the thresholds of the class docstring)."""
         full = width >= 190
         wf_col = width >= 180
         took = width >= 92
@@ -59,6 +60,7 @@ class ReportLayout:
         )
 
     def columns(self, tz: Zone) -> list[Column]:
+        """The table's columns, the times' header naming the display zone ``tz``."""
         label = zone_label(tz)
         cols = [
             Column("proxy / name", self.id_width),
@@ -141,10 +143,12 @@ class ReportTablePrinter:
         self.rows = 0
 
     def add(self, row: ReportRow) -> None:
+        """Print one job's row now."""
         self.table.row(report_cells(row, self.layout, self.zone))
         self.rows += 1
 
     def close(self) -> int:
+        """Flush the output; returns the number of rows printed."""
         self.table.out.flush()
         return self.rows
 

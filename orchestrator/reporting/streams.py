@@ -155,6 +155,7 @@ class ReportWriter:
             self._csv.writerow(REPORT_CSV_COLUMNS)
 
     def add(self, row: ReportRow) -> None:
+        """Format one job's row; it is written with the next chunk (every ``_FLUSH_EVERY`` rows)."""
         if self._csv is not None:
             self._cells.append(_report_csv_cells(row, self.iso))
             pending = len(self._cells)
@@ -168,6 +169,7 @@ class ReportWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the rows formatted so far to ``out`` (errors of ``out`` propagate)."""
         if self._csv is not None:
             self._csv.writerows(self._cells)
             self._cells.clear()

@@ -45,11 +45,19 @@ class RunLike(Protocol):
     """Anything with a run's id, name and status (``RunInfo``, the store's ``RunRow``)."""
 
     @property
-    def id(self) -> int: ...
+    def id(self) -> int:
+        """The run's id."""
+        ...
+
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The run's name, printed literally."""
+        ...
+
     @property
-    def status(self) -> str: ...
+    def status(self) -> str:
+        """The run's status value (``RunStatus``)."""
+        ...
 
 
 _Status = TypeVar("_Status", bound=str)  # a status string or a JobStatus member

@@ -145,9 +145,12 @@ class Confirm:
 
     @property
     def prompt(self) -> str:
+        """The question for the terminal: ``continue with wave 2 (5 proxies)? [y/N]``."""
         return f"continue with wave {self.wave} ({_count(self.size, 'proxy', 'proxies')})? [y/N]"
 
     def declined(self) -> Stop:
+        """The stop when the operator said no or could not be asked: exit 3, run ``halted``, and a reason
+        that says how to go on (docs/scheduling.md)."""
         return Stop(
             f"wave {self.wave} ({_count(self.size, 'proxy', 'proxies')}) awaits confirmation: "
             "resume on a terminal to answer, or resume --yes",
@@ -160,6 +163,8 @@ Decision = Start | WaitUntil | Stop | Confirm
 
 
 class Phase(enum.StrEnum):
+    """Where an instant falls against the run's window (``window_phase``)."""
+
     NONE = "none"  # the run has no window
     OPEN = "open"  # inside an occurrence, before its end minus the cutoff
     CLOSING = "closing"  # inside an occurrence, after the cutoff: no new upgrade, tracking goes on

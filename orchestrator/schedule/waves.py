@@ -35,6 +35,8 @@ JobId = TypeVar("JobId")
 
 
 class WaveOrder(enum.StrEnum):
+    """``--order``: which jobs fill the early waves (see the module docstring)."""
+
     INVENTORY = "inventory"
     SHUFFLE = "shuffle"
     INSTANCE = "instance"
@@ -56,6 +58,7 @@ class WaveStep:
         return max(1, math.ceil(self.percent * total / 100))
 
     def describe(self) -> str:
+        """The entry in the ``--waves`` form, normalised: ``5``, ``25%``, ``12.5%``."""
         if self.count is not None:
             return str(self.count)
         assert self.percent is not None

@@ -92,10 +92,12 @@ class Interval:
 
     @property
     def local_start(self) -> datetime:
+        """``start`` in ``zone`` (for display)."""
         return self.start.astimezone(self.zone)
 
     @property
     def local_end(self) -> datetime:
+        """``end`` in ``zone`` (for display)."""
         return self.end.astimezone(self.zone)
 
     def describe(self) -> str:
@@ -139,9 +141,12 @@ class OneOffWindow(Window):
     length_text: str | None = field(default=None, compare=False)
 
     def current_or_next(self, now: datetime) -> Interval | None:
+        """The interval while it has not ended at ``now`` (aware), else None. Raises ``ValueError`` for a
+        naive ``now``."""
         return self.interval if _utc(now, "now") < self.interval.end else None
 
     def describe(self) -> str:
+        """``START/DURATION`` as written, or ``START/END``, both in the interval's offset."""
         start = self.interval.local_start.isoformat()
         if self.length_text is not None:
             return f"{start}/{self.length_text}"
@@ -149,9 +154,11 @@ class OneOffWindow(Window):
 
     @property
     def recurring(self) -> bool:
+        """False: a one-off window has no next occurrence once it is over."""
         return False
 
     def shortest(self) -> timedelta:
+        """The interval's real length."""
         return self.interval.length
 
 
@@ -168,6 +175,8 @@ class WeeklySlot:
 
     @property
     def wall_length(self) -> timedelta:
+        """The slot's length on the wall clock (a DST night makes the real one an hour longer or
+        shorter)."""
         minutes = self.end_minute - self.start_minute
         return timedelta(minutes=minutes if minutes > 0 else minutes + _MINUTES_PER_DAY)
 
@@ -178,6 +187,7 @@ class WeeklySlot:
         return Interval(ends[0], ends[1], self.zone) if ends is not None else None
 
     def describe(self) -> str:
+        """The slot in the weekly form, e.g. ``Sat 01:00-05:00 Asia/Shanghai``."""
         return (
             f"{_describe_days(self.days)} {_hhmm(self.start_minute)}-{_hhmm(self.end_minute)} {self.zone.key}"
         )
@@ -190,6 +200,8 @@ class WeeklyWindow(Window):
     slots: tuple[WeeklySlot, ...]
 
     def current_or_next(self, now: datetime) -> Interval | None:
+        """The merged occurrence containing ``now`` (aware), else the next one, in the zone of the slot
+        that opens it (DST as the module docstring says). Raises ``ValueError`` for a naive ``now``."""
         now = _utc(now, "now")
         found: list[tuple[datetime, datetime, ZoneInfo]] = []
         for slot in self.slots:
@@ -214,13 +226,16 @@ class WeeklyWindow(Window):
         return None  # not reached for a valid weekly window: it has an occurrence every week
 
     def describe(self) -> str:
+        """The slots in the weekly form, joined by ``; ``."""
         return "; ".join(slot.describe() for slot in self.slots)
 
     @property
     def recurring(self) -> bool:
+        """True: there is an occurrence every week."""
         return True
 
     def shortest(self) -> timedelta:
+        """The wall-clock length of the shortest slot (occurrences merged with a neighbour are longer)."""
         return min(slot.wall_length for slot in self.slots)
 
 

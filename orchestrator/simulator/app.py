@@ -58,12 +58,14 @@ class CallLog:
             self._file = Path(path).open("a", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
     def append(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` and, with a file, write it as one compact JSON line and flush."""
         self.records.append(record)
         if self._file is not None:
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
             self._file.flush()
 
     def close(self) -> None:
+        """Close the file, if any (the records stay in memory); safe to call twice."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -115,15 +117,19 @@ class SimulatorServer:
 
     @property
     def url(self) -> str:
+        """The base URL to use as the endpoint, ``http://HOST:PORT`` (the bound port once started)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
     @property
     def log(self) -> list[dict[str, Any]]:
+        """Every API call so far as a record (keys in docs/simulator.md), oldest first."""
         return self.call_log.records
 
     @property
     def stats(self) -> dict[str, Any]:
+        """Counters: calls in total and by route, answers by HTTP status, the most calls served at once
+        and those in flight now, tokens issued, auth failures, faults injected by kind, workflows made."""
         return {
             "total_calls": sum(self.calls.values()),
             "calls": dict(self.calls),
@@ -137,6 +143,9 @@ class SimulatorServer:
         }
 
     def build_app(self) -> web.Application:
+        """The aiohttp application: the contract's routes behind the gateway pipeline (auth, throttle,
+        faults, latency), ``POST /v3/auth/tokens`` (IAM), and the ``/_sim/`` routes (log, fleet, stats,
+        patch) for tests; any other path, through the same pipeline, a 404 ``APIGW.0101``."""
         app = web.Application(client_max_size=1 << 20)
         api: list[tuple[str, str, str, Route]] = [
             ("POST", "/v3/auth/tokens", "token", self._token),
@@ -159,6 +168,8 @@ class SimulatorServer:
         return app
 
     async def start(self) -> SimulatorServer:
+        """Listen on ``host``:``port`` (0: a free port, then in ``port``); returns self. Raises
+        ``OSError`` when the address cannot be bound."""
         # handler_cancellation: a client that gives up on a hung call must not leave a sleeping handler.
         runner = web.AppRunner(
             self.build_app(),
@@ -174,6 +185,8 @@ class SimulatorServer:
         return self
 
     async def close(self) -> None:
+        """Stop listening (handlers still running get ``shutdown_timeout`` seconds) and close the call
+        log's file."""
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -405,7 +418,7 @@ class SimulatorServer:
 
 
 class PatchError(ValueError):
-    pass
+    """A ``/_sim/patch`` body that cannot be applied (answered 400 with the message)."""
 
 
 def offset_clock(offset_s: float) -> Callable[[], float]:

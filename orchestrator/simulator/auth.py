@@ -24,10 +24,14 @@ _PREFIX = "Incorrect IAM authentication information: "
 
 @dataclass(frozen=True, slots=True)
 class Denial:
+    """Why the gateway refused a request: ``reason`` for the call log, ``message`` for the answer."""
+
     reason: str  # stable key for the call log: no_credentials, bad_token, expired_token, unknown_ak, ...
     message: str
 
     def reply(self) -> Reply:
+        """The gateway's answer: 401 ``APIGW.0301`` "Incorrect IAM authentication information: ..."
+        (docs/api-contract.md, Authentication)."""
         return error_reply(401, "APIGW.0301", _PREFIX + self.message)
 
 
@@ -64,6 +68,12 @@ class GatewayAuth:
         headers: Mapping[str, str],
         body: bytes,
     ) -> Denial | None:
+        """Judge one request's credentials as the mode allows (``none``, ``token``, ``aksk``, ``any``):
+        None when it may pass, else the ``Denial``. A token must be a static one or issued and unexpired;
+        a signature must parse, name a known and unlocked AK, carry an ``X-Sdk-Date`` within
+        ``max_skew_s`` of this clock, match (``raw_path`` as sent, ``query`` decoded, ``body`` the exact
+        bytes) and, for a temporary key, sign its security token. ``lock_after`` bad signatures in a row
+        lock the AK for ``lock_s`` seconds (docs/api-contract.md, Authentication)."""
         mode = self.spec.mode
         if mode == "none":
             return None

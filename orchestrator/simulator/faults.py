@@ -35,6 +35,8 @@ MALFORMED_BODIES: tuple[tuple[str, bytes], ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Fault:
+    """One drawn fault: its kind (a ``FaultSpec`` field name) and the variant that picks its details."""
+
     kind: FaultName
     variant: int  # picks the busy code / malformed body, drawn with the fault for reproducibility
 
@@ -48,9 +50,12 @@ class FaultInjector:
         self.injected: dict[str, int] = {}
 
     def replace(self, spec: FaultSpec) -> None:
+        """Use ``spec`` for later draws (``/_sim/patch``)."""
         self.spec = spec  # keep the RNG: the sequence continues, reproducible for the same patch order
 
     def draw(self, route: str) -> Fault | None:
+        """The fault for one call of ``route``, or None. Every call of a covered route takes one draw
+        (even one whose fault cannot happen on that route), so a seed replays the same faults."""
         if not self.spec.covers(route):
             return None
         u, variant = self._rng.random(), self._rng.randrange(1 << 16)
@@ -80,6 +85,9 @@ def fault_reply(fault: Fault, spec: FaultSpec) -> Reply | None:
 
 
 def throttled_reply(spec: FaultSpec, limit: int | None = None) -> Reply:
+    """The gateway's throttling answer: 429 ``APIGW.0308`` with the documented message ("limit:N,
+    time:1 second", N = ``limit`` or the spec's) and ``Retry-After`` when the spec sets one
+    (docs/api-contract.md, Rate limiting; 429 is inferred there)."""
     reply = error_reply(
         429,
         "APIGW.0308",
@@ -92,6 +100,8 @@ def throttled_reply(spec: FaultSpec, limit: int | None = None) -> Reply:
 
 
 def malformed_reply(fault: Fault) -> Reply:
+    """A 200 whose body is not the documented shape (truncated JSON, an HTML page, the wrong or an
+    unknown shape), picked by the fault's variant."""
     content_type, raw = MALFORMED_BODIES[fault.variant % len(MALFORMED_BODIES)]
     return Reply(200, None, {"Content-Type": content_type}, raw=raw)
 
@@ -104,6 +114,7 @@ class GatewayThrottle:
         self._recent: deque[float] = deque()
 
     def allow(self, now: float) -> bool:
+        """Whether a call at ``now`` (seconds) fits the limit; an allowed call is counted."""
         if self.limit is None:
             return True
         while self._recent and self._recent[0] <= now - 1.0:

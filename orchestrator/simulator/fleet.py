@@ -56,6 +56,7 @@ class Reply:
 
     @property
     def error_code(self) -> str | None:
+        """The body's ``error_code`` when it is the contract's error shape, else None."""
         if isinstance(self.body, dict):
             code = self.body.get("error_code")
             return code if isinstance(code, str) else None
@@ -63,10 +64,14 @@ class Reply:
 
 
 def error_reply(status: int, code: str, msg: str) -> Reply:
+    """An error answer in the contract's shape: ``{"error_code", "error_msg"}`` (docs/api-contract.md,
+    Common: errors)."""
     return Reply(status, {"error_code": code, "error_msg": msg})
 
 
 class BadRequest(Exception):
+    """A request the simulated cloud refuses; ``reply`` is the error answer to send."""
+
     def __init__(self, reply: Reply) -> None:
         super().__init__(reply.body)
         self.reply = reply
@@ -77,6 +82,7 @@ def _param_error(msg: str) -> BadRequest:
 
 
 def format_time(t: float) -> str:
+    """Epoch seconds as the simulated API writes times (``2026-12-05T01:00:03+0000``, UTC)."""
     return time.strftime(_TIME_FORMAT, time.gmtime(t))
 
 
@@ -93,6 +99,10 @@ class CallGroup:
 
 @dataclass(slots=True, eq=False)
 class Workflow:
+    """One upgrade workflow (one node of a proxy): ``Pending`` for ``pending_s``, ``Running`` for
+    ``running_s``, then its ``outcome`` (``hang``: never ends); visible to ``jobs?id=`` and
+    ``immediate-jobs`` ``visible_after_s`` after creation. Times are the fleet clock's epoch seconds."""
+
     id: str
     seq: int
     proxy: ProxyState
@@ -110,13 +120,16 @@ class Workflow:
 
     @property
     def natural_end(self) -> float:
+        """When it would end by its timings (even a hanging one)."""
         return self.created_at + self.pending_s + self.running_s
 
     @property
     def ends_at(self) -> float:
+        """When it ends: ``natural_end``, or infinity for a hanging one."""
         return math.inf if self.outcome == "hang" else self.natural_end
 
     def visible(self, now: float) -> bool:
+        """Whether the job APIs know it at ``now`` (before that: 400 ``DBS.200543``, as a new job)."""
         return now >= self.created_at + self.visible_after_s
 
     def status(self, now: float) -> tuple[str, str]:
@@ -133,11 +146,15 @@ class Workflow:
         return "Completed", "100%"
 
     def ended_at(self, now: float) -> float | None:
+        """When it ended, or None while it has not at ``now``."""
         return self.ends_at if now >= self.ends_at else None
 
 
 @dataclass(slots=True, eq=False)
 class InstanceState:
+    """One simulated instance: its proxies, and its unsettled workflows (while any runs, an upgrade call
+    on any of its proxies gets 409 busy)."""
+
     id: str
     name: str
     status: str
@@ -147,6 +164,9 @@ class InstanceState:
 
 @dataclass(slots=True, eq=False)
 class ProxyState:
+    """One simulated proxy: its versions now, its position in the scenario's script, and counts of the
+    upgrade calls it got and accepted."""
+
     spec: ProxySpec
     instance: InstanceState
     current_version: str
@@ -157,6 +177,7 @@ class ProxyState:
     workflows: list[Workflow] = field(default_factory=list)
 
     def next_step(self) -> ScriptStep | None:
+        """The script step the next upgrade call meets, or None when the script is used up."""
         script = self.spec.script
         return script[self.script_pos] if self.script_pos < len(script) else None
 
@@ -174,6 +195,10 @@ class UpgradeAnswer:
 
 
 class Fleet:
+    """The simulated cloud of one project, built from a ``Scenario``; ``clock`` gives epoch seconds
+    (``time.time``, or a virtual clock). Each API method answers as the contract's route does
+    (docs/api-contract.md) and never raises for a bad request: it returns the error ``Reply``."""
+
     def __init__(self, scenario: Scenario, clock: Clock = time.time) -> None:
         self.project_id = scenario.project_id
         self.speed = scenario.speed
@@ -370,6 +395,9 @@ class Fleet:
     # -- reads --------------------------------------------------------------------------------------
 
     def proxy_version(self, project_id: str, instance_id: str, proxy_id: str) -> Reply:
+        """``GET .../proxy-version`` (contract section 2): current and latest version, ``can_upgrade``
+        (the scenario's, else current < latest) and a ``risk`` block whose ``upgrade_duration`` is this
+        fleet's workflow time. 404/400 for an unknown instance or proxy."""
         self.settle()
         try:
             proxy = self._proxy(project_id, instance_id, proxy_id)
@@ -404,6 +432,8 @@ class Fleet:
         return f"about {round(seconds / 60)} minutes"
 
     def list_proxies(self, project_id: str, instance_id: str, query: Mapping[str, str]) -> Reply:
+        """``GET .../instances/{id}/proxies`` (contract section 3): one page (``offset``, ``limit``
+        1-100, default 100) of ``proxy_list``; 400 for a bad parameter, 404 for an unknown instance."""
         self.settle()
         try:
             inst = self._instance(project_id, instance_id)
@@ -415,6 +445,9 @@ class Fleet:
         return Reply(200, {"proxy_list": [_proxy_entry(p) for p in page]})
 
     def list_instances(self, project_id: str, query: Mapping[str, str]) -> Reply:
+        """``GET /instances`` (contract section 4): one page (``offset``, ``limit`` 1-100) filtered by
+        ``id``, ``name`` (substring) and ``datastore_type``, with ``total_count``; 400 for a bad
+        parameter."""
         try:
             offset = _int_param(query, "offset", 0, 0, 1 << 31)
             limit = _int_param(query, "limit", 100, 1, 100)
@@ -431,6 +464,8 @@ class Fleet:
         return Reply(200, {"instances": [_instance_entry(i) for i in page], "total_count": len(found)})
 
     def job(self, project_id: str, workflow_id: str | None) -> Reply:
+        """``GET /jobs?id=`` (contract section 5): the workflow's status, progress and times; 400
+        ``DBS.200543`` for an unknown id or one not visible yet."""
         now = self.settle()
         wf = self.workflows.get(workflow_id or "")
         if wf is None or project_id != self.project_id or not wf.visible(now):
@@ -456,6 +491,10 @@ class Fleet:
         )
 
     def immediate_jobs(self, project_id: str, query: Mapping[str, str]) -> Reply:
+        """``GET /immediate-jobs`` (contract section 6): visible workflows newest first, filtered by
+        ``start_time``/``end_time`` (``yyyy-mm-ddThh:mm:ssZ``, on creation time), ``status``,
+        ``job_id`` and ``job_name``; ``limit`` 10, 20 or 50 (default 10), with ``total_count``. 400 for a
+        bad parameter."""
         now = self.settle()
         try:
             offset = _int_param(query, "offset", 0, 0, 1 << 31)
@@ -491,6 +530,8 @@ class Fleet:
     # -- simulator-only -----------------------------------------------------------------------------
 
     def snapshot(self) -> list[dict[str, Any]]:
+        """Every proxy's state (``proxy_state`` plus its project, instance and proxy ids), settled at
+        the clock's now: what tests and the demo compare a run with."""
         now = self.settle()
         return [
             {
@@ -503,6 +544,8 @@ class Fleet:
         ]
 
     def proxy_state(self, proxy: ProxyState, now: float) -> dict[str, Any]:
+        """One proxy as JSON-ready values: versions, node count, scripted rejection and what is left of
+        the script, call counts, and each workflow's status at ``now``."""
         return {
             "current_version": proxy.current_version,
             "latest_version": proxy.latest_version,

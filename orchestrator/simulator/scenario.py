@@ -105,6 +105,11 @@ class ScriptStep(_Model):
 
 
 class ProxySpec(_Model):
+    """One proxy of the scenario's fleet: versions (None: the scenario's), nodes (one workflow each), how
+    its upgrade calls are answered (``reject`` on ``reject_nodes``, a fixed workflow outcome, a per-call
+    ``script``), and what the read APIs show (``status``; ``omit_instance_id`` drops ``instance_id`` from
+    its ``update_result`` items, as the contract allows)."""
+
     id: SimId
     name: str | None = None
     current_version: Version | None = None  # None: the scenario's current_version
@@ -129,6 +134,8 @@ class ProxySpec(_Model):
 
 
 class InstanceSpec(_Model):
+    """One instance: its id, name and status (as ``GET /instances`` shows them) and its proxies."""
+
     id: SimId
     name: str | None = None
     status: str = "ACTIVE"
@@ -163,6 +170,8 @@ class GenerateSpec(_Model):
 
 
 class FleetSpec(_Model):
+    """The fleet: explicit ``instances`` and/or a seeded ``generate`` block (generated ones come after)."""
+
     instances: list[InstanceSpec] = Field(default_factory=list)
     generate: GenerateSpec | None = None
 
@@ -218,16 +227,21 @@ class FaultSpec(_Model):
         return self
 
     def covers(self, route: str) -> bool:
+        """Whether calls of ``route`` draw faults (``routes`` names it, or ``all``)."""
         return "all" in self.routes or route in self.routes
 
 
 class UserSpec(_Model):
+    """An IAM user the simulated ``POST /v3/auth/tokens`` accepts: name, domain, password."""
+
     name: str
     domain: str
     password: SecretStr
 
 
 class KeySpec(_Model):
+    """An AK/SK pair the simulated gateway accepts (with the STS token it expects, for temporary keys)."""
+
     ak: str = Field(min_length=1)
     sk: SecretStr
     # Temporary (STS) keys: the gateway also wants this X-Security-Token, signed with the request.
@@ -248,6 +262,11 @@ class AuthSpec(_Model):
 
 
 class Scenario(_Model):
+    """Everything the simulated cloud does: ``seed`` (ids, outcomes and faults are reproducible),
+    ``speed`` (scenario seconds per real second), project id, versions, added latency, the cloud's clock
+    offset, workflow timings, the fleet, faults and the gateway's auth. docs/simulator.md describes the
+    keys; loading errors are ``ScenarioError``."""
+
     seed: int = 0
     speed: float = Field(default=1.0, gt=0)
     project_id: str = ""  # empty: derived from seed
@@ -280,11 +299,15 @@ class Scenario(_Model):
 
     @classmethod
     def load(cls, path: str | Path) -> Scenario:
+        """The scenario in the YAML file at ``path``. Raises ``OSError`` when it cannot be read and
+        ``ScenarioError`` when it is not a valid scenario."""
         text = Path(path).read_text(encoding="utf-8")
         return cls.from_yaml(text, source=str(path))
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<scenario>") -> Scenario:
+        """Parse scenario YAML (duplicate keys refused; empty text is the default scenario). Raises
+        ``ScenarioError`` naming ``source``."""
         try:
             data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:
@@ -297,6 +320,8 @@ class Scenario(_Model):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<scenario>") -> Scenario:
+        """Validate a scenario mapping. Raises ``ScenarioError``: ``source``, the first problem's key path
+        and message, and how many more there are."""
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -410,10 +435,13 @@ def generate_scenario(n_proxies: int, seed: int, **knobs: Any) -> Scenario:
 
 
 def bundled_scenario_text(name: str = "demo.yaml") -> str:
+    """The text of a scenario shipped in ``orchestrator/simulator/scenarios``. Raises
+    ``FileNotFoundError`` for an unknown ``name``."""
     return resources.files("orchestrator.simulator").joinpath("scenarios", name).read_text("utf-8")
 
 
 def load_bundled(name: str = "demo.yaml") -> Scenario:
+    """A bundled scenario, parsed (see ``bundled_scenario_text``)."""
     return Scenario.from_yaml(bundled_scenario_text(name), source=f"<bundled {name}>")
 
 

@@ -150,7 +150,10 @@ def search_window(
 
 
 async def run_reconcile(rt: Runtime, job: JobRow) -> None:
-    """Settle one ``unknown`` job: accepted (tracking follows), flagged, or resent after it settled."""
+    """Settle one ``unknown`` job: accepted (tracking follows), flagged, or resent after it settled
+    (see the module docstring); rescheduled while a read fails or the settle time has not passed. Cloud
+    failures are outcomes for the policy; store errors propagate (``DatabaseUnavailable`` once the outage
+    budget is spent)."""
     attempts, workflows = await rt.store.attempts_and_workflows(job.id)
     last = attempts[-1] if attempts else None
     async with rt.permit("proxy_version") as on_sent:

@@ -94,7 +94,9 @@ async def _poll(rt: Runtime, job: JobRow, w: WorkflowRow) -> WorkflowInfo | None
 
 
 async def run_track(rt: Runtime, job: JobRow) -> None:
-    """Poll the job's open workflows; when all ended, decide (failed, partial) or run the postflight."""
+    """Poll the job's open workflows; when all ended, decide (failed, partial) or run the postflight;
+    otherwise look again after ``poll_interval`` seconds, flagging a job whose workflows outlive
+    ``poll_timeout``. Cloud failures are outcomes for the policy; store errors propagate."""
     rows = current_round(await rt.store.workflows_of(job.id))
     accepted_at = min((w.created_at for w in rows if w.state == "ACCEPT"), default=job.updated_at)
     await poll_open_workflows(rt, job, rows)

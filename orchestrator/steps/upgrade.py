@@ -69,7 +69,8 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
                 rt,
                 job,
                 rt.options.poll_interval,
-                reason=f"waiting for workflow {running.workflow_id} ({running.job_status or 'not yet visible'}) "
+                reason=f"waiting for workflow {running.workflow_id} "
+                f"({running.job_status or 'not yet visible'}) "
                 "before sending again",
             )
             return None

@@ -93,6 +93,9 @@ def migrations_dir() -> Path:
 
 
 def alembic_config(connection: Connection | None = None) -> Any:
+    """An Alembic ``Config`` on this installation's migrations; with ``connection``, ``env.py`` migrates
+    over it (inside the running loop, the cookbook recipe) instead of opening its own. Raises
+    ``FileNotFoundError`` when the migrations are not installed."""
     from alembic.config import Config  # Alembic is only needed when migrating: keep start-up light
 
     cfg = Config()
@@ -123,6 +126,7 @@ async def ensure_current(engine: AsyncEngine) -> None:
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    """Migrate the job table up to ``revision`` in one transaction (Alembic's errors propagate)."""
     from alembic import command
 
     def _run(conn: Connection) -> None:
@@ -133,6 +137,7 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
 
 
 async def downgrade(engine: AsyncEngine, revision: str) -> None:
+    """Migrate the job table down to ``revision`` in one transaction (for the migration tests)."""
     from alembic import command
 
     def _run(conn: Connection) -> None:
@@ -143,6 +148,7 @@ async def downgrade(engine: AsyncEngine, revision: str) -> None:
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:
+    """The revision Alembic sees as current (None: not migrated yet)."""
     from alembic.runtime.migration import MigrationContext
 
     def _rev(conn: Connection) -> str | None:

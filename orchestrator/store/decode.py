@@ -30,6 +30,8 @@ WORKER_COLS = "id, run_id, role, host, pid, started_at, heartbeat_at, lease_expi
 
 
 def job_row(r: tuple[Any, ...]) -> JobRow:
+    """A ``JobRow`` from a driver tuple selected in ``JOB_COLS`` order (timestamps made aware UTC, statuses
+    made enums). Raises ``ValueError`` for a status the enums do not know."""
     return JobRow(
         id=r[0],
         run_id=r[1],
@@ -62,6 +64,8 @@ def job_row(r: tuple[Any, ...]) -> JobRow:
 
 
 def run_row(r: tuple[Any, ...]) -> RunRow:
+    """A ``RunRow`` from a driver tuple selected in ``RUN_COLS`` order (timestamps made aware UTC, statuses
+    made enums). Raises ``ValueError`` for a status the enums do not know."""
     return RunRow(
         id=r[0],
         name=r[1],
@@ -79,6 +83,7 @@ def run_row(r: tuple[Any, ...]) -> RunRow:
 
 
 def attempt_row(r: tuple[Any, ...]) -> AttemptRow:
+    """A ``AttemptRow`` from a driver tuple selected in ``ATTEMPT_COLS`` order (timestamps made aware UTC)."""
     return AttemptRow(
         id=r[0],
         job_id=r[1],
@@ -98,6 +103,8 @@ def attempt_row(r: tuple[Any, ...]) -> AttemptRow:
 
 
 def workflow_row(r: tuple[Any, ...]) -> WorkflowRow:
+    """A ``WorkflowRow`` from a driver tuple selected in ``WORKFLOW_COLS`` order (timestamps made
+    aware UTC)."""
     return WorkflowRow(
         id=r[0],
         job_id=r[1],
@@ -117,6 +124,7 @@ def workflow_row(r: tuple[Any, ...]) -> WorkflowRow:
 
 
 def worker_row(r: tuple[Any, ...]) -> WorkerRow:
+    """A ``WorkerRow`` from a driver tuple selected in ``WORKER_COLS`` order (timestamps made aware UTC)."""
     return WorkerRow(
         id=r[0],
         run_id=r[1],

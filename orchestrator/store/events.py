@@ -34,6 +34,7 @@ class Actor:
 
 @cache
 def this_actor() -> Actor:
+    """This process's OS user (the numeric uid when it has no name), host name and pid; read once."""
     try:
         user = getpass.getuser()
     except Exception:  # no passwd entry in a container: the numeric uid still says who
@@ -53,6 +54,8 @@ def event_values(
     reason: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The parameters of one ``events`` row: stamped with the transaction's clock (``tx.now``) and this
+    process's actor, ``detail`` as JSON."""
     a = this_actor()
     return {
         "at": tx.ts(tx.now),
@@ -91,6 +94,7 @@ async def flush(tx: Tx) -> None:
 
 
 async def append_many(tx: Tx, rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` (each from :func:`event_values`) now, in one statement, whatever ``tx`` buffers."""
     await tx.executemany(_INSERT, rows)
 
 

@@ -32,6 +32,12 @@ T = TypeVar("T")
 
 
 class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
+    """The job table of one process: the named operations of the mixins (runs, workers, jobs, permits),
+    each a transaction committed through one group-commit writer, and short read connections for the
+    report queries. Made by ``open_store``; ``close`` it. Every operation raises ``DatabaseUnavailable``
+    once an outage lasted ``outage_timeout`` seconds, and the op's own error for a bug or a constraint.
+    Times given and returned are aware UTC datetimes on the job table's clock (``db_now``)."""
+
     def __init__(
         self,
         url: str,
@@ -59,6 +65,7 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
 
     @property
     def is_postgres(self) -> bool:
+        """Whether the job table is on PostgreSQL (else a SQLite file)."""
         return self.dialect == "postgresql"
 
     @property
@@ -68,9 +75,12 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
         return self._db_offset
 
     def db_now(self) -> datetime:
+        """The job table's clock now (aware UTC): this host's clock (or the injected ``clock``) plus
+        ``db_offset_s``, as measured at the latest commit."""
         return self._clock() + timedelta(seconds=self._db_offset)
 
     def set_outage_hook(self, hook: OutageHook | None) -> None:
+        """Call ``hook(event, cause)`` when an outage starts (``db.down``) and ends (``db.recovered``)."""
         self.writer.set_outage_hook(hook)
 
     async def _submit(self, op: Op[T], *, urgent: bool = False) -> T:
@@ -87,9 +97,11 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
         return await self.writer.submit(timed, urgent=urgent)
 
     async def start(self) -> None:
+        """Start the writer task (``open_store`` does)."""
         self.writer.start()
 
     async def close(self) -> None:
+        """Commit what is queued, then close the driver connections and SQLAlchemy's engine if made."""
         await self.writer.close()
         await self._backend.close()
         if self._engine is not None:

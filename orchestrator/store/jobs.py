@@ -78,6 +78,8 @@ def _move_values(tx: Tx, move: Move) -> tuple[str, dict[str, Any]]:
 async def insert_workflows(
     tx: Tx, job_id: int, attempt_id: int | None, workflows: Sequence[NewWorkflow]
 ) -> None:
+    """Insert one ``workflows`` row per item for the job (attached to ``attempt_id`` when given), created
+    at the transaction's clock; nothing for an empty sequence."""
     if not workflows:
         return
     now = tx.ts(tx.now)
@@ -305,7 +307,8 @@ class JobOps:
                 # with siblings of busy instances and starve the instances listed after them
                 has_room, room_params = _has_room_sql(track, tx.dialect)
                 cands = await tx.fetch(
-                    "SELECT id, project_id, instance_id FROM jobs WHERE run_id = :run AND status = 'retry_wait'"
+                    "SELECT id, project_id, instance_id FROM jobs"
+                    " WHERE run_id = :run AND status = 'retry_wait'"
                     f" AND next_attempt_at <= :now AND {free} AND {has_room}"
                     " ORDER BY next_attempt_at LIMIT :lim",
                     {"run": run_id, "now": nts, "lim": room * 2, "per": per_instance, **room_params},
@@ -355,9 +358,13 @@ class JobOps:
         return result
 
     async def release(self, job_id: int, worker_id: str) -> None:
+        """Give back ``worker_id``'s claim on the job: no status move, due time unchanged; nothing
+        happens when another process holds it."""
+
         async def op(tx: Tx) -> None:
             await tx.execute(
-                "UPDATE jobs SET claimed_by = NULL, lease_expires_at = NULL WHERE id = :id AND claimed_by = :me",
+                "UPDATE jobs SET claimed_by = NULL, lease_expires_at = NULL"
+                " WHERE id = :id AND claimed_by = :me",
                 {"id": job_id, "me": worker_id},
             )
 
@@ -461,7 +468,10 @@ class JobOps:
         return result
 
     async def move(self, job: JobRow, move: Move, *, worker_id: str | None) -> bool:
-        """Apply one guarded move (see :func:`apply_move`)."""
+        """Apply one guarded move in its own commit (see :func:`apply_move`: guarded on ``move.frm`` and,
+        with ``worker_id``, on that process's claim; the attempt's answer, the workflows and the event in
+        the same commit). Returns whether it won. Raises ``IllegalMove`` before anything is queued for a
+        move the state table forbids, and ``ValueError`` for a column a move may not set."""
         check_move(move.frm, move.to)
 
         async def op(tx: Tx) -> bool:
@@ -557,6 +567,8 @@ class JobOps:
     async def attach_workflows(
         self, job: JobRow, attempt_id: int | None, workflows: Sequence[NewWorkflow]
     ) -> None:
+        """Record workflows of the job (attached to ``attempt_id`` when given) without moving it."""
+
         async def op(tx: Tx) -> None:
             await insert_workflows(tx, job.id, attempt_id, workflows)
 
@@ -690,6 +702,8 @@ class JobOps:
 
     # ----------------------------------------------------------------------------------------- reads
     async def get_job(self, job_id: int) -> JobRow | None:
+        """The job with this id, or None."""
+
         async def op(tx: Tx) -> JobRow | None:
             r = await tx.fetchone(f"SELECT {JOB_COLS} FROM jobs WHERE id = :id", {"id": job_id})
             return job_row(r) if r else None
@@ -700,6 +714,9 @@ class JobOps:
     async def jobs(
         self, run_id: int, statuses: Iterable[JobStatus] | None = None, *, limit: int = 100_000
     ) -> list[JobRow]:
+        """The run's jobs (only those in ``statuses`` when given), in id (inventory) order, at most
+        ``limit``."""
+
         async def op(tx: Tx) -> list[JobRow]:
             where = "run_id = :run"
             params: dict[str, Any] = {"run": run_id, "lim": limit}
@@ -714,6 +731,7 @@ class JobOps:
         return result
 
     async def first_job(self, run_id: int, statuses: Iterable[JobStatus]) -> JobRow | None:
+        """The run's lowest-id job in one of ``statuses``, or None."""
         found = await self.jobs(run_id, statuses, limit=1)
         return found[0] if found else None
 
@@ -722,6 +740,8 @@ class JobOps:
         return {(j.project_id, j.instance_id, j.proxy_id): j for j in await self.jobs(run_id)}
 
     async def attempts(self, job_id: int) -> list[AttemptRow]:
+        """The job's upgrade calls, by number (first call first)."""
+
         async def op(tx: Tx) -> list[AttemptRow]:
             rows = await tx.fetch(
                 f"SELECT {ATTEMPT_COLS} FROM attempts WHERE job_id = :j ORDER BY number", {"j": job_id}
@@ -732,6 +752,8 @@ class JobOps:
         return result
 
     async def workflows_of(self, job_id: int) -> list[WorkflowRow]:
+        """The job's workflow rows, in the order they were recorded."""
+
         async def op(tx: Tx) -> list[WorkflowRow]:
             rows = await tx.fetch(
                 f"SELECT {WORKFLOW_COLS} FROM workflows WHERE job_id = :j ORDER BY id", {"j": job_id}
@@ -800,6 +822,8 @@ class JobOps:
         return result
 
     async def active_count(self, run_id: int, *, track: bool) -> int:
+        """How many jobs of the run are still active (``states.ACTIVE``; ``accepted`` counts only when
+        ``track``, i.e. without ``--no-wait``): 0 means the run is finished."""
         active = [s.value for s in ACTIVE if track or s is not JobStatus.ACCEPTED]
 
         async def op(tx: Tx) -> int:

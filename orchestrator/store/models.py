@@ -42,6 +42,8 @@ TS = DateTime(timezone=True)
 
 
 class Base(DeclarativeBase):
+    """The declarative base: one ``MetaData`` with stable constraint names (``NAMING``)."""
+
     metadata = MetaData(naming_convention=NAMING)
 
 
@@ -55,6 +57,8 @@ RUN_STATUS_CHECK = _one_of("status", [s.value for s in RunStatus])
 
 
 class Run(Base):
+    """One run: an inventory file applied with its options (docs/schema.md)."""
+
     __tablename__ = "runs"
     __table_args__ = (CheckConstraint(RUN_STATUS_CHECK, name="status"),)
 
@@ -76,6 +80,9 @@ class Run(Base):
 
 
 class Job(Base):
+    """One proxy of one run: its target, its status (docs/states.md), its claim and what the cloud said
+    (docs/schema.md)."""
+
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("run_id", "project_id", "instance_id", "proxy_id"),
@@ -142,7 +149,9 @@ class Attempt(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_msg: Mapped[str | None] = mapped_column(Text)
     request_id: Mapped[str | None] = mapped_column(String(128))
-    # in_flight | accepted | retry | flag | fail | skip | reconcile | stop_run | lost (answer never came)
+    # in_flight | accepted | retry | flag | fail | skip | reconcile | stop_run, then after reconcile
+    # reconciled (its workflow found) | lost (the answer never came and no workflow was found), or
+    # not_sent (the fence stopped it): docs/states.md
     outcome: Mapped[str] = mapped_column(String(20))
     rule: Mapped[str | None] = mapped_column(String(200))
     transport: Mapped[str | None] = mapped_column(String(20))

@@ -50,7 +50,8 @@ class PermitOps:
             in_window = int(row[0]) if row else 0
             if in_window >= count:
                 oldest = await tx.fetchone(
-                    "SELECT at FROM send_log WHERE run_id = :run AND at > :ws ORDER BY at LIMIT 1 OFFSET :skip",
+                    "SELECT at FROM send_log WHERE run_id = :run AND at > :ws"
+                    " ORDER BY at LIMIT 1 OFFSET :skip",
                     {"run": run_id, "ws": ws, "skip": in_window - count},
                 )
                 at = aware(oldest[0]) if oldest else None
@@ -99,7 +100,7 @@ class PermitOps:
         return (ids[0], 0.0) if ids else (None, wait)
 
     async def release_send_slots(self, slot_ids: list[int]) -> None:
-        """Mark permits done (their calls answered), in one statement."""
+        """Mark permits done (their calls answered), in one transaction (a statement per 500 ids)."""
         if not slot_ids:
             return
 
@@ -113,6 +114,8 @@ class PermitOps:
         await self._submit(op)
 
     async def release_send_slot(self, slot_id: int) -> None:
+        """Mark one permit done (see ``release_send_slots``)."""
+
         async def op(tx: Tx) -> None:
             await tx.execute(
                 "UPDATE send_log SET done_at = :now WHERE id = :id", {"now": tx.ts(tx.now), "id": slot_id}

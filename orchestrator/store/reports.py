@@ -313,10 +313,12 @@ class RunSummary:
 
     @property
     def jobs(self) -> int:
+        """All the run's jobs."""
         return sum(self.counts.values())
 
     @property
     def needs_operator(self) -> int:
+        """Jobs flagged or failed: what an operator must look at."""
         return self.counts.get("flagged", 0) + self.counts.get("failed", 0)
 
 
@@ -691,10 +693,12 @@ class WaveProgress:
 
     @property
     def total(self) -> int:
+        """All jobs of the wave."""
         return sum(self.counts.values())
 
     @property
     def done(self) -> int:
+        """Jobs of the wave in a terminal status (succeeded, skipped, flagged, failed)."""
         return sum(n for s, n in self.counts.items() if s in ("succeeded", "skipped", "flagged", "failed"))
 
 

@@ -32,6 +32,10 @@ class NewJob:
 
 @dataclass(frozen=True, slots=True)
 class RunRow:
+    """One row of ``runs``: ``options`` is the stored ``RunOptions.to_dict()``; ``wave_open`` the highest
+    wave whose upgrades may start; ``failures_acked`` the breaker failures an operator acknowledged
+    (``resume --ack``). Columns: docs/schema.md."""
+
     id: int
     name: str
     inventory_path: str
@@ -48,6 +52,12 @@ class RunRow:
 
 @dataclass(frozen=True, slots=True)
 class JobRow:
+    """One row of ``jobs``: one proxy of one run. ``attempt_count`` counts upgrade calls recorded,
+    ``read_failures`` consecutive failed reads (preflight, reconcile, postflight); ``claimed_by`` and
+    ``lease_expires_at`` the claim; ``intent_deadline`` the moment after which the process that recorded
+    the latest intent never sends it; ``wave`` is 1-based. Times on the job table's clock. Columns:
+    docs/schema.md."""
+
     id: int
     run_id: int
     project_id: str
@@ -79,6 +89,11 @@ class JobRow:
 
 @dataclass(frozen=True, slots=True)
 class AttemptRow:
+    """One row of ``attempts``: one upgrade call, written (outcome ``in_flight``) before the request
+    leaves and completed by its answer. ``outcome`` values: docs/states.md; ``transport`` the
+    ``TransportKind`` of a failure below HTTP; ``cloud_offset_s`` the sender's measured offset of the
+    cloud's clock to the job table's (cloud = ``sent_at`` + offset), None when unmeasured."""
+
     id: int
     job_id: int
     number: int
@@ -97,6 +112,10 @@ class AttemptRow:
 
 @dataclass(frozen=True, slots=True)
 class WorkflowRow:
+    """One row of ``workflows``: an ``update_result`` item (``source`` ``answer``) or a workflow found by
+    reconcile (``reconciled``); ``state`` ACCEPT or REJECT; ``job_status``, ``progress`` and
+    ``fail_reason`` as the latest ``GET /jobs?id=`` gave them (docs/api-contract.md, section 5)."""
+
     id: int
     job_id: int
     attempt_id: int | None
@@ -115,6 +134,9 @@ class WorkflowRow:
 
 @dataclass(frozen=True, slots=True)
 class WorkerRow:
+    """One row of ``workers``: a process registered on a run (``role`` runner or worker; ``id`` is
+    ``host:pid:random``), its heartbeat and lease, ``left_at`` once it left, ``claimed`` jobs it claimed."""
+
     id: str
     run_id: int
     role: str
@@ -161,7 +183,8 @@ class Move:
     """One guarded job move: from ``frm`` (the status the mover saw) to ``to``, in one commit.
 
     ``fields`` names job columns (reason, hint, rule, next_attempt_at, current_version, latest_version,
-    risk, read_failures, counts_failure): the only columns a move may set. ``release`` drops the mover's
+    risk, read_failures, counts_failure, source_version, target_version: ``MOVE_FIELDS``): the only
+    columns a move may set. ``release`` drops the mover's
     claim. ``workflows`` are recorded with it (attached to ``attempt_id`` when given), and
     ``attempt_answer`` completes that attempt. Every move appends an event (``event_reason`` overrides
     the reason it records).

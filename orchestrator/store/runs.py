@@ -55,6 +55,8 @@ def _job_params(run_id: int, j: NewJob, tx: Tx, wave: int) -> dict[str, Any]:
 
 
 async def insert_jobs(tx: Tx, run_id: int, jobs: Iterable[NewJob], wave: int = 1) -> int:
+    """Insert ``jobs`` as pending rows of the run in ``wave``, 1000 rows a statement (the iterable is
+    consumed as it goes); returns how many were inserted."""
     n = 0
     rows: list[dict[str, Any]] = []
     for j in jobs:
@@ -173,6 +175,11 @@ class RunOps:
         return result
 
     async def set_run_status(self, run_id: int, status: RunStatus, reason: str | None = None) -> None:
+        """Set the run's status and its ``stop_reason`` (cleared when ``reason`` is None). ``running``
+        stamps ``started_at`` once and clears ``finished_at``; ``finished`` stamps ``finished_at``. A run
+        event is appended when the status changes or a reason is given. Not guarded: any status may
+        follow any other."""
+
         async def op(tx: Tx) -> None:
             values: dict[str, Any] = {
                 "st": status.value,
@@ -208,6 +215,9 @@ class RunOps:
         await self._submit(op)
 
     async def set_run_inventory(self, run_id: int, path: str, sha256: str) -> None:
+        """Record the inventory file the run now follows (absolute ``path``, hex SHA-256 of its
+        content), after a resume applied its changes. No event (the changes themselves are logged)."""
+
         async def op(tx: Tx) -> None:
             await tx.execute(
                 "UPDATE runs SET inventory_path = :p, inventory_sha256 = :s WHERE id = :id",
@@ -327,6 +337,8 @@ class RunOps:
         await self._submit(op)
 
     async def get_run(self, run_id: int) -> RunRow | None:
+        """The run with this id, or None."""
+
         async def op(tx: Tx) -> RunRow | None:
             row = await tx.fetchone(f"SELECT {RUN_COLS} FROM runs WHERE id = :id", {"id": run_id})
             return run_row(row) if row else None
@@ -353,6 +365,9 @@ class RunOps:
     async def latest_run(
         self, *, unfinished: bool = False, inventory_path: str | None = None
     ) -> RunRow | None:
+        """The newest run (highest id), only among unfinished ones (any status but finished) when
+        ``unfinished``, and of this inventory path when given; None when there is none."""
+
         async def op(tx: Tx) -> RunRow | None:
             where = ["1 = 1"]
             params: dict[str, Any] = {}
@@ -372,6 +387,9 @@ class RunOps:
     async def list_runs(
         self, *, limit: int = 20, since: datetime | None = None, statuses: Sequence[RunStatus] = ()
     ) -> list[RunRow]:
+        """Runs, newest first, at most ``limit``: created at or after ``since`` (aware) and in one of
+        ``statuses`` when given."""
+
         async def op(tx: Tx) -> list[RunRow]:
             where = ["1 = 1"]
             params: dict[str, Any] = {"lim": limit}
@@ -393,6 +411,8 @@ class RunOps:
         return result
 
     async def counts(self, run_id: int) -> dict[JobStatus, int]:
+        """The run's job counts by status, every status present (0 when it has none)."""
+
         async def op(tx: Tx) -> dict[JobStatus, int]:
             out = {st: 0 for st in JobStatus}
             for st, n in await tx.fetch(

@@ -8,9 +8,11 @@ parameters (sqlite3's own style) and rewritten to ``$n`` for asyncpg once per st
 
 SQLite: one connection in one dedicated thread (the writer), ``BEGIN IMMEDIATE`` per batch. An op never
 really suspends on SQLite (its awaits complete at once), so the thread drives each op's coroutine with a
-single ``send(None)``. PostgreSQL: one asyncpg connection per process for the writer, each batch in one
-transaction whose clock (``clock_timestamp()``) every comparison in the batch uses, so hosts with drifting
-clocks agree on leases and permits. Session timeouts bound what a stalled peer can cost (docs/postgres.md).
+single ``send(None)``. PostgreSQL: the writer's own asyncpg connections (``PgBackend.parallel``, 4 by
+default, so several batches commit at once), each batch in one transaction whose clock
+(``clock_timestamp()``, read once at its start) every comparison in the batch uses, so hosts with
+drifting clocks agree on leases and permits. Session timeouts bound what a stalled peer can cost
+(docs/postgres.md).
 
 Errors: ``DatabaseDown`` when the database cannot be used right now (connection refused or lost, the
 file locked past the busy timeout, a full disk, a read-only file, a lock wait timed out); the writer
@@ -59,23 +61,38 @@ class Tx(Protocol):
     dialect: str
     now: datetime
 
-    async def execute(self, sql: str, params: Params = None) -> int: ...
+    async def execute(self, sql: str, params: Params = None) -> int:
+        """Run one statement (``:name`` parameters); returns the rows it changed as the driver counts
+        them (0 when it reports none)."""
+        ...
 
-    async def executemany(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None: ...
+    async def executemany(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run one statement once per parameter mapping of ``rows``."""
+        ...
 
-    async def fetch(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]: ...
+    async def fetch(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
+        """Every row of a query, as tuples in column order."""
+        ...
 
-    async def fetchone(self, sql: str, params: Params = None) -> tuple[Any, ...] | None: ...
+    async def fetchone(self, sql: str, params: Params = None) -> tuple[Any, ...] | None:
+        """The first row of a query, or None."""
+        ...
 
-    def ts(self, value: datetime | None) -> Any: ...
+    def ts(self, value: datetime | None) -> Any:
+        """A datetime as this driver binds a timestamp (SQLite: naive UTC text in SQLAlchemy's format,
+        so text order is time order; PostgreSQL: the aware datetime); None stays None."""
+        ...
 
-    def json(self, value: Any) -> Any: ...
+    def json(self, value: Any) -> Any:
+        """A value as this driver binds a JSON column (JSON text); None stays None (SQL NULL)."""
+        ...
 
 
 Op = Callable[[Tx], Awaitable[T]]
 
 
 def utcnow() -> datetime:
+    """This host's clock now, as an aware UTC datetime."""
     return datetime.now(UTC)
 
 
@@ -91,6 +108,7 @@ def aware(value: Any) -> datetime | None:
 
 
 def from_json(value: Any) -> Any:
+    """A JSON column's value: parsed when the driver hands back text, else as it came (None stays None)."""
     return json.loads(value) if isinstance(value, str) else value
 
 
@@ -170,6 +188,8 @@ _SQLITE_DOWN = (
 
 
 def sqlite_down(exc: sqlite3.Error) -> DatabaseDown | None:
+    """The ``DatabaseDown`` a SQLite error amounts to (an ``OperationalError`` saying locked, busy, disk
+    full, read-only, unable to open, disk I/O error or no such table), or None: a bug or a constraint."""
     text = str(exc).lower()
     if isinstance(exc, sqlite3.OperationalError) and any(w in text for w in _SQLITE_DOWN):
         return DatabaseDown(f"SQLite: {exc}")
@@ -232,12 +252,19 @@ class SqliteBackend:
             return results
 
     async def run_batch(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        """Run ``ops`` in order in one ``BEGIN IMMEDIATE`` transaction on the writer thread (the loop's
+        thread when ``inline``), append the events they buffered, commit; returns their results in
+        order. ``tx.now`` is ``clock()`` read when the batch is submitted. Any failure rolls the whole
+        batch back and raises: ``DatabaseDown`` for a database that cannot be used now, else the error
+        itself (``RuntimeError`` for an op that suspended)."""
         if self._inline:
             return self._batch(ops, self._clock())
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._batch, ops, self._clock())
 
     async def close(self) -> None:
+        """Close the connection and stop the writer thread (a batch running finishes first)."""
+
         def shut() -> None:
             with self._lock:
                 if self._conn is not None:
@@ -324,6 +351,9 @@ class _PgTx:
 
 
 def pg_down(exc: BaseException) -> DatabaseDown | None:
+    """The ``DatabaseDown`` an error amounts to on PostgreSQL (OS and connection errors, timeouts, a
+    server shutting down or refusing connections, lock or statement timeouts, an idle transaction ended,
+    deadlock, serialization failure, too many connections, disk full), or None: a bug or a constraint."""
     import asyncpg
 
     if isinstance(
@@ -379,6 +409,10 @@ class PgBackend:
         return conn
 
     async def run_batch(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        """Run ``ops`` in order in one transaction on an idle connection (a new one when none is idle:
+        the writer runs at most ``parallel`` batches at once), append their buffered events, commit;
+        returns their results in order. ``tx.now`` is the server's ``clock_timestamp()`` at the start.
+        Raises ``DatabaseDown`` (the connection is dropped) or the op's own error (rolled back)."""
         conn = self._idle.pop() if self._idle else await self._connect()
         if conn.is_closed():
             self._all.discard(conn)
@@ -404,6 +438,7 @@ class PgBackend:
         return results
 
     async def close(self) -> None:
+        """Close every connection (at most 5 s each; errors ignored)."""
         conns, self._all, self._idle = list(self._all), set(), []
         for conn in conns:
             with contextlib.suppress(Exception):

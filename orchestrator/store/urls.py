@@ -157,7 +157,10 @@ def explain_connect_error(url: str, exc: BaseException) -> str:
     full = normalize_url(url)
     path = sqlite_path(full)
     if path is not None or backend_of(full) == "sqlite":
-        return f"cannot open the job table {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        return (
+            f"cannot open the job table {path}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        )
     where = host_port(full)
     if isinstance(exc, ConnectionRefusedError | socket.gaierror) or "refused" in str(exc).lower():
         return f"cannot open the job table: connection refused at {where}"

@@ -3,9 +3,10 @@
 A proxy may be held by one live run at a time, on both backends. "Live" means a registered process that
 has not left, whose lease has not run out (in the database's clock on PostgreSQL; in the one host's clock
 on SQLite, a local file), and whose process still exists when it is on this host. A stalled process whose
-lease ran out may be taken over: the send fence (``runtime.LeaseKeeper``) keeps it from sending after. Registering checks, in the same transaction that registers (SQLite: one
-``BEGIN IMMEDIATE``; PostgreSQL: a global advisory lock), that no other live run has an unfinished job on
-any of this run's unfinished proxies, so two runs started at once cannot both win.
+lease ran out may be taken over: the send fence (``runtime.LeaseKeeper``) keeps it from sending after.
+Registering checks, in the same transaction that registers (SQLite: one ``BEGIN IMMEDIATE``; PostgreSQL:
+a global advisory lock), that no other live run has an unfinished job on any of this run's unfinished
+proxies, so two runs started at once cannot both win.
 """
 
 from __future__ import annotations
@@ -53,10 +54,13 @@ class ProxiesHeld(RuntimeError):
 
 
 def new_worker_id() -> str:
+    """A fresh worker id: ``host:pid:`` and 8 random hex digits."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0; one owned by another user counts
+    as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,6 +81,7 @@ def is_live(w: WorkerRow, now: datetime, dialect: str) -> bool:
 
 
 async def workers_of(tx: Tx, run_id: int) -> list[WorkerRow]:
+    """The run's registrations that have not left (live or not), oldest first."""
     rows = await tx.fetch(
         f"SELECT {WORKER_COLS} FROM workers WHERE run_id = :run AND left_at IS NULL ORDER BY started_at",
         {"run": run_id},
@@ -85,6 +90,8 @@ async def workers_of(tx: Tx, run_id: int) -> list[WorkerRow]:
 
 
 async def lock_registry(tx: Tx) -> None:
+    """Serialise registrations: on PostgreSQL the registry's advisory lock, held until the transaction
+    ends; on SQLite nothing (the batch's ``BEGIN IMMEDIATE`` already serialises writers)."""
     if tx.dialect == "postgresql":
         await tx.execute("SELECT pg_advisory_xact_lock(:k)", {"k": REGISTRY_LOCK})
 
@@ -168,7 +175,8 @@ async def register_in(
             tx,
             run_id=run_id,
             kind="takeover",
-            reason=f"took over from pid {w.pid} on {w.host} (no heartbeat since {w.heartbeat_at:%H:%M:%S} UTC)",
+            reason=f"took over from pid {w.pid} on {w.host} "
+            f"(no heartbeat since {w.heartbeat_at:%H:%M:%S} UTC)",
         )
     return Registration(worker_id=worker_id, taken_over=tuple(dead), db_now=now, lease_until=until)
 
@@ -222,7 +230,8 @@ class WorkerOps:
                 )
             else:
                 sql = (
-                    "UPDATE jobs SET lease_expires_at = :until WHERE claimed_by = :me AND lease_expires_at > :now"
+                    "UPDATE jobs SET lease_expires_at = :until"
+                    " WHERE claimed_by = :me AND lease_expires_at > :now"
                     " RETURNING id"
                 )
             rows = await tx.fetch(sql, {"until": until, "me": worker_id, "now": tx.ts(tx.now)})
@@ -254,6 +263,8 @@ class WorkerOps:
         await self._submit(op)
 
     async def live_workers(self, run_id: int) -> list[WorkerRow]:
+        """The run's live registrations (the module docstring's rule), oldest first."""
+
         async def op(tx: Tx) -> list[WorkerRow]:
             return [w for w in await workers_of(tx, run_id) if is_live(w, tx.now, tx.dialect)]
 

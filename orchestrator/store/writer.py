@@ -32,6 +32,9 @@ OutageHook = Callable[[str, str], None]  # (event, cause): "db.down" / "db.recov
 
 @dataclass
 class WriterStats:
+    """Counters of one writer: batches committed, ops in them, the largest batch, ops replayed one by
+    one after their batch failed, and outages met (each counted once, however long)."""
+
     batches: int = 0
     ops: int = 0
     max_batch: int = 0
@@ -75,10 +78,13 @@ class GroupCommitWriter:
         self.stats = WriterStats()
 
     def start(self) -> None:
+        """Start the writer task on the running loop (once: later calls do nothing)."""
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="store-writer")
 
     def set_outage_hook(self, hook: OutageHook | None) -> None:
+        """Call ``hook(event, cause)`` with ``db.down`` when an outage starts and ``db.recovered`` when it
+        ends (None: no hook). The hook's own errors are ignored."""
         self._on_outage = hook
 
     async def submit(self, op: Op[T], *, urgent: bool = False) -> T:
@@ -97,6 +103,7 @@ class GroupCommitWriter:
         return await fut
 
     async def close(self) -> None:
+        """Commit what is queued (outages are still retried up to the budget), then stop the task."""
         if self._task is None:
             return
         self._closing = True

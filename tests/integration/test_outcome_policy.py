@@ -338,7 +338,9 @@ def test_retry_flagged_after_the_fix_upgrades_exactly_the_flagged_proxies(
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
     common = ["--db", db_url, "--rate", "100/s", "--concurrency", "8", *FAST]
     policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump({"policy": {"backoff": {"initial": 0.1, "max": 0.2, "max_attempts": 2}}}))
+    policy.write_text(
+        yaml.safe_dump({"policy": {"backoff": {"initial": 0.1, "max": 0.2, "max_attempts": 2}}})
+    )
     r = cli("run", str(inv), "--endpoint", sim.url, "--policy", str(policy), *common)
     assert r.code == 1, str(r)
 

@@ -206,7 +206,8 @@ def test_mixed_fleet_ends_as_planned(sim_factory, tmp_path: Path, db_url: str) -
         "wf-fails": ("flagged", f"workflow {wf[pid['wf-fails']][0]['id']} Failed: node restart timed out"),
         "no-change": (
             "flagged",
-            f"workflow {wf[pid['no-change']][0]['id']} completed but the proxy runs {SOURCE} (target {TARGET})",
+            f"workflow {wf[pid['no-change']][0]['id']} completed "
+            f"but the proxy runs {SOURCE} (target {TARGET})",
         ),
         "hangs": ("flagged", f"timed out waiting for workflow {wf[pid['hangs']][0]['id']}"),
         "no-source": ("succeeded", ""),

@@ -89,7 +89,9 @@ def _calls(path: Path, attr: str) -> int:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             f = node.func
-            if (isinstance(f, ast.Attribute) and f.attr == attr) or (isinstance(f, ast.Name) and f.id == attr):
+            if (isinstance(f, ast.Attribute) and f.attr == attr) or (
+                isinstance(f, ast.Name) and f.id == attr
+            ):
                 n += 1
     return n
 
@@ -98,8 +100,11 @@ def test_one_composition_root_and_one_place_that_moves_jobs() -> None:
     mods = _modules()
     builders = {n for n, p in mods.items() if _calls(p, "Runtime")}
     assert builders == {"orchestrator.app.runtime"}, builders
-    movers = {n for n, p in mods.items() if not n.startswith("orchestrator.store") and (
-        _calls(p, "record_answer") or _calls(p, "move"))}
+    movers = {
+        n
+        for n, p in mods.items()
+        if not n.startswith("orchestrator.store") and (_calls(p, "record_answer") or _calls(p, "move"))
+    }
     assert movers == {"orchestrator.moves"}, movers
     # every command that runs jobs goes through build_runtime
     users = {n for n, p in mods.items() if _calls(p, "build_runtime")}

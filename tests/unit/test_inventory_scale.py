@@ -98,8 +98,8 @@ def test_run_of_100k_proxies_peaks_under_150_mb(fleet: dict[str, Path], tmp_path
             self.rfile.read(n)
             inst = self.path.split("/instances/")[1].split("/")[0]
             body = (
-                '{"update_result":[{"instance_id":"%s","workflow_id":"wf-%s","state":"ACCEPT",'
-                '"error_message":null}]}' % (inst, inst)
+                f'{{"update_result":[{{"instance_id":"{inst}","workflow_id":"wf-{inst}","state":"ACCEPT",'
+                '"error_message":null}]}'
             ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

@@ -386,5 +386,3 @@ def test_time_and_duration_formats() -> None:
         "8h18m59s",
     ]
     assert shorten(d.P1, 12) == d.P1[:11] + "…" and shorten(d.P1, 36) == d.P1
-
-
