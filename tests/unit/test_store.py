@@ -703,7 +703,9 @@ async def test_requeue_checks_every_proxy_before_changing_anything(env: Env) -> 
     assert (await store.counts(run.id))[S.FLAGGED] == 2
 
 
-async def test_requeue_leaves_a_job_whose_workflow_was_last_seen_running(env: Env) -> None:
+async def test_requeue_reports_a_job_whose_workflow_was_last_seen_running(env: Env) -> None:
+    """Re-queued and reported (which workflow, its last status, when seen): the upgrade step polls that
+    workflow first and sends nothing while it runs (tests/unit/test_step_upgrade.py)."""
     store = await env.open()
     run, reg = await new_run(store, 2)
     w = reg.worker_id
@@ -731,10 +733,10 @@ async def test_requeue_leaves_a_job_whose_workflow_was_last_seen_running(env: En
         row = await job(store, j.id)
         assert await store.move(row, flag(frm=S.ACCEPTED, reason="timed out"), worker_id=None)
     got = await store.requeue(run.id, statuses=[S.FLAGGED])
-    assert got.moved == 1
+    assert got.moved == 2
     ((proxy, wf_id, status, seen),) = got.running
     assert (proxy, wf_id, status) == (running.proxy_id, "wf-run", "Running") and seen is not None
-    assert (await job(store, running.id)).status is S.FLAGGED
+    assert (await job(store, running.id)).status is S.PENDING
     assert (await job(store, ended.id)).status is S.PENDING
 
 
