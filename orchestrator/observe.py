@@ -26,7 +26,7 @@ from orchestrator.cloud.redact import MASK
 
 _SECRET_KEYS = ("token", "password", "secret", "authorization", "sk", "credential", "cookie")
 _QUIET_EVENTS = {"call", "preflight.done", "workflow.status", "job.accepted", "job.succeeded", "job.skipped",
-                 "job.retry_wait", "job.unknown", "job.in_flight", "upgrade.fenced"}  # fmt: skip
+                 "job.retry_wait", "job.unknown", "job.in_flight"}  # fmt: skip
 _WARN_SUFFIXES = ("flagged", "failed", "error", "crashed", "throttled", "move_lost", "fenced")
 _FINAL = ("succeeded", "skipped", "flagged", "failed")
 

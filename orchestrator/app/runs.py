@@ -465,7 +465,7 @@ async def drive(
         if cloud is None:
             built = await build_cloud(options)
             cloud, closer = built.api, built.close
-        since = datetime.now(UTC)
+        since = store.db_now()  # compared with the job table's clock by the controls
         rt = await build_runtime(
             store,
             run.id,
@@ -498,6 +498,7 @@ async def drive(
         engine = Engine(rt, confirm=_confirmer(proc))
         # the objects built so far live as long as the run: keep the cyclic collector off them, and let
         # it run less often (a run allocates futures and frames per call; measured: 10% of the CPU)
+        thresholds = gc.get_threshold()
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
@@ -510,6 +511,8 @@ async def drive(
                 with contextlib.suppress(Exception):
                     events.update({k.value: v for k, v in (await store.counts(run.id)).items()})
         finally:
+            gc.set_threshold(*thresholds)
+            gc.unfreeze()
             restore()
             if rt.gate is not None:
                 with contextlib.suppress(Exception):

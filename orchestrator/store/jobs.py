@@ -564,16 +564,6 @@ class JobOps:
 
         await self._submit(op)
 
-    async def attach_workflows(
-        self, job: JobRow, attempt_id: int | None, workflows: Sequence[NewWorkflow]
-    ) -> None:
-        """Record workflows of the job (attached to ``attempt_id`` when given) without moving it."""
-
-        async def op(tx: Tx) -> None:
-            await insert_workflows(tx, job.id, attempt_id, workflows)
-
-        await self._submit(op)
-
     async def skip_removed(self, job: JobRow, reason: str) -> bool:
         """A proxy removed from the inventory before anything was sent for it: pending -> skipped."""
         move = Move(

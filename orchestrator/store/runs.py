@@ -300,7 +300,10 @@ class RunOps:
                     {"run": run_id},
                 ):
                     if (from_json(detail) or {}).get("wave") == run.wave_open:
-                        done_at = aware(at)
+                        # two processes may both have marked it: the pause counts from the first mark
+                        at_ = aware(at)
+                        if at_ is not None and (done_at is None or at_ < done_at):
+                            done_at = at_
             return RunState(
                 run=run,
                 total=total,

@@ -234,7 +234,10 @@ class SqliteBackend:
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise sqlite_down(exc) or exc from exc
+                down = sqlite_down(exc)
+                if down is None:
+                    raise
+                raise down from exc
             tx = _SqliteTx(conn, now)
             try:
                 results = [_drive(op(tx)) for op in ops]
