@@ -15,8 +15,8 @@ drifting clocks agree on leases and permits. Session timeouts bound what a stall
 (docs/postgres.md).
 
 Errors: ``DatabaseDown`` when the database cannot be used right now (connection refused or lost, the
-file locked past the busy timeout, a full disk, a read-only file, a lock wait timed out); the writer
-retries those. Anything else is a bug or a constraint and propagates.
+file locked past the busy timeout, a full disk, a read-only file or database, a lock wait timed out); the
+writer retries those. Anything else is a bug or a constraint and propagates.
 """
 
 from __future__ import annotations
@@ -374,7 +374,9 @@ def pg_down(exc: BaseException) -> DatabaseDown | None:
         | asyncpg.DeadlockDetectedError
         | asyncpg.SerializationError
         | asyncpg.TooManyConnectionsError
-        | asyncpg.DiskFullError,
+        | asyncpg.DiskFullError
+        # a fail-over to a standby (or a database set read-only): writes fail until a primary is back
+        | asyncpg.ReadOnlySQLTransactionError,
     ):
         name = type(exc).__name__
         text = str(exc).splitlines()[0] if str(exc) else name
