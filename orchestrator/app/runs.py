@@ -35,6 +35,7 @@ from orchestrator.runtime import Runtime
 from orchestrator.schedule.dispatch import Confirm
 from orchestrator.states import TERMINAL, JobStatus, RunStatus
 from orchestrator.store import (
+    DatabaseUnavailable,
     JobStore,
     NewJob,
     ProxiesHeld,
@@ -461,6 +462,9 @@ async def drive(
     closer = None
     proc = with_metrics(proc)
     metrics, server = proc.metrics, proc.metrics_server
+    # the run's (or this command line's) outage budget, also for a resume or a worker that opened the
+    # job table before reading the run's options
+    store.writer.outage_timeout = options.db_outage_timeout
     try:
         if cloud is None:
             built = await build_cloud(options)
@@ -549,6 +553,10 @@ async def _finish(
 ) -> int:
     try:
         counts = await store.counts(run.id)
+    except DatabaseUnavailable as exc:
+        # nothing more can be recorded (not even the run's status): one line naming the cause
+        notice(f"stopped: {exc}; once the job table is back, orchestrator resume {run.id} continues the run")
+        return EXIT_STOPPED
     except Exception:
         counts = {}
     if result.finished:
