@@ -36,6 +36,7 @@ from orchestrator.states import JobStatus, RunStatus
 # `--help`, `validate` and usage errors answer at once.
 
 T = TypeVar("T")
+_log_format = {"fmt": "console"}  # as chosen by --log-format (main reports a crash in it)
 out = Console(file=SafeStream(sys.stdout), highlight=False, soft_wrap=True)  # type: ignore[arg-type]
 if not out.is_terminal and "COLUMNS" not in os.environ:
     out.width = 160  # reports piped to a file or a pager: do not fold ids and reasons at 80 columns
@@ -229,6 +230,7 @@ def _proc(kw: dict[str, Any]) -> Any:
 @click.version_option(package_name="orchestrator")
 def main_group(log_format: str, log_level: str) -> None:
     """Upgrade fleets of GaussDB(for MySQL) proxies, safely and with an audit trail."""
+    _log_format["fmt"] = log_format
     configure_logging(fmt=log_format, level=log_level)
 
 
@@ -616,4 +618,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         notice("interrupted")
         raise SystemExit(EXIT_STOPPED) from None
+    except Exception as exc:
+        if _log_format["fmt"] != "json":
+            raise  # a bug: the traceback is what a report of it needs
+        # a log shipper reads stderr line by line: the traceback goes inside one JSON event
+        import traceback
+
+        import structlog
+
+        structlog.get_logger("orchestrator").critical(
+            "crash", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+        )
+        raise SystemExit(1) from None
     raise SystemExit(EXIT_OK)
