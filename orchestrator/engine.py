@@ -37,6 +37,9 @@ ERROR_BACKOFF_S = 10.0  # an unexpected error on a job: look at it again after t
 # Idle, the feeder looks at the job table again after at most this long: other processes' moves, an
 # operator's re-queue and the window's boundaries are noticed by this tick (its own workers wake it at once).
 IDLE_S = 1.0
+# The stop reason of a process whose registration another process closed (it presumed this one dead after
+# a stall): the run goes on there, so this one must not mark it.
+TAKEN_OVER = "this process's registration was taken over by another process"
 PRUNE_EVERY_S = 60.0
 WAITING_LOG_EVERY_S = 60.0  # waiting for a window or a wave's pause: one log line a minute
 
@@ -281,7 +284,7 @@ class Engine:
                 rt.events.emit("worker.heartbeat_failed", error=type(exc).__name__)
                 continue
             if not alive:
-                rt.request_stop("this process's registration was taken over by another process", EXIT_STOPPED)
+                rt.request_stop(TAKEN_OVER, EXIT_STOPPED)
                 return
             rt.lease.renewed(renewed, submitted)
             since_prune += rt.options.heartbeat

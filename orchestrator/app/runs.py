@@ -26,7 +26,7 @@ from rich.text import Text
 from orchestrator.app.common import abspath, find_run, opened
 from orchestrator.app.runtime import build_cloud, build_runtime, check_credentials_config
 from orchestrator.cloud.api import CloudApi
-from orchestrator.engine import Engine, EngineResult
+from orchestrator.engine import TAKEN_OVER, Engine, EngineResult
 from orchestrator.errors import EXIT_HALTED, EXIT_OK, EXIT_PROBLEMS, EXIT_STOPPED, EXIT_USAGE, UsageError
 from orchestrator.observe import RunEvents, notice
 from orchestrator.options import RunOptions, build_options, cli_overrides
@@ -559,6 +559,10 @@ async def _finish(
         return EXIT_STOPPED
     except Exception:
         counts = {}
+    if not result.finished and result.stop_reason == TAKEN_OVER:
+        # another process holds the run now: neither mark it nor tell anyone to resume it
+        notice(f"stopped: {TAKEN_OVER} (this one stalled past its lease); run {run.id} goes on there")
+        return EXIT_STOPPED
     if result.finished:
         code = exit_code_for(counts)
         status, reason = RunStatus.FINISHED, None
