@@ -125,6 +125,11 @@ async def ensure_current(engine: AsyncEngine) -> None:
     await upgrade(engine)
 
 
+# Serialises migrations of one PostgreSQL job table: two processes started together on a fresh database
+# would both run CREATE TABLE and one would fail on a duplicate catalog entry. (SQLite: BEGIN IMMEDIATE.)
+MIGRATION_LOCK = 0x6F72_FFFF_0002
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Migrate the job table up to ``revision`` in one transaction (Alembic's errors propagate)."""
     from alembic import command
@@ -133,6 +138,9 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
         command.upgrade(alembic_config(conn), revision)
 
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # held to the commit; Alembic then reads the revision the other process committed
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         await conn.run_sync(_run)
 
 
