@@ -1,4 +1,17 @@
-from orchestrator.cli import main
+"""``python -m orchestrator``. SIGTERM means "stop, exit 3" from the first moment: the handler is set
+before the command line's imports (about half a second), which would otherwise end with 143."""
+
+import signal
+
+
+def _stop_during_imports(_signum: int, _frame: object) -> None:
+    # nothing has been opened or written yet; the CLI sets its own handler once it runs
+    raise SystemExit(3)
+
+
+signal.signal(signal.SIGTERM, _stop_during_imports)
+
+from orchestrator.cli import main  # noqa: E402 (after the handler: see the module docstring)
 
 if __name__ == "__main__":
     main()
