@@ -376,7 +376,10 @@ def pg_down(exc: BaseException) -> DatabaseDown | None:
         | asyncpg.TooManyConnectionsError
         | asyncpg.DiskFullError
         # a fail-over to a standby (or a database set read-only): writes fail until a primary is back
-        | asyncpg.ReadOnlySQLTransactionError,
+        | asyncpg.ReadOnlySQLTransactionError
+        # the server ended the session (shutdown, restart, a killed backend) and the driver has seen its
+        # FATAL message but not yet the closed socket: the connection is unusable, drop it
+        | asyncpg.InternalClientError,
     ):
         name = type(exc).__name__
         text = str(exc).splitlines()[0] if str(exc) else name
