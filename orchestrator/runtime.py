@@ -70,6 +70,10 @@ class LeaseKeeper:
     for that very job extend it: a claim that lapsed once (a SIGSTOP, a database outage) is void for good,
     even if the process goes on, because another process may have taken the job over meanwhile.
     Etcd's and Chubby's lease clients keep the same rule (docs/resume.md).
+
+    Each claim gets a token: a call whose intent was recorded under one claim may leave only under that
+    claim (``holds(job, token)``). The same process claiming the job again after a lapse (the takeover put
+    it back) starts a new claim, and must not reopen the fence of a stale call still waiting for a permit.
     """
 
     def __init__(self, lease_s: float, *, margin_s: float | None = None, mono: Mono = time.monotonic) -> None:
@@ -77,12 +81,16 @@ class LeaseKeeper:
         self.margin_s = margin_s if margin_s is not None else max(1.0, 0.1 * lease_s)
         self._mono = mono
         self._until: dict[int, float] = {}
+        self._token: dict[int, int] = {}
+        self._next_token = 0
 
     def claimed(self, job_ids: Iterable[int], submitted: float) -> None:
         """These jobs were claimed by a transaction submitted at ``submitted`` (this process's monotonic
         clock, seconds): each is held until ``submitted + lease_s``."""
         for j in job_ids:
             self._until[j] = submitted + self.lease_s
+            self._next_token += 1
+            self._token[j] = self._next_token
 
     def renewed(self, job_ids: Iterable[int], submitted: float) -> None:
         """The database confirmed the renewal of these jobs' claims, submitted at ``submitted`` (monotonic
@@ -95,11 +103,19 @@ class LeaseKeeper:
     def dropped(self, job_id: int) -> None:
         """This process let the job go (it moved on or was released): it may no longer be sent."""
         self._until.pop(job_id, None)
+        self._token.pop(job_id, None)
 
-    def holds(self, job_id: int) -> bool:
-        """Whether the job may be sent now: its claim is held for more than ``margin_s`` seconds still."""
+    def token(self, job_id: int) -> int | None:
+        """The job's current claim (None: not held)."""
+        return self._token.get(job_id)
+
+    def holds(self, job_id: int, token: int | None = None) -> bool:
+        """Whether the job may be sent now: its claim (that very claim, given its ``token``) is held for
+        more than ``margin_s`` seconds still."""
         until = self._until.get(job_id)
-        return until is not None and self._mono() < until - self.margin_s
+        if until is None or (token is not None and self._token.get(job_id) != token):
+            return False
+        return self._mono() < until - self.margin_s
 
     def remaining(self, job_id: int) -> float:
         """Seconds until the job's claim lapses here (negative once lapsed; -1.0 for a job not held)."""
@@ -182,11 +198,13 @@ class Runtime:
         return self.controls is None or self.controls.allow_new
 
     def send_fence(self, job: JobRow) -> Callable[[], bool]:
-        """The ``may_send`` check of an upgrade call: this process still holds the job and new upgrades may
-        still start. Called by the cloud client immediately before the request is written."""
+        """The ``may_send`` check of an upgrade call: this process still holds the job under the claim it
+        holds now (take the fence before recording the intent) and new upgrades may still start. Called by
+        the cloud client immediately before the request is written."""
+        token = self.lease.token(job.id)
 
         def may_send() -> bool:
-            ok = self.lease.holds(job.id) and self.may_start_upgrades()
+            ok = token is not None and self.lease.holds(job.id, token) and self.may_start_upgrades()
             if not ok:
                 self.events.emit("upgrade.fenced", job=job.id, proxy=job.proxy_id)
             return ok

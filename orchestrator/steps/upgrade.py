@@ -88,6 +88,9 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
         return None
     # Intent first, then the permit, then the call at once: a commit's latency between permit and send
     # would let the cloud see calls bunched closer than the limiter spaced them.
+    # the fence of the claim this intent is recorded under: a later claim of the job by this process (after
+    # this one lapsed and was taken over) must not let this call leave
+    fence = rt.send_fence(job)
     intent = await rt.store.record_intent(job, worker_id=rt.worker_id, cloud_offset_s=rt.cloud_offset_s())
     if intent is None:
         rt.events.emit("job.intent_lost", job=job.id, proxy=job.proxy_id)
@@ -98,7 +101,7 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
         sent_at = rt.now()
         t0 = rt.mono()
         outcome = await rt.cloud.upgrade(
-            rt.ref(job), source, job.target_version, on_sent=on_sent, may_send=rt.send_fence(job)
+            rt.ref(job), source, job.target_version, on_sent=on_sent, may_send=fence
         )
         _observe(rt, "upgrade", outcome, rt.mono() - t0)
         decision = decide(
