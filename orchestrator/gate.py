@@ -25,8 +25,7 @@ from orchestrator.store import JobStore
 # Added to the window the permits are counted over (as the in-process limiter adds its margin): a permit
 # is stamped in the database's clock when granted, and the call leaves after that commit reaches its
 # sender. How much later varies (a busy database, a busy host): measured at 200/s with five processes,
-# 50 ms let 201 calls into one second at the server; 100 ms held it. Also the least pause between two
-# refused attempts.
+# 50 ms let 201 calls into one second at the server; 100 ms held it.
 SAFETY_S = 0.1
 SAFETY_FRACTION = 0.1
 RELEASE_EVERY_S = 0.02
@@ -88,7 +87,10 @@ class SharedGate:
                     )
                     self._granted.extend(ids)
                 if not ids:
-                    await asyncio.sleep(wait + margin)
+                    # Retry exactly when the window frees (the store answers at least 1 ms, or 20 ms while
+                    # the cap is reached), not later: a process whose own limiter releases its next call at
+                    # that moment would otherwise win every permit and starve the run's other processes.
+                    await asyncio.sleep(wait)
         finally:
             self._waiting -= 1
 
