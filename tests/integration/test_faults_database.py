@@ -176,6 +176,7 @@ def test_pg_made_read_only_stops_cleanly_with_exit_3(
 
 
 # ------------------------------------------------------------------ SQLite locked / read-only
+@pytest.mark.slow
 def test_sqlite_lock_held_past_the_busy_timeout_is_waited_for(
     sim_factory: Callable[..., Sim], tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:

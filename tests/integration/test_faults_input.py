@@ -112,6 +112,7 @@ def test_resume_refuses_the_endpoints_run_refuses_and_never_connects(
 
 
 # ------------------------------------------------------------------ kind 7: unbounded answers
+@pytest.mark.slow
 def test_huge_and_endless_answers_keep_memory_bounded_and_are_reconciled(
     sim_factory: Callable[..., Sim], tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:

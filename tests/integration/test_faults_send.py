@@ -123,6 +123,7 @@ FENCE_FLAGS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_stalled_process_never_sends_after_its_claim_was_taken_over_pg(
     sim_factory: Callable[..., Sim], tmp_path: Path, pg_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -161,6 +162,7 @@ def test_a_stalled_process_never_sends_after_its_claim_was_taken_over_pg(
     assert set(job_statuses(pg_url, run_id).values()) == {"accepted"}, job_statuses(pg_url, run_id)
 
 
+@pytest.mark.slow
 def test_a_stalled_runner_never_sends_after_a_resume_took_its_run_over_sqlite(
     sim_factory: Callable[..., Sim], tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -206,6 +208,7 @@ def test_a_stalled_runner_never_sends_after_a_resume_took_its_run_over_sqlite(
 
 
 # ------------------------------------------------------------------ kind 2: two runs at once
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_runs_of_one_inventory_started_together_create_one_run(
     sim_factory: Callable[..., Sim],
@@ -243,6 +246,7 @@ def test_two_runs_of_one_inventory_started_together_create_one_run(
 
 
 # ------------------------------------------------------------------ kind 3: clock skew
+@pytest.mark.slow
 @pytest.mark.parametrize("db_kind", ["sqlite", "postgresql"])
 def test_a_host_3_minutes_fast_still_matches_lost_answers_on_the_clouds_clock(
     sim_factory: Callable[..., Sim], tmp_path: Path, pg_server: str | None, db_kind: str
@@ -323,6 +327,7 @@ def frozen_in_transaction(db: str, pid: int) -> Any:
     return [p for (p,) in rows if p in ports]
 
 
+@pytest.mark.slow
 def test_a_worker_frozen_inside_a_transaction_costs_the_others_a_few_seconds(
     sim_factory: Callable[..., Sim], tmp_path: Path, pg_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:
