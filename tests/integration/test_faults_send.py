@@ -284,15 +284,16 @@ def test_a_host_3_minutes_fast_still_matches_lost_answers_on_the_clouds_clock(
     assert set(job_statuses(db).values()) == {"succeeded"}, job_statuses(db)
 
 
+@pytest.mark.slow
 def test_a_postgres_worker_60s_fast_does_not_declare_the_live_runner_dead(
     sim_factory: Callable[..., Sim], tmp_path: Path, pg_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     """Leases are written and compared in the database's clock: a worker whose clock is 60 s ahead (and a
     10 s lease) sees the runner alive, takes nothing over and shares the run."""
-    sim = sim_factory(scenario(20))
+    sim = sim_factory(scenario(30))
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
     runner = cli_bg(
-        "run", str(inv), "--db", pg_url, "--endpoint", sim.url, "--rate", "4/s", "--concurrency", "4",
+        "run", str(inv), "--db", pg_url, "--endpoint", sim.url, "--rate", "3/s", "--concurrency", "4",
         "--no-preflight", "--lease", "10", "--heartbeat", "1", *FAST, stdout=tmp_path / "runner.out",
     )  # fmt: skip
     procs.append(runner)
@@ -308,8 +309,9 @@ def test_a_postgres_worker_60s_fast_does_not_declare_the_live_runner_dead(
         "SELECT kind, rule, reason FROM events WHERE kind = 'takeover' OR rule = 'claim:holder-gone'",
     )
     assert not takeovers, takeovers
-    senders = {w for (w,) in db_rows(pg_url, "SELECT DISTINCT worker FROM attempts")}
-    assert len(senders) == 2, f"both processes sent upgrades: {senders}"
+    # the fast worker took part: it claimed jobs (claims compare leases in the database's clock too)
+    claims = dict(db_rows(pg_url, f"SELECT role, claimed FROM workers WHERE run_id = {run_id}"))
+    assert claims.get("worker", 0) > 0 and claims.get("runner", 0) > 0, claims
     assert_no_second_upgrade(sim, pg_url)
     assert set(job_statuses(pg_url, run_id).values()) == {"succeeded"}
 
