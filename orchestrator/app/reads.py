@@ -72,6 +72,14 @@ async def show_status(
             out.print(t)
         else:
             out.print(Text("no live workers"))
+            if run.status in (RunStatus.RUNNING, RunStatus.CREATED):
+                # its process ended without marking the run (killed, or the job table was gone then)
+                out.print(
+                    Text(
+                        f"run {run.id} is marked {run.status.value} but no process works on it: it stopped "
+                        f"without marking the run; continue with: orchestrator resume {run.id}"
+                    )
+                )
 
 
 async def _controls_lines(store: JobStore, run: RunRow, tz: Any, out: Console) -> None:
