@@ -1,5 +1,6 @@
-"""``python -m orchestrator`` and the ``orchestrator`` console script. SIGTERM means "stop, exit 3" from the first moment: the handler is set
-before the command line's imports (about half a second), which would otherwise end with 143."""
+"""``python -m orchestrator`` and the ``orchestrator`` console script. SIGTERM means "stop, exit 3" from
+the first moment: the handler is set before the command line's imports (about half a second), which would
+otherwise end with 143."""
 
 import signal
 
