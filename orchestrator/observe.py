@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -169,6 +170,7 @@ class RunEvents:
         every_s: float = 10.0,
         metrics: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.log = structlog.get_logger("orchestrator")
         self._debug = _state.get("level") == "debug"
@@ -185,6 +187,8 @@ class RunEvents:
         self._done_at_start: int | None = None
         self._last_line = clock()
         self._live: Any = None
+        self._wall = wall
+        self._waiting: tuple[datetime, str] | None = None  # (until, reason) from the last run.waiting
 
     # ----------------------------------------------------------------------------- display
     def __enter__(self) -> RunEvents:
@@ -192,14 +196,17 @@ class RunEvents:
             from rich.live import Live
 
             with contextlib.suppress(Exception):
-                self._live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+                # rendered on each refresh (not only on update) so a wait's countdown ticks every second
+                self._live = Live(
+                    console=self.console, refresh_per_second=2, transient=False, get_renderable=self._render
+                )
                 self._live.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
             with contextlib.suppress(Exception):
-                self._live.update(self._render())
+                self._live.refresh()
                 self._live.stop()
             self._live = None
 
@@ -214,7 +221,7 @@ class RunEvents:
                 self.metrics.jobs(self._counts)
         if self._live is not None:
             with contextlib.suppress(Exception):
-                self._live.update(self._render())
+                self._live.refresh()
         elif self._clock() - self._last_line >= self.every_s:
             self._last_line = self._clock()
             self.log.info("run.progress", **self.snapshot())
@@ -249,7 +256,22 @@ class RunEvents:
             "eta_s": None if eta is None else round(eta),
         }
 
+    def waiting_line(self) -> str | None:
+        """What the run waits for and a countdown (``waiting for the maintenance window opening ...: in
+        01:02:03``), while the last ``run.waiting`` still holds: None once its time passed or a call was
+        made since."""
+        waiting = self._waiting
+        if waiting is None:
+            return None
+        until, reason = waiting
+        left = int((until - self._wall()).total_seconds())
+        if left < 0:
+            return None
+        hours, rest = divmod(left, 3600)
+        return f"{reason}: in {hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
     def _render(self) -> Any:
+        from rich.console import Group
         from rich.progress_bar import ProgressBar
         from rich.table import Table
 
@@ -265,7 +287,8 @@ class RunEvents:
                 + (f"  ETA {_eta(s['eta_s'])}" if s["eta_s"] is not None else "")
             ),
         )
-        return grid
+        waiting = self.waiting_line()
+        return grid if waiting is None else Group(grid, Text(waiting, style="yellow"))
 
     # ------------------------------------------------------------------------------ events
     def emit(self, event: str, **fields: Any) -> None:
@@ -274,7 +297,12 @@ class RunEvents:
         (fields that are None left out): warning for names ending in a problem (``flagged``, ``failed``,
         ``error``, ``throttled``, ``fenced``...), debug for per-job chatter (dropped unless the level is
         debug), info otherwise. Never raises."""
+        if event == "run.waiting":
+            with contextlib.suppress(Exception):
+                until = datetime.fromisoformat(fields["until"])
+                self._waiting = (until, str(fields.get("reason", "waiting")))
         if event == "call":
+            self._waiting = None
             self._calls.append(self._clock())
             if len(self._calls) > 4096:
                 del self._calls[:2048]
