@@ -50,15 +50,27 @@ class Fail(Exception):
         self.code = code
 
 
+# The command's main task while its event loop runs: SIGTERM cancels it (see _on_signal).
+_main: dict[str, Any] = {"task": None, "signalled": False}
+
+
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(_guard(coro_fn))
     except KeyboardInterrupt:  # a signal outside a run's own handler (start-up, a read command)
         notice("interrupted")
         raise SystemExit(EXIT_STOPPED) from None
+    except asyncio.CancelledError:
+        if not _main["signalled"]:
+            raise
+        notice("interrupted")
+        raise SystemExit(EXIT_STOPPED) from None
+    finally:
+        _main["task"] = None
 
 
 async def _guard(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    _main["task"] = asyncio.current_task()
     try:
         return await coro_fn()
     except InputErrors as exc:
@@ -589,8 +601,19 @@ def db_current(db: str | None) -> None:
 
 
 def _on_signal(signum: int, _frame: object) -> None:
-    # before a run installs its own graceful handler (and after it restored this one): stop with exit 3,
-    # not 143/130, and nothing half-written (every write is a transaction)
+    """SIGTERM outside a run's own graceful handler (start-up, a read command, the end of a run): stop with
+    exit 3, not 143, nothing half-written (every write is a transaction).
+
+    While a command's event loop runs, the main task is cancelled, as ``asyncio.Runner`` does for SIGINT:
+    it unwinds its ``async with`` blocks in order (the store commits what is queued and closes). Raising
+    KeyboardInterrupt there would land in whatever task runs at that instant (the store's writer, say),
+    leave it dead with an exception and print a traceback at shutdown. Outside the loop it is raised."""
+    task = _main["task"]
+    if task is not None and not task.done():
+        _main["signalled"] = True
+        # from a handler in the loop's thread: call_soon_threadsafe also wakes a loop waiting in select()
+        task.get_loop().call_soon_threadsafe(task.cancel)
+        return
     raise KeyboardInterrupt
 
 

@@ -9,14 +9,21 @@ frees itself when the lease runs out.
 Cost: one transaction serves every sender of this process waiting at that moment (permits are asked for
 in bulk, as many as there are waiters, and used at once: none is kept in stock, so a permit's stamp is
 its send time), and finished permits are released in one statement every few milliseconds.
+
+Why the window holds at the cloud: the database stamps each permit when it grants it and counts stamps
+over ``period + margin``, so sends that each leave within ``margin`` of their stamp never put more than
+``rate`` calls in any period. A permit whose sender was held up (a stalled process, a starved event loop)
+is therefore not used late: one not taken within ``FRESH_FRACTION`` of the margin of its request (the
+stamp cannot be older than the request) is released unused and another is asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from orchestrator.limiter import Rate
@@ -29,6 +36,9 @@ from orchestrator.store import JobStore
 SAFETY_S = 0.1
 SAFETY_FRACTION = 0.1
 RELEASE_EVERY_S = 0.02
+# The part of the margin a permit may age between its request and its use; the rest is left for the path
+# from here to the socket (the limiter hook, the send fence, the request's first write).
+FRESH_FRACTION = 0.5
 
 
 class SharedGate:
@@ -37,7 +47,15 @@ class SharedGate:
     ``lease_s`` (seconds) is how long a permit stays held if this process dies holding it."""
 
     def __init__(
-        self, store: JobStore, run_id: int, worker_id: str, rate: Rate, concurrency: int, *, lease_s: float
+        self,
+        store: JobStore,
+        run_id: int,
+        worker_id: str,
+        rate: Rate,
+        concurrency: int,
+        *,
+        lease_s: float,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._run_id = run_id
@@ -45,7 +63,10 @@ class SharedGate:
         self._rate = rate
         self._cap = concurrency
         self._lease = lease_s
-        self._granted: deque[int] = deque()
+        self._mono = mono
+        self._granted: deque[tuple[int, float]] = deque()
+        self.stale = 0
+        """Permits released unused because their sender took them too late (a count, for tests and logs)."""
         self._waiting = 0
         self._fetch = asyncio.Lock()
         self._done: list[int] = []
@@ -66,15 +87,22 @@ class SharedGate:
 
     async def _acquire(self) -> int:
         margin = max(SAFETY_S, SAFETY_FRACTION * self._rate.period)
+        fresh_s = FRESH_FRACTION * margin
         self._waiting += 1
         try:
             while True:
-                if self._granted:
-                    return self._granted.popleft()
+                while self._granted:
+                    slot_id, asked_at = self._granted.popleft()
+                    if self._mono() - asked_at <= fresh_s:
+                        return slot_id
+                    # too late to send under it: it still counts as a start in the window (the safe side)
+                    self.stale += 1
+                    self._release(slot_id)
                 wait = 0.0
                 async with self._fetch:
                     if self._granted:
                         continue
+                    asked_at = self._mono()
                     ids, wait = await self._store.try_send_slots(
                         self._run_id,
                         worker_id=self._worker_id,
@@ -85,7 +113,7 @@ class SharedGate:
                         margin=margin,
                         want=max(1, self._waiting),
                     )
-                    self._granted.extend(ids)
+                    self._granted.extend((i, asked_at) for i in ids)
                 if not ids:
                     # Retry exactly when the window frees (the store answers at least 1 ms, or 20 ms while
                     # the cap is reached), not later: a process whose own limiter releases its next call at

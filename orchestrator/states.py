@@ -58,6 +58,20 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+STATUS_ORDER: tuple[str, ...] = (
+    "succeeded",
+    "accepted",
+    "skipped",
+    "flagged",
+    "failed",
+    "pending",
+    "retry_wait",
+    "in_flight",
+    "unknown",
+)
+"""The order reports list job statuses in: where jobs ended, then where they still are."""
+
+
 class IllegalMove(RuntimeError):
     """A code path tried a status move that the state table forbids: a bug, never an input error."""
 

@@ -9,6 +9,8 @@ message saying so; CI always has one.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -112,18 +115,78 @@ def start_sim(tmp: Path, scenario: dict[str, Any] | str, name: str = "sim") -> S
     return sim
 
 
+# Simulator processes kept between cases (one pool per pytest-xdist worker): a case's simulator is an idle
+# one reset to the case's scenario and call log (``POST /_sim/reset``: a new fleet, log and counters, as
+# if just started), so the suite starts a handful of simulator processes instead of four hundred (each
+# start cost about half a second of CPU, a quarter of the suite's). A simulator a case stopped or killed
+# is not reused; one that cannot be reset (calls still in flight after 3 s) is stopped.
+_IDLE_SIMS: list[Sim] = []
+
+
+def _reset_sim(sim: Sim, tmp: Path, scenario: dict[str, Any] | str, name: str) -> Sim | bool:
+    """``sim``'s process serving ``scenario`` with a new call log in ``tmp``; else whether the process
+    can still be reused (True: it refused the scenario and serves its old one; False: it is gone, or
+    calls stayed in flight)."""
+    scen = tmp / f"{name}-scenario.yaml"
+    scen.write_text(scenario if isinstance(scenario, str) else yaml.safe_dump(scenario), encoding="utf-8")
+    log = tmp / f"{name}-calls.jsonl"
+    body = json.dumps({"scenario": str(scen), "log_file": str(log)}).encode()
+    deadline = time.monotonic() + 3
+    while sim.proc.poll() is None:
+        req = urllib.request.Request(
+            sim.url + "/_sim/reset", data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10):
+                return Sim(sim.url, sim.proc, log, scen, sim.stdout)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 400:
+                return True
+            if exc.code != 409 or time.monotonic() > deadline:
+                return False
+        except OSError:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _stop_idle_sims() -> None:
+    while _IDLE_SIMS:
+        _IDLE_SIMS.pop().stop()
+
+
+atexit.register(_stop_idle_sims)
+
+
 @pytest.fixture
 def sim_factory(tmp_path: Path) -> Iterator[Any]:
-    started: list[Sim] = []
+    """``make(scenario, name="sim")``: a simulator serving ``scenario`` (a mapping or YAML text) with its
+    call log in ``tmp_path``: a pooled process reset to it, or a new one."""
+    used: list[Sim] = []
 
     def make(scenario: dict[str, Any] | str, name: str = "sim") -> Sim:
-        s = start_sim(tmp_path, scenario, name)
-        started.append(s)
+        s: Sim | None = None
+        while _IDLE_SIMS and s is None:
+            idle = _IDLE_SIMS.pop()
+            got = _reset_sim(idle, tmp_path, scenario, name)
+            if isinstance(got, Sim):
+                s = got
+            elif got:  # a scenario it refused: a new process says why, as before
+                _IDLE_SIMS.append(idle)
+                break
+            else:
+                idle.stop()
+        if s is None:
+            s = start_sim(tmp_path, scenario, name)
+        used.append(s)
         return s
 
     yield make
-    for s in started:
-        s.stop()
+    for s in used:
+        if s.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                s.proc.send_signal(signal.SIGCONT)  # a case may have left it stopped
+            _IDLE_SIMS.append(s)
 
 
 # ----------------------------------------------------------------------- CLI
@@ -211,29 +274,37 @@ def pg_server() -> Iterator[str | None]:
     if as_root:
         shutil.chown(base, "postgres")
         run_as = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
     subprocess.run(
         [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
         check=True,
         capture_output=True,
     )
-    subprocess.run(
-        [
-            *run_as,
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-l",
-            str(base / "log"),
-            "-w",
-            "-o",
-            f"-c listen_addresses=127.0.0.1 -p {port} -c fsync=off -c max_connections=200 "
-            f"-c unix_socket_directories={base}",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    # Under pytest-xdist every worker starts a cluster of its own (its own folder and socket directory); a
+    # port found free can still be taken by another worker's cluster before this one binds it: try another.
+    for attempt in range(5):
+        port = _free_port()
+        started = subprocess.run(
+            [
+                *run_as,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(base / "log"),
+                "-w",
+                "-o",
+                f"-c listen_addresses=127.0.0.1 -p {port} -c fsync=off -c max_connections=200 "
+                f"-c unix_socket_directories={base}",
+                "start",
+            ],
+            capture_output=True,
+        )
+        if started.returncode == 0:
+            break
+        if attempt == 4:
+            raise RuntimeError(
+                f"PostgreSQL did not start: {(base / 'log').read_text(errors='replace')[-2000:]}"
+            )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
@@ -243,22 +314,54 @@ def pg_server() -> Iterator[str | None]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _create_pg_db(base: str) -> str:
+_PG_TEMPLATES: dict[str, str] = {}
+
+
+def _create_pg_db(base: str, *, migrated: bool = True) -> str:
+    """A new database on the server at ``base``: a copy of one migrated to head once per session
+    (``CREATE DATABASE ... TEMPLATE``: Alembic on a new PostgreSQL database costs about 0.65 s of CPU in
+    the process that runs it, and nearly every PostgreSQL case starts from one), or an empty one
+    (``migrated=False``: the cases that test migrating, marked ``empty_db``)."""
     import asyncio
 
     import asyncpg
 
     name = f"t_{uuid.uuid4().hex[:12]}"
+    if _loop_running():
+        return f"{base}/{name}"
+    template = _pg_template(base) if migrated else None
 
     async def go() -> None:
         conn = await asyncpg.connect(base + "/postgres")
         try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            clause = f' TEMPLATE "{template}"' if template else ""
+            await conn.execute(f'CREATE DATABASE "{name}"{clause}')
         finally:
             await conn.close()
 
-    asyncio.run(go()) if not _loop_running() else None
+    asyncio.run(go())
     return f"{base}/{name}"
+
+
+def _pg_template(base: str) -> str:
+    """The name of this session's migrated template database on ``base`` (made on first use)."""
+    if base not in _PG_TEMPLATES:
+        import asyncio
+
+        from orchestrator.store import db
+
+        url = _create_pg_db(base, migrated=False)
+
+        async def migrate() -> None:
+            engine = db.create_engine(db.normalize_url(url))
+            try:
+                await db.upgrade(engine)
+            finally:
+                await engine.dispose()  # a template must have no session open when it is copied
+
+        asyncio.run(migrate())
+        _PG_TEMPLATES[base] = url.rsplit("/", 1)[1]
+    return _PG_TEMPLATES[base]
 
 
 def _loop_running() -> bool:
@@ -273,37 +376,78 @@ def _loop_running() -> bool:
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty job table on each backend (the PostgreSQL case carries the ``postgres`` marker)."""
+    """A fresh job table on each backend (the PostgreSQL case carries the ``postgres`` marker): a SQLite
+    file not made yet (the program makes it at head from the schema snapshot, ``store/fresh.py``), or a
+    new PostgreSQL database at head (``_create_pg_db``; empty for a case marked ``empty_db``)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
     pg_server: str | None = request.getfixturevalue("pg_server")  # no server started for SQLite cases
     if pg_server is None:
         pytest.skip("no PostgreSQL here (set ORCHESTRATOR_TEST_PG_URL or install postgresql)")
-    return _create_pg_db(pg_server)
+    return _create_pg_db(pg_server, migrated=request.node.get_closest_marker("empty_db") is None)
+
+
+def on_both_backends_once(argname: str, values: list[Any], ids: list[str] | None = None) -> Any:
+    """``parametrize`` a ``db_url`` case over ``values``: every value on SQLite, the first on PostgreSQL
+    too. For matrices whose values are the concern (answer kinds, signals) and the backend is not: the
+    store's SQL runs on both backends in tests/unit/test_store.py and each case function still runs on
+    both; only the product of the two lists is cut (it cost a PostgreSQL run per value)."""
+    names = ids or [str(v) for v in values]
+    params = [pytest.param("sqlite", v, id=f"sqlite-{n}") for v, n in zip(values, names, strict=True)]
+    pg = pytest.mark.postgres
+    params.append(pytest.param("postgresql", values[0], id=f"postgresql-{names[0]}", marks=pg))
+    return pytest.mark.parametrize(("db_url", argname), params, indirect=["db_url"])
 
 
 @pytest.fixture
-def pg_url(pg_server: str | None) -> str:
-    """A fresh, empty PostgreSQL database (cases using it carry the ``postgres`` marker)."""
+def pg_url(request: pytest.FixtureRequest, pg_server: str | None) -> str:
+    """A new PostgreSQL database at head, or empty for a case marked ``empty_db`` (cases using it carry
+    the ``postgres`` marker)."""
     if pg_server is None:
         pytest.skip("no PostgreSQL here (set ORCHESTRATOR_TEST_PG_URL or install postgresql)")
-    return _create_pg_db(pg_server)
+    return _create_pg_db(pg_server, migrated=request.node.get_closest_marker("empty_db") is None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Byte-compile the package once, before any case starts a process.
+
+    The integration cases start about a thousand ``orchestrator`` processes. An editable install has no
+    ``.pyc`` files, and where ``PYTHONDONTWRITEBYTECODE`` is set (this machine image sets it) no process
+    writes them either: each one compiled every module it imported again, about 0.25 s of CPU per process
+    (measured), a fifth of the suite's CPU. Python still reads ``.pyc`` files with that variable set.
+    Done by the controller only (pytest-xdist workers carry ``workerinput``)."""
+    if hasattr(config, "workerinput"):
+        return
+    import compileall
+
+    root = Path(__file__).resolve().parent.parent
+    for folder in ("orchestrator", "migrations"):
+        if (root / folder).is_dir():
+            compileall.compile_dir(root / folder, quiet=2)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """``postgres`` on every case that needs a PostgreSQL server: ``db_url``'s PostgreSQL parameter carries
-    it already; a case that asks for ``pg_url`` or ``pg_server`` itself gets it here."""
+    it already; a case that asks for ``pg_url`` or ``pg_server`` itself gets it here.
+
+    Then the ``slow`` cases first (a stable sort: the order within each kind is kept): under pytest-xdist
+    the long ones start at once and the short ones fill the workers around them, instead of one long case
+    starting last and running alone."""
     for item in items:
         names = getattr(item, "fixturenames", ())
         if "pg_url" in names or ("pg_server" in names and "db_url" not in names):
             item.add_marker(pytest.mark.postgres)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 # ------------------------------------------------------------------ helpers
 def make_inventory(sim: Sim, path: Path, fmt: str = "yaml") -> Path:
-    """An inventory for the simulator's fleet, through the product's own export command."""
-    r = cli("simulator", "--scenario", str(sim.scenario_file), "--export-inventory", str(path))
-    assert r.code == 0, str(r)
+    """An inventory for the simulator's fleet, written by the code behind ``orchestrator simulator
+    --export-inventory`` (called in-process: a process per case cost half a second of CPU each; the command
+    itself is tested in tests/integration/test_issue10_operator.py and test_simulator.py)."""
+    from orchestrator.simulator import Scenario, scenario_to_inventory
+
+    scenario_to_inventory(Scenario.load(str(sim.scenario_file)), str(path), fmt=fmt)
     return path
 
 

@@ -708,27 +708,24 @@ def _install_signals(rt: Runtime) -> Callable[[], None]:
                 os.write(2, f"{signame} again: exiting now; resume will reconcile calls in flight\n".encode())
             os._exit(EXIT_STOPPED)
 
-    installed = []
+    installed: dict[signal.Signals, Any] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
         try:
             loop.add_signal_handler(sig, on_signal, sig.name)
-            installed.append(sig)
+            installed[sig] = previous
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
 
     def restore() -> None:
-        for sig in installed:
+        for sig, previous in installed.items():
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-            # back to the process-wide handler (exit 3 outside the engine)
+            # back to the process-wide handler (exit 3 outside the engine: cli._on_signal for SIGTERM)
             with contextlib.suppress(Exception):
-                signal.signal(sig, _startup_handler)
+                signal.signal(sig, previous)
 
     return restore
-
-
-def _startup_handler(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _confirmer(proc: ProcessOptions) -> Callable[[Confirm], Any]:

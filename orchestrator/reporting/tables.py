@@ -11,7 +11,7 @@ every table; csv and json always carry them in full.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, TextIO, TypeVar, cast
+from typing import TYPE_CHECKING, Protocol, TextIO, TypeVar, cast
 
 from rich import box
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
@@ -21,12 +21,10 @@ from rich.text import Text
 
 from orchestrator.reporting.plain import Clipped, Column, PlainTable, printable
 from orchestrator.reporting.text import Zone, human_time, zone_label
-from orchestrator.store.reports import (
-    STATUS_ORDER,
-    FlaggedGroup,
-    HistoryEntry,
-    RunSummary,
-)
+from orchestrator.states import STATUS_ORDER
+
+if TYPE_CHECKING:  # the rows' module loads SQLAlchemy: the end-of-run counts table does not need it
+    from orchestrator.store.reports import FlaggedGroup, HistoryEntry, RunSummary
 
 ID_WIDTH = 36  # Huawei Cloud ids are 32 hex digits + a 4-character kind suffix, or a 36-character UUID
 _PROBLEMS = ("flagged", "failed")

@@ -95,23 +95,39 @@ class SimulatorServer:
         clock: Callable[[], float] | None = None,
         shutdown_timeout: float = 0.5,
     ) -> None:
-        self.scenario = scenario
         self.host, self._requested_port = host, port
-        self.clock = clock if clock is not None else offset_clock(scenario.clock_offset_s)
+        self._clock_given = clock
+        self.in_flight = 0
+        self._shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self._load(scenario, log_file)
+
+    def _load(self, scenario: Scenario, log_file: str | os.PathLike[str] | None) -> None:
+        """Everything a scenario decides, made anew: the fleet, faults, auth, throttle, latency, the call
+        log and the counters (``__init__`` and ``reset``)."""
+        self.scenario = scenario
+        given = self._clock_given
+        self.clock = given if given is not None else offset_clock(scenario.clock_offset_s)
         self.fleet = Fleet(scenario, clock=self.clock)
         self.faults = FaultInjector(scenario.faults, scenario.seed)
         self.gateway = GatewayAuth(scenario.auth, scenario.project_id, clock=self.clock)
         self.throttle = GatewayThrottle(scenario.faults.gateway_rate_limit)
         self.latency_s = scenario.latency_s
         self.call_log = CallLog(log_file)
-        self.in_flight = 0
         self.max_concurrent = 0
         self.calls: Counter[str] = Counter()
         self.statuses: Counter[str] = Counter()
         self._seq = 0
-        self._shutdown_timeout = shutdown_timeout
-        self._runner: web.AppRunner | None = None
-        self.port = 0
+
+    def reset(self, scenario: Scenario, log_file: str | os.PathLike[str] | None = None) -> None:
+        """Serve ``scenario`` from now on as if just started on it (a new fleet, call log and counters),
+        on the same port: a rehearsal or a test suite reuses one process instead of starting another.
+        Raises ``ResetRefused`` while calls are in flight (their records would land in the new log)."""
+        if self.in_flight:
+            raise ResetRefused(f"{self.in_flight} calls in flight")
+        self.call_log.close()
+        self._load(scenario, log_file)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -145,7 +161,7 @@ class SimulatorServer:
     def build_app(self) -> web.Application:
         """The aiohttp application: the contract's routes behind the gateway pipeline (auth, throttle,
         faults, latency), ``POST /v3/auth/tokens`` (IAM), and the ``/_sim/`` routes (log, fleet, stats,
-        patch) for tests; any other path, through the same pipeline, a 404 ``APIGW.0101``."""
+        patch, reset) for tests; any other path, through the same pipeline, a 404 ``APIGW.0101``."""
         app = web.Application(client_max_size=1 << 20)
         api: list[tuple[str, str, str, Route]] = [
             ("POST", "/v3/auth/tokens", "token", self._token),
@@ -164,6 +180,7 @@ class SimulatorServer:
         app.router.add_get("/_sim/fleet", self._sim_fleet)
         app.router.add_get("/_sim/stats", self._sim_stats)
         app.router.add_post("/_sim/patch", self._sim_patch)
+        app.router.add_post("/_sim/reset", self._sim_reset)
         app.router.add_route("*", "/{tail:.*}", self._api("unknown", self._unknown))
         return app
 
@@ -387,6 +404,21 @@ class SimulatorServer:
             return web.json_response({"error_code": "SIM.400", "error_msg": str(exc)}, status=400)
         return web.json_response(result)
 
+    async def _sim_reset(self, request: web.Request) -> web.StreamResponse:
+        data = _json_or_none(await request.read())
+        if not isinstance(data, dict) or not isinstance(data.get("scenario"), str):
+            usage = 'the body must be {"scenario": PATH, "log_file": PATH}'
+            return web.json_response({"error_code": "SIM.400", "error_msg": usage}, status=400)
+        log_file = data.get("log_file")
+        try:
+            scenario = Scenario.load(data["scenario"])
+            self.reset(scenario, log_file if isinstance(log_file, str) else None)
+        except ResetRefused as exc:
+            return web.json_response({"error_code": "SIM.409", "error_msg": str(exc)}, status=409)
+        except Exception as exc:  # a scenario that does not load: said, the old one stays
+            return web.json_response({"error_code": "SIM.400", "error_msg": str(exc)}, status=400)
+        return web.json_response({"url": self.url, "proxies": len(self.fleet.snapshot())})
+
     def apply_patch(self, data: Any) -> dict[str, Any]:
         """Change the scenario at run time; raises PatchError (nothing partial for faults/latency)."""
         if not isinstance(data, dict):
@@ -419,6 +451,10 @@ class SimulatorServer:
 
 class PatchError(ValueError):
     """A ``/_sim/patch`` body that cannot be applied (answered 400 with the message)."""
+
+
+class ResetRefused(RuntimeError):
+    """``reset`` while calls are in flight (``/_sim/reset`` answers 409)."""
 
 
 def offset_clock(offset_s: float) -> Callable[[], float]:

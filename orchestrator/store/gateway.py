@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
+import orchestrator.store.fresh as fresh
 import orchestrator.store.urls as urls
 from orchestrator.store.jobs import JobOps
 from orchestrator.store.permits import PermitOps
@@ -129,18 +130,23 @@ async def open_store(
     Raises ``DatabaseUrlError`` (one line, exit 2) for a bad location, and the driver's error for a
     database that cannot be reached (``urls.explain_connect_error`` words it). ``clock`` (UTC now) and
     ``inline`` (SQLite batches on the loop's thread) are for tests on virtual time. The schema revision
-    is read with the driver; SQLAlchemy and Alembic are loaded only when the table must be migrated."""
+    is read with the driver; SQLAlchemy and Alembic are loaded only when the table must be migrated (a new
+    SQLite file is made from the schema snapshot instead, ``store/fresh.py``)."""
     full = urls.normalize_url(url)
     urls.check_target(full, create=create)
-    if migrate and await stored_revision(full) != HEAD_REVISION:
-        from orchestrator.store import db
-
-        engine = db.create_engine(full)
-        try:
-            await db.upgrade(engine)
-        finally:
-            await engine.dispose()
     path = urls.sqlite_path(full)
+    if migrate:
+        revision = await stored_revision(full)
+        # a new SQLite file gets the schema from the migrations' snapshot in one transaction (store/fresh.py)
+        made = revision is None and path is not None and fresh.create_sqlite_at_head(path)
+        if revision != HEAD_REVISION and not made:
+            from orchestrator.store import db
+
+            engine = db.create_engine(full)
+            try:
+                await db.upgrade(engine)
+            finally:
+                await engine.dispose()
     backend: Backend
     if path is not None:
         secure_file(path)

@@ -39,9 +39,14 @@ class PermitOps:
         have senders waiting right now, so a permit is used at once, never kept in stock."""
 
         async def op(tx: Tx) -> tuple[list[int], float]:
+            now = tx.now
             if tx.dialect == "postgresql":
                 await tx.execute("SELECT pg_advisory_xact_lock(:k)", {"k": RUN_LOCK + run_id})
-            now = tx.now
+                # stamped when the lock is ours, not when the batch began: a permit granted after a wait
+                # on the lock must not carry a stamp older than the permits granted before it
+                locked = await tx.fetchone("SELECT clock_timestamp()")
+                stamp = aware(locked[0]) if locked is not None else None
+                now = stamp if stamp is not None else now
             window_start = now - timedelta(seconds=period + margin)
             ws = tx.ts(window_start)
             row = await tx.fetchone(

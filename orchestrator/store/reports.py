@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Select, String, func, or_, select, text, type_coerce
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from orchestrator import states
 from orchestrator.store.models import Attempt, Event, Job, Run, Workflow
 
 J = Job.__table__.c
@@ -38,17 +39,7 @@ E = Event.__table__.c
 #: rows fetched per round trip when streaming (bounded memory, few thread hops on aiosqlite)
 STREAM_BATCH = 2000
 
-STATUS_ORDER = (
-    "succeeded",
-    "accepted",
-    "skipped",
-    "flagged",
-    "failed",
-    "pending",
-    "retry_wait",
-    "in_flight",
-    "unknown",
-)
+STATUS_ORDER = states.STATUS_ORDER  # re-exported: the renderers import it from here
 
 
 def aware(value: datetime | None) -> datetime | None:

@@ -166,6 +166,7 @@ def test_every_audit_query_answers_as_the_story_says(db_url: str) -> None:
     assert not wrong, "\n".join(f"{n}:\n  got  {g}\n  want {w}" for n, (g, w) in wrong.items())
 
 
+@pytest.mark.empty_db  # migrates an empty database itself
 def test_downgrade_drops_the_views_and_upgrade_brings_them_back(db_url: str) -> None:
     async def go() -> tuple[set[str], set[str]]:
         engine = db.create_engine(db.normalize_url(url))

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from orchestrator.preflight import version_key
-from tests.conftest import Result, Sim, cli, cli_bg, db_rows, make_inventory
+from tests.conftest import Result, Sim, cli, cli_bg, db_rows, make_inventory, on_both_backends_once
 from tests.simlog import (
     applied_per_proxy,
     created_workflow_ids,
@@ -571,7 +571,7 @@ def table_counts(db: str) -> dict[str, int]:
     }
 
 
-@pytest.mark.parametrize("reject_rate", [0.0, 0.2], ids=["clean", "flagged"])
+@on_both_backends_once("reject_rate", [0.2, 0.0], ids=["flagged", "clean"])
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(
     sim_factory: Callable[..., Sim], tmp_path: Path, db_url: str, reject_rate: float
 ) -> None:
@@ -730,6 +730,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.empty_db  # migrates an empty database itself
 def test_crash_halfway_through_a_migration_leaves_no_partial_schema(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Sim, cli, db_rows
+from tests.conftest import Sim, cli, db_rows, on_both_backends_once
 from tests.issue10 import (
     CURRENT,
     INSTANCE,
@@ -92,7 +92,7 @@ ITEM_REWRITES: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.parametrize("rewrite", list(ITEM_REWRITES), ids=list(ITEM_REWRITES))
+@on_both_backends_once("rewrite", list(ITEM_REWRITES))
 def test_items_that_do_not_prove_their_state_are_reconciled(
     rewrite: str,
     sim_factory: Callable[..., Sim],
@@ -194,7 +194,7 @@ RESEND_MEETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("met", list(RESEND_MEETS), ids=list(RESEND_MEETS))
+@on_both_backends_once("met", list(RESEND_MEETS))
 def test_resend_meeting_at_target_or_busy_reconciles_and_records_the_workflow(
     met: str,
     sim_factory: Callable[..., Sim],
@@ -265,7 +265,7 @@ def test_issue_input_503_then_accept_without_source_version(
     assert "preflight is off" not in r.out + r.err
 
 
-@pytest.mark.parametrize("preflight", ["--preflight", "--no-preflight"])
+@on_both_backends_once("preflight", ["--preflight", "--no-preflight"])
 def test_retry_flagged_and_resume_send_the_version_preflight_read(
     preflight: str, sim_factory: Callable[..., Sim], tmp_path: Path, db_url: str
 ) -> None:

@@ -435,6 +435,7 @@ def _alembic(ini: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.empty_db  # migrates an empty database itself
 def test_alembic_cli_migrates_postgresql(pg_url: str, tmp_path: Path) -> None:
     """``alembic upgrade head`` / ``downgrade base`` / ``current`` on a postgresql:// URL, with the
     drivers the orchestrator depends on (no psycopg)."""
@@ -450,6 +451,7 @@ def test_alembic_cli_migrates_postgresql(pg_url: str, tmp_path: Path) -> None:
     assert r.code == 0 and r.out.strip() == "0006", str(r)
 
 
+@pytest.mark.empty_db  # migrates an empty database itself
 def test_processes_started_together_on_a_new_database_all_migrate_it(pg_url: str) -> None:
     procs = [
         subprocess.Popen(

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import PY, Sim, clean_env, cli, cli_bg, db_rows
+from tests.conftest import PY, Sim, clean_env, cli, cli_bg, db_rows, on_both_backends_once
 from tests.issue10 import (
     TERMINAL,
     fast,
@@ -239,7 +239,7 @@ def test_a_run_piped_into_head_finishes(case: str, sim_factory: Callable[..., Si
     assert took < 120, took
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@on_both_backends_once("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signals_stop_a_run_whose_reader_went_away(
     signum: signal.Signals, sim_factory: Callable[..., Sim], tmp_path: Path, db_url: str,
     procs: list[subprocess.Popen[bytes]],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
@@ -62,6 +63,7 @@ def _head() -> str:
     return heads[0]
 
 
+@pytest.mark.empty_db  # migrates an empty database itself
 def test_upgrade_matches_models_downgrade_to_base_upgrade_again(db_url: str) -> None:
     head = _head()
     seen = asyncio.run(_cycle(db_url))
@@ -84,6 +86,7 @@ def test_upgrade_matches_models_downgrade_to_base_upgrade_again(db_url: str) -> 
     assert seen["again_diff"] == [], seen["again_diff"]
 
 
+@pytest.mark.empty_db  # migrates an empty database itself
 def test_upgrade_is_idempotent_and_leaves_data(db_url: str) -> None:
     """Every command upgrades the table first: doing it on a table at head must change nothing."""
     from sqlalchemy import text
@@ -117,6 +120,7 @@ def test_head_constant_is_alembic_head() -> None:
     assert _head() == db.HEAD_REVISION
 
 
+@pytest.mark.empty_db  # migrates an empty database itself
 def test_ensure_current_migrates_an_empty_or_old_table_and_leaves_a_current_one(db_url: str) -> None:
     """Alembic runs when the table is missing or behind, and not at all when it is at head (a command's
     start-up then costs one query instead of loading Alembic)."""

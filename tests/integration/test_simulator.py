@@ -465,3 +465,58 @@ async def test_date_headers_and_job_times_are_on_the_simulated_clouds_clock(
         if offset < 0:  # a window on the host's clock lies in the cloud's future: nothing yet
             _, none = await get_json(http, f"{base}/immediate-jobs", start_time=window(time.time() - 10))
             assert none["jobs"] == []
+
+
+async def test_reset_serves_a_new_scenario_as_if_just_started(
+    http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """``POST /_sim/reset``: a new fleet, call log (its own file) and counters on the same port; refused
+    while calls are in flight and for a scenario that does not load (the old one stays)."""
+    first_log, second_log = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    async with SimulatorServer(scenario(), log_file=first_log) as sim:
+        async with http.post(upgrade_url(sim), json=BODY) as resp:
+            assert resp.status == 200
+        assert sim.stats["total_calls"] == 1
+        assert sim.fleet.snapshot()[0]["current_version"] in (OLD, NEW)
+
+        other = tmp_path / "other.yaml"
+        other.write_text(
+            json.dumps({"seed": 1, "project_id": PROJECT, "fleet": {"generate": {"proxies": 5}}}),
+            encoding="utf-8",
+        )
+        # a scenario that does not load: 400, the old scenario goes on serving
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("fleet: {generate: {proxies: -1}}\n", encoding="utf-8")
+        async with http.post(f"{sim.url}/_sim/reset", json={"scenario": str(bad)}) as resp:
+            assert resp.status == 400, await resp.text()
+        assert len(sim.fleet.snapshot()) == 3 and sim.stats["total_calls"] == 1
+
+        # calls in flight: refused (their records would land in the next call log)
+        sim.in_flight += 1
+        async with http.post(
+            f"{sim.url}/_sim/reset", json={"scenario": str(other), "log_file": str(second_log)}
+        ) as resp:
+            assert resp.status == 409, await resp.text()
+        sim.in_flight -= 1
+
+        async with http.post(
+            f"{sim.url}/_sim/reset", json={"scenario": str(other), "log_file": str(second_log)}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+        assert sim.stats == {
+            "total_calls": 0, "calls": {}, "http_status": {}, "max_concurrent": 0, "in_flight": 0,
+            "token_issues": 0, "auth_failures": 0, "faults": {}, "workflows": 0,
+        }  # fmt: skip
+        assert sim.log == []
+        fleet = sim.fleet.snapshot()
+        assert len(fleet) == 5 and all(p["current_version"] != p["latest_version"] for p in fleet)
+        p = fleet[0]
+        url = f"{sim.url}/v3/{PROJECT}/instances/{p['instance_id']}/proxy/{p['proxy_id']}/upgrade-version"
+        async with http.post(
+            url, json={"source_version": p["current_version"], "target_version": p["latest_version"]}
+        ) as resp:
+            assert resp.status == 200
+        assert [r["seq"] for r in sim.log] == [1]
+    # each call went to its own scenario's log file
+    assert len(first_log.read_text().splitlines()) == 1
+    assert [json.loads(x)["proxy_id"] for x in second_log.read_text().splitlines()] == [p["proxy_id"]]

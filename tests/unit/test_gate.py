@@ -1,0 +1,84 @@
+"""The run-wide gate never lets a call leave under a permit that aged past its freshness budget.
+
+The store here is a stand-in for ``JobStore``'s permit operations (the SQL itself is exercised against
+both backends in ``tests/unit/test_store.py`` and by the multi-worker runs); what is tested is the
+gate's decision: a permit taken later than ``FRESH_FRACTION`` of the margin after it was asked for is
+released unused and another is asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator.gate import FRESH_FRACTION, SAFETY_S, SharedGate
+from orchestrator.limiter import Rate
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class PermitStore:
+    """Grants permits with consecutive ids; ``delays`` (seconds of the fake clock) is how long each
+    successive request takes to answer."""
+
+    def __init__(self, clock: Clock, delays: list[float]) -> None:
+        self.clock = clock
+        self.delays = delays
+        self.asked: list[int] = []
+        self.released: list[int] = []
+        self._next = 1
+
+    async def try_send_slots(self, run_id: int, **kw: Any) -> tuple[list[int], float]:
+        want = int(kw["want"])
+        self.asked.append(want)
+        self.clock.t += self.delays.pop(0) if self.delays else 0.001
+        ids = list(range(self._next, self._next + want))
+        self._next += want
+        return ids, 0.0
+
+    async def release_send_slots(self, ids: list[int]) -> None:
+        self.released.extend(ids)
+
+
+def _gate(store: PermitStore, clock: Clock) -> SharedGate:
+    return SharedGate(store, 1, "w", Rate(10, 1.0), 8, lease_s=30.0, mono=clock)  # type: ignore[arg-type]
+
+
+async def test_a_permit_answered_in_time_is_used() -> None:
+    clock = Clock()
+    store = PermitStore(clock, [0.002])
+    gate = _gate(store, clock)
+    async with gate.slot():
+        pass
+    await gate.close()
+    assert store.asked == [1]
+    assert gate.stale == 0
+    assert store.released == [1]
+
+
+@pytest.mark.parametrize(
+    ("delay", "stale"),
+    [
+        (FRESH_FRACTION * SAFETY_S - 0.001, 0),  # just inside the budget: used
+        (FRESH_FRACTION * SAFETY_S + 0.001, 1),  # just past it: released unused, another asked for
+        (5.0, 1),  # a stalled process: same
+    ],
+)
+async def test_a_permit_that_aged_past_its_budget_is_released_unused(delay: float, stale: int) -> None:
+    clock = Clock()
+    store = PermitStore(clock, [delay])
+    gate = _gate(store, clock)
+    async with gate.slot():
+        used = store._next - 1
+    await gate.close()
+    assert gate.stale == stale
+    assert len(store.asked) == 1 + stale
+    # the stale permit and the one used are both released (the stale one still counts as a start)
+    assert sorted(store.released) == list(range(1, used + 1))
