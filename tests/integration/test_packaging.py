@@ -73,6 +73,8 @@ def test_wheel_contains_the_migrations(wheel: Path) -> None:
     assert versions <= shipped, f"missing from the wheel: {versions - shipped}"
     # the migrations live only under the package, not as a stray top-level package
     assert not any(n.startswith("migrations/") for n in names)
+    # and the schema snapshot a new SQLite job table is made from (store/fresh.py)
+    assert "orchestrator/store/schema_sqlite.sql" in names
 
 
 def test_installed_wheel_finds_its_own_migrations(installed: Path, tmp_path: Path) -> None:
