@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,13 +69,66 @@ class Sim:
             return json.loads(r.read())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
+
+
+def terminate(proc: subprocess.Popen[Any]) -> None:
+    """Stop a server this test suite started: SIGTERM (it closes cleanly), SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def stop_process(p: subprocess.Popen[Any]) -> None:
+    """Kill one process a test started (by its pid), thawing it first if it was frozen."""
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGCONT)
+        p.kill()
+        p.wait(10)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Background processes a test started; whatever is left is killed (by pid) at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        stop_process(p)
+
+
+def text_of(path: Path) -> str:
+    """A file's text so far ("" before it exists), for assertion messages."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_until(
+    what: str,
+    cond: Callable[[], Any],
+    timeout: float,
+    procs: Iterable[subprocess.Popen[Any]] = (),
+    outputs: Callable[[], str] = str,
+    every: float = 0.1,
+) -> Any:
+    """Poll ``cond`` until it returns something truthy (returned); fail after ``timeout`` seconds or when
+    one of ``procs`` exits first, with ``outputs()`` in the message. An error of ``cond`` counts as "not
+    yet" (tables not there yet, a server restarting, ...)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            value = cond()
+            if value:
+                return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{outputs()}")
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"{what}: process {p.pid} exited {p.returncode} first\n{outputs()}")
+        time.sleep(every)
 
 
 def start_sim(tmp: Path, scenario: dict[str, Any] | str, name: str = "sim") -> Sim:
@@ -187,6 +240,24 @@ def sim_factory(tmp_path: Path) -> Iterator[Any]:
             with contextlib.suppress(OSError):
                 s.proc.send_signal(signal.SIGCONT)  # a case may have left it stopped
             _IDLE_SIMS.append(s)
+
+
+@pytest.fixture
+def hostile_factory(tmp_path: Path) -> Iterator[Any]:
+    """``make(upstream, rules, name="hostile")``: a fault-injecting gateway in front of ``upstream``
+    (``tests/issue10.py``), stopped at the end."""
+    from tests.issue10 import start_hostile
+
+    started: list[Any] = []
+
+    def make(upstream: str, rules: list[dict[str, Any]], name: str = "hostile") -> Any:
+        h = start_hostile(tmp_path, upstream, rules, name)
+        started.append(h)
+        return h
+
+    yield make
+    for h in started:
+        h.stop()
 
 
 # ----------------------------------------------------------------------- CLI

@@ -21,14 +21,14 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import PY, ROOT, Sim, _free_port, _pg_bindir, clean_env, db_rows
+from tests.conftest import PY, ROOT, Sim, _free_port, _pg_bindir, clean_env, db_rows, text_of
 from tests.simlog import created_workflow_ids, sent_after_applied, upgrade_calls
 
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
@@ -50,52 +50,6 @@ def scenario(
     }
     base.update(extra)
     return base
-
-
-def text_of(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def wait_until(
-    what: str,
-    cond: Callable[[], Any],
-    timeout: float,
-    procs: Sequence[subprocess.Popen[bytes]] = (),
-    outputs: Callable[[], str] = str,
-    every: float = 0.1,
-) -> Any:
-    """Poll ``cond`` until it returns something truthy (returned); fail after ``timeout`` or when one of
-    ``procs`` exits first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(Exception):  # tables not there yet, a server restarting, ...
-            value = cond()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{outputs()}")
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"{what}: process {p.pid} exited {p.returncode} first\n{outputs()}")
-        time.sleep(every)
-
-
-def stop_process(p: subprocess.Popen[Any]) -> None:
-    """Kill one process this test started (by its pid), thawing it first if it was frozen."""
-    if p.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(signal.SIGCONT)
-        p.kill()
-        p.wait(10)
-
-
-def started_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """For a ``procs`` fixture: background processes a test started; whatever is left is killed (by pid)
-    at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        stop_process(p)
 
 
 def rows(url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:

@@ -9,20 +9,18 @@ and rewrites them (the simulator still applies the upgrade: its log says ``effec
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.conftest import PY, ROOT, Result, Sim, clean_env, cli, db_rows, make_inventory
+from tests.conftest import PY, ROOT, Result, Sim, clean_env, cli, db_rows, make_inventory, terminate
 
 CURRENT = "2.23.12.000"
 TARGET = "2.24.03.000"
@@ -113,13 +111,7 @@ class Hostile:
             r.read()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
 
 
 def start_hostile(tmp: Path, upstream: str, rules: list[dict[str, Any]], name: str = "hostile") -> Hostile:
@@ -190,30 +182,3 @@ def run_cli(
 ) -> Result:
     return cli("run", str(inv), "--db", db, "--endpoint", endpoint, "--rate", "50/s", *fast(), *extra,
                env=env, timeout=timeout)  # fmt: skip
-
-
-def wait_until(
-    what: str,
-    cond: Callable[[], Any],
-    timeout: float,
-    procs: Iterable[Any] = (),
-    outputs: Callable[[], str] = str,
-) -> Any:
-    """Poll ``cond`` until it returns something truthy (returned); fail after ``timeout`` or when one of
-    ``procs`` exits first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(Exception):
-            value = cond()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{outputs()}")
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"{what}: process {p.pid} exited {p.returncode} first\n{outputs()}")
-        time.sleep(0.05)
-
-
-def text_of(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""

@@ -114,34 +114,35 @@ def render(revision: str, statements: Sequence[str]) -> str:
     return head + "".join(f"{sql};\n\n" for sql in statements)
 
 
-def _migrated_statements() -> list[str]:
-    """Migrate a new temporary SQLite file with Alembic and read back its statements."""
+def alembic_statements(path: Path) -> list[str]:
+    """Migrate the SQLite file at ``path`` with Alembic (a new file: the whole chain) and read back its
+    statements (``schema_statements``): what the snapshot must equal."""
     import asyncio
-    import tempfile
 
     from orchestrator.store import db
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "jobs.db"
-
-        async def go() -> None:
-            engine = db.create_engine(f"sqlite:///{path}")
-            try:
-                await db.upgrade(engine)
-            finally:
-                await engine.dispose()
-
-        asyncio.run(go())
-        conn = sqlite3.connect(path)
+    async def go() -> None:
+        engine = db.create_engine(f"sqlite:///{path}")
         try:
-            return schema_statements(conn)
+            await db.upgrade(engine)
         finally:
-            conn.close()
+            await engine.dispose()
+
+    asyncio.run(go())
+    conn = sqlite3.connect(path)
+    try:
+        return schema_statements(conn)
+    finally:
+        conn.close()
 
 
 def main() -> None:
     """Regenerate ``store/schema_sqlite.sql`` from the migrations (run after adding one)."""
-    SNAPSHOT.write_text(render(HEAD_REVISION, _migrated_statements()), encoding="utf-8")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        statements = alembic_statements(Path(tmp) / "jobs.db")
+    SNAPSHOT.write_text(render(HEAD_REVISION, statements), encoding="utf-8")
     print(f"wrote {SNAPSHOT}")
 
 

@@ -22,7 +22,7 @@ import sqlite3
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,18 @@ import pytest
 import yaml
 
 from orchestrator.preflight import version_key
-from tests.conftest import Result, Sim, cli, cli_bg, db_rows, make_inventory, on_both_backends_once
+from tests.conftest import (
+    Result,
+    Sim,
+    cli,
+    cli_bg,
+    db_rows,
+    make_inventory,
+    on_both_backends_once,
+    stop_process,
+    text_of,
+    wait_until,
+)
 from tests.simlog import (
     applied_per_proxy,
     created_workflow_ids,
@@ -101,28 +112,6 @@ def scenario(
 
 
 # ------------------------------------------------------------------ helpers
-def wait_until(
-    what: str,
-    cond: Callable[[], Any],
-    timeout: float,
-    procs: tuple[subprocess.Popen[bytes], ...] = (),
-    outputs: Callable[[], str] = str,
-) -> Any:
-    """Poll ``cond`` until it returns something truthy (returned); fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(Exception):  # e.g. the tables do not exist yet
-            value = cond()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{outputs()}")
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"{what}: process {p.pid} exited {p.returncode} first\n{outputs()}")
-        time.sleep(0.05)
-
-
 def calls_after_applied(log: list[dict[str, Any]]) -> dict[str, list[tuple[Any, ...]]]:
     """Proxies that got any upgrade call after their first call whose effect was 'applied', with each
     of their calls as (seq, http_status, error_code, effect, workflows) for the message."""
@@ -197,27 +186,6 @@ def assert_crash_safe(
 
 def expected_exit(counts: dict[str, int]) -> int:
     return 1 if counts.get("flagged", 0) + counts.get("failed", 0) else 0
-
-
-def text_of(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def stop(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(signal.SIGCONT)
-        p.kill()
-        p.wait(10)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Background orchestrators started by a test; whatever is left is killed (by pid) at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        stop(p)
 
 
 def n_upgrades(sim: Sim) -> int:
@@ -558,7 +526,7 @@ def test_frozen_holder_keeps_the_run_until_its_lease_expires_then_is_taken_over(
     assert len(new) == 1
     assert parse_ts(new[0][3]) >= parse_ts(expires), "taken over only once the lease had expired"
 
-    stop(holder)  # SIGKILL the frozen one
+    stop_process(holder)  # SIGKILL the frozen one
     counts = assert_crash_safe(sim, db_url, expect_proxies={p["proxy_id"] for p in sim.fleet()})
     assert r.code == expected_exit(counts), f"{counts}\n{r}"
 

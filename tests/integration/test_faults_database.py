@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Sim, cli, cli_bg, db_rows, make_inventory
+from tests.conftest import Sim, cli, cli_bg, db_rows, make_inventory, text_of, wait_until
 from tests.faultkit import (
     FAST,
     PgCluster,
@@ -30,10 +30,7 @@ from tests.faultkit import (
     private_cluster,
     scenario,
     sqlite_file,
-    started_processes,
-    text_of,
     upgraded_proxies,
-    wait_until,
 )
 
 DONE = {"succeeded"}
@@ -42,11 +39,6 @@ DONE = {"succeeded"}
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
     yield from private_cluster()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    yield from started_processes()
 
 
 def n_upgrades(sim: Sim) -> int:

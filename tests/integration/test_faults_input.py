@@ -21,14 +21,14 @@ import sqlite3
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import Sim, clean_env, cli, cli_bg, db_rows, make_inventory
+from tests.conftest import Sim, clean_env, cli, cli_bg, db_rows, make_inventory, text_of, wait_until
 from tests.faultkit import (
     FAST,
     CountingListener,
@@ -39,16 +39,8 @@ from tests.faultkit import (
     scenario,
     self_signed_cert,
     start_hostile,
-    started_processes,
-    text_of,
-    wait_until,
 )
 from tests.simlog import upgrades_per_proxy
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    yield from started_processes()
 
 
 def no_traceback(*texts: str) -> None:

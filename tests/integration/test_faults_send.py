@@ -18,14 +18,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Sim, _create_pg_db, cli, cli_bg, db_rows, make_inventory
+from tests.conftest import Sim, _create_pg_db, cli, cli_bg, db_rows, make_inventory, text_of, wait_until
 from tests.faultkit import (
     FAST,
     assert_no_second_upgrade,
@@ -37,17 +37,9 @@ from tests.faultkit import (
     rows,
     scenario,
     sqlite_unlocked,
-    started_processes,
-    text_of,
     upgraded_proxies,
-    wait_until,
 )
 from tests.simlog import upgrades_per_proxy
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    yield from started_processes()
 
 
 def outputs(tmp: Path) -> str:

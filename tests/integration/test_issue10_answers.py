@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +29,9 @@ from tests.issue10 import (
     jobs,
     run_cli,
     scenario,
-    start_hostile,
     workflows,
 )
 from tests.simlog import applied_per_proxy, sent_after_applied, upgrades_per_proxy
-
-
-@pytest.fixture
-def hostile_factory(tmp_path: Path) -> Iterator[Callable[..., Hostile]]:
-    started: list[Hostile] = []
-
-    def make(upstream: str, rules: list[dict[str, Any]], name: str = "hostile") -> Hostile:
-        h = start_hostile(tmp_path, upstream, rules, name)
-        started.append(h)
-        return h
-
-    yield make
-    for h in started:
-        h.stop()
 
 
 def assert_succeeded_with_its_workflow(sim: Sim, db: str, proxy: str = PROXY) -> None:

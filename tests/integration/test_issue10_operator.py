@@ -18,7 +18,6 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -34,24 +33,9 @@ from tests.issue10 import (
     jobs,
     proxy_id,
     scenario,
-    start_hostile,
 )
 
 CLEAN, REJECTS, OLD, MIXED, FAILS = (proxy_id(i) for i in range(1, 6))
-
-
-@pytest.fixture
-def hostile_factory(tmp_path: Path) -> Iterator[Callable[..., Hostile]]:
-    started: list[Hostile] = []
-
-    def make(upstream: str, rules: list[dict[str, Any]], name: str = "hostile") -> Hostile:
-        h = start_hostile(tmp_path, upstream, rules, name)
-        started.append(h)
-        return h
-
-    yield make
-    for h in started:
-        h.stop()
 
 
 def one_error(r: Result) -> str:

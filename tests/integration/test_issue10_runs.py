@@ -16,14 +16,24 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import PY, Sim, clean_env, cli, cli_bg, db_rows, on_both_backends_once
+from tests.conftest import (
+    PY,
+    Sim,
+    clean_env,
+    cli,
+    cli_bg,
+    db_rows,
+    on_both_backends_once,
+    text_of,
+    wait_until,
+)
 from tests.issue10 import (
     TERMINAL,
     fast,
@@ -31,8 +41,6 @@ from tests.issue10 import (
     jobs,
     proxy_id,
     scenario,
-    text_of,
-    wait_until,
 )
 from tests.simlog import applied_per_proxy, upgrades_per_proxy
 
@@ -41,19 +49,6 @@ HOST = socket.gethostname()
 
 def fleet(n: int, **extra: Any) -> dict[str, Any]:
     return scenario([{"id": proxy_id(i + 1)} for i in range(n)], **extra)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Background processes a test started; whatever is left is killed (by pid) at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGCONT)
-            p.kill()
-            p.wait(10)
 
 
 def registered(db: str) -> list[tuple[Any, ...]]:

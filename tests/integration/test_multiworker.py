@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +118,6 @@ def finish(procs: list[subprocess.Popen[bytes]], timeout: float) -> list[int]:
     return codes
 
 
-def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
 def live_workers(status_out: str) -> list[dict[str, str]]:
     """The rows of the "live workers" table of `orchestrator status RUN`, by column name."""
     if "live workers" not in status_out:
@@ -169,13 +162,6 @@ def not_finished(codes: list[int], sim: Sim, db_url: str, run_id: int, started: 
         f"exit codes {codes} (-999: still running after the deadline); "
         f"{progress(sim, db_url, run_id, started)}\n{outputs(tmp)}"
     )
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    kill_all(started)
 
 
 # ------------------------------------------------------------------- tests

@@ -92,16 +92,6 @@ def is_pg(db_url: str) -> bool:
     return db_url.startswith("postgresql")
 
 
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
 def drive(
     db_url: str, args: list[str], tmp: Path, procs: list[subprocess.Popen[bytes]], *, timeout: float = 180
 ) -> tuple[int, list[int], str]:

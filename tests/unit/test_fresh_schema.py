@@ -59,18 +59,6 @@ def schema(statements: list[str]) -> dict[str, object]:
     return {"tables": tables, "others": others}
 
 
-def migrated_by_alembic(path: Path) -> list[str]:
-    async def go() -> None:
-        engine = db.create_engine(f"sqlite:///{path}")
-        try:
-            await db.upgrade(engine)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(go())
-    return statements_of(path)
-
-
 def statements_of(path: Path) -> list[str]:
     conn = sqlite3.connect(path)
     try:
@@ -92,7 +80,7 @@ def test_the_snapshot_is_what_the_migrations_build(tmp_path: Path) -> None:
     assert revision == HEAD_REVISION, (
         f"the snapshot is at {revision}, the migrations at {HEAD_REVISION}: {REGENERATE}"
     )
-    assert schema(statements) == schema(migrated_by_alembic(tmp_path / "alembic.db")), (
+    assert schema(statements) == schema(fresh.alembic_statements(tmp_path / "alembic.db")), (
         f"the snapshot differs from the migrations' result: {REGENERATE}"
     )
 
@@ -100,7 +88,7 @@ def test_the_snapshot_is_what_the_migrations_build(tmp_path: Path) -> None:
 def test_a_file_made_from_the_snapshot_equals_a_migrated_one(tmp_path: Path) -> None:
     made = tmp_path / "fresh.db"
     assert fresh.create_sqlite_at_head(str(made)) is True
-    assert schema(statements_of(made)) == schema(migrated_by_alembic(tmp_path / "alembic.db"))
+    assert schema(statements_of(made)) == schema(fresh.alembic_statements(tmp_path / "alembic.db"))
     assert asyncio.run(stored_revision(f"sqlite:///{made}")) == HEAD_REVISION
     conn = sqlite3.connect(made)
     try:
