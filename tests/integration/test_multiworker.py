@@ -311,8 +311,10 @@ def test_sigkilled_worker_is_taken_over_nothing_sent_twice_nothing_lost(
         pg_url,
         "--endpoint",
         sim.url,
+        # 30/s: the fleet takes 4 s or more to send, so the victim, which joins after the runner made the
+        # run (a process start, 1-2 s on a loaded machine), still finds pending jobs to claim
         "--rate",
-        "60/s",
+        "30/s",
         "--concurrency",
         "8",
         "--timeout",
