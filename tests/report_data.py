@@ -20,6 +20,8 @@ print them literally and escape the formula in CSV.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +29,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.store.models import Attempt, Event, Job, Run, Workflow
+from orchestrator.store.reader import Reader, open_reader
 
 PROJECT = "5f0bd6a3c9a34d1e8b2f6a7c0d1e2f30"
 I1 = "0f46fc46396e4fb19a0cb52f578e9511in07"
@@ -378,3 +381,27 @@ async def populate(conn: AsyncConnection) -> None:
     tables = ((Run, RUNS), (Job, JOBS), (Attempt, ATTEMPTS), (Workflow, WORKFLOWS), (Event, EVENTS))
     for model, rows in tables:
         await conn.execute(insert(model), rows)
+
+
+class Readable:
+    """A populated job table (``url``, normalized); ``connect()`` opens a read transaction on it, the one
+    the read commands use (``store/reader.py``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def connect(self) -> AbstractAsyncContextManager[Reader]:
+        """A read transaction on the table, closed on leaving the ``async with``."""
+        return open_reader(self.url)
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A SQLAlchemy transaction to add to the story (committed on leaving the ``async with``)."""
+        from orchestrator.store import db
+
+        engine = db.create_engine(self.url)
+        try:
+            async with engine.begin() as conn:
+                yield conn
+        finally:
+            await engine.dispose()

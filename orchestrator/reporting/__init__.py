@@ -33,8 +33,8 @@ if TYPE_CHECKING:
         zone_label,
     )
 
-# Loaded on first use (PEP 562): the end of a run prints the counts table, and importing the csv/json and
-# HTML renderers would load SQLAlchemy (half a second of start-up) for it.
+# Loaded on first use (PEP 562): the end of a run prints only the counts table, and the csv/json and HTML
+# renderers import the report queries' module and its row types, which that table does not need.
 _WHERE = {
     "html_report": "orchestrator.reporting.html",
     "ReportTablePrinter": "orchestrator.reporting.report_table",

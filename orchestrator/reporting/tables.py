@@ -23,7 +23,7 @@ from orchestrator.reporting.plain import Clipped, Column, PlainTable, printable
 from orchestrator.reporting.text import Zone, human_time, zone_label
 from orchestrator.states import STATUS_ORDER
 
-if TYPE_CHECKING:  # the rows' module loads SQLAlchemy: the end-of-run counts table does not need it
+if TYPE_CHECKING:  # the report queries' module: the end-of-run counts table does not need it
     from orchestrator.store.reports import FlaggedGroup, HistoryEntry, RunSummary
 
 ID_WIDTH = 36  # Huawei Cloud ids are 32 hex digits + a 4-character kind suffix, or a 36-character UUID

@@ -4,8 +4,9 @@ The engine and the commands speak in rows (``JobRow``, ``RunRow``...) and named 
 this package, split by concern: ``runs`` (creating and finding runs, run-wide state), ``workers``
 (registration, the proxy hold, heartbeats), ``jobs`` (the queue: claims, intents, answers, the one guarded
 move, re-queue), ``permits`` (run-wide send permits on PostgreSQL), ``events`` (the append-only log) and
-``reports`` (read queries for status, report, history and audits, on SQLAlchemy). Every operation of the
-hot path goes through one group-commit writer (``writer``) over a driver connection (``sql``).
+``reports`` (read queries for status, report, history and audits, each on a read transaction of
+``reader``). Every operation of the hot path goes through one group-commit writer (``writer``) over a
+driver connection (``sql``).
 """
 
 from __future__ import annotations
@@ -20,24 +21,26 @@ import orchestrator.store.fresh as fresh
 import orchestrator.store.urls as urls
 from orchestrator.store.jobs import JobOps
 from orchestrator.store.permits import PermitOps
+from orchestrator.store.reader import Reader, open_reader
 from orchestrator.store.runs import RunOps
 from orchestrator.store.schema import HEAD_REVISION
 from orchestrator.store.sql import Backend, Op, PgBackend, SqliteBackend, Tx, secure_file
 from orchestrator.store.workers import WorkerOps
 from orchestrator.store.writer import GroupCommitWriter, OutageHook
 
-if TYPE_CHECKING:  # SQLAlchemy is imported only by migrations and reports (start-up costs a second)
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+if TYPE_CHECKING:  # SQLAlchemy is imported only by migrations (its start-up costs about 0.3 s)
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
 
 
 class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
     """The job table of one process: the named operations of the mixins (runs, workers, jobs, permits),
-    each a transaction committed through one group-commit writer, and short read connections for the
-    report queries. Made by ``open_store``; ``close`` it. Every operation raises ``DatabaseUnavailable``
-    once an outage lasted ``outage_timeout`` seconds, and the op's own error for a bug or a constraint.
-    Times given and returned are aware UTC datetimes on the job table's clock (``db_now``)."""
+    each a transaction committed through one group-commit writer, and read transactions for the report
+    queries (``store/reader.py``). Made by ``open_store``; ``close`` it. Every operation raises
+    ``DatabaseUnavailable`` once an outage lasted ``outage_timeout`` seconds, and the op's own error for a
+    bug or a constraint. Times given and returned are aware UTC datetimes on the job table's clock
+    (``db_now``)."""
 
     def __init__(
         self,
@@ -57,7 +60,7 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
 
     @property
     def engine(self) -> AsyncEngine:
-        """SQLAlchemy's engine on the same job table, made on first use (reports, migrations)."""
+        """SQLAlchemy's engine on the same job table, made on first use (migrations, ``db current``)."""
         if self._engine is None:
             from orchestrator.store import db
 
@@ -109,10 +112,11 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
             await self._engine.dispose()
 
     @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A short read-only connection for report queries (``store.reports``); never for writes."""
-        async with self.engine.connect() as conn:
-            yield conn
+    async def read(self) -> AsyncIterator[Reader]:
+        """A read transaction for the report queries (``store.reports``), on its own connection, outside
+        the writer; never for writes. Raises ``DatabaseUnavailable`` when it cannot be opened now."""
+        async with open_reader(self.url) as reader:
+            yield reader
 
 
 async def open_store(

@@ -1,7 +1,8 @@
 """Read queries behind ``report``, ``history``, ``runs``, ``flagged`` and the HTML window report.
 
-SQLAlchemy Core on an ``AsyncConnection`` only (no ORM objects: a 100,000-job report must stream in bounded
-memory), never a write. The definitions match the audit views of migration 0006 (``docs/audit.md``):
+SQL text on a :class:`~orchestrator.store.reader.Reader` (one read transaction, the drivers the writer uses;
+a 100,000-job report streams in bounded memory), never a write. The definitions match the audit views of
+migration 0006 (``docs/audit.md``):
 
 - *first sent*: the earliest ``attempts.sent_at`` of a job;
 - *accepted*: the earliest ``created_at`` of its ``ACCEPT`` workflows;
@@ -9,13 +10,12 @@ memory), never a write. The definitions match the audit views of migration 0006 
   (None while one is open);
 - *duration*: workflow ended minus first sent, in seconds (retries and operator pauses included).
 
-Every time returned is timezone-aware UTC (SQLite hands stored UTC back naive; it is marked here). Hints are
-returned with their ``{run}`` placeholder filled with the run's id.
+Every time returned is timezone-aware UTC (SQLite stores UTC as text without an offset; the reader parses
+it). Hints are returned with their ``{run}`` placeholder filled with the run's id.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 from collections import Counter
@@ -24,29 +24,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, String, func, or_, select, text, type_coerce
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from orchestrator import states
-from orchestrator.store.models import Attempt, Event, Job, Run, Workflow
+from orchestrator.store.reader import Reader
+from orchestrator.store.sql import from_json, in_clause
 
-J = Job.__table__.c
-R = Run.__table__.c
-A = Attempt.__table__.c
-W = Workflow.__table__.c
-E = Event.__table__.c
-
-#: rows fetched per round trip when streaming (bounded memory, few thread hops on aiosqlite)
+#: rows fetched per round trip when streaming (bounded memory, few thread hops on SQLite)
 STREAM_BATCH = 2000
 
 STATUS_ORDER = states.STATUS_ORDER  # re-exported: the renderers import it from here
-
-
-def aware(value: datetime | None) -> datetime | None:
-    """A stored time as aware UTC (SQLite returns it naive; it was written as UTC)."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def fill_hint(hint: str | None, run_id: int) -> str | None:
@@ -101,57 +86,24 @@ _HINT, _RULE, _FIRST = 12, 13, 14
 _WID, _STATE, _WSTATUS, _WCREATED, _WENDED = 15, 16, 17, 18, 19
 
 
-def _sqlite_time(text: str | None) -> datetime | None:
-    """A time stored by SQLAlchemy on SQLite (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC, no offset) as an aware
-    datetime: one ``fromisoformat`` instead of SQLAlchemy's parse plus a ``replace(tzinfo=UTC)``, which
-    together cost several times more (half a million times per 100,000-job report)."""
-    if text is None:
-        return None
-    try:
-        return datetime.fromisoformat(text + "+00:00")
-    except ValueError:  # written with an offset by something else
-        value = datetime.fromisoformat(text)
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _report_query(
-    run_id: int, statuses: Sequence[str] | None, *, sqlite: bool, id_range: tuple[int, int] | None
-) -> Select[Any]:
-    def ts(col: Any) -> Any:
-        return _time_col(col, sqlite)
-
-    first_sent = select(func.min(A.sent_at)).where(A.job_id == J.id).scalar_subquery()
-    q = select(
-        J.id,
-        J.project_id,
-        J.instance_id,
-        J.proxy_id,
-        J.name,
-        J.wave,
-        J.status,
-        J.attempt_count,
-        J.source_version,
-        J.target_version,
-        J.current_version,
-        J.reason,
-        J.hint,
-        J.rule,
-        ts(first_sent).label("first_sent"),
-        W.workflow_id,
-        W.state,
-        W.job_status,
-        ts(W.created_at),
-        ts(W.ended_at),
-    ).select_from(Job.__table__.outerjoin(Workflow.__table__, W.job_id == J.id))
-    if id_range is not None:
-        # SQLite: walk the table in id order over the run's id range ("+ 0" keeps the planner off the
-        # run_id indexes, whose order would need a sort of every row of the report first)
-        q = q.where(J.id.between(*id_range), J.run_id + 0 == run_id)
-    else:
-        q = q.where(J.run_id == run_id)
+def _report_query(statuses: Sequence[str] | None, *, id_range: bool) -> tuple[str, dict[str, Any]]:
+    """The report's one query: jobs outer-joined to their workflows, the first call time as a subquery,
+    in job then workflow order; the columns at the positions ``_job_row`` reads. ``id_range``: SQLite
+    walks the table in id order over the run's ids (``:lo``/``:hi``); ``run_id + 0`` keeps its planner
+    off the run_id indexes, whose order would need a sort of every row of the report first."""
+    where = "j.id BETWEEN :lo AND :hi AND j.run_id + 0 = :run" if id_range else "j.run_id = :run"
+    params: dict[str, Any] = {}
     if statuses:
-        q = q.where(J.status.in_(list(statuses)))
-    return q.order_by(J.id, W.id)
+        clause, params = in_clause("st", statuses)
+        where += f" AND j.status IN {clause}"
+    sql = (
+        "SELECT j.id, j.project_id, j.instance_id, j.proxy_id, j.name, j.wave, j.status, j.attempt_count, "
+        "j.source_version, j.target_version, j.current_version, j.reason, j.hint, j.rule, "
+        "(SELECT min(a.sent_at) FROM attempts a WHERE a.job_id = j.id) AS first_sent, "
+        "w.workflow_id, w.state, w.job_status, w.created_at, w.ended_at "
+        f"FROM jobs j LEFT OUTER JOIN workflows w ON w.job_id = j.id WHERE {where} ORDER BY j.id, w.id"
+    )
+    return sql, params
 
 
 def _job_row(run_id: int, rows: list[Any], ts: Callable[[Any], datetime | None]) -> ReportRow:
@@ -202,7 +154,7 @@ def _job_row(run_id: int, rows: list[Any], ts: Callable[[Any], datetime | None])
 
 
 async def report_rows(
-    conn: AsyncConnection,
+    conn: Reader,
     run_id: int,
     *,
     statuses: Sequence[str] | None = None,
@@ -210,32 +162,23 @@ async def report_rows(
 ) -> AsyncIterator[ReportRow]:
     """Every job of run ``run_id`` (only ``statuses`` when given), in inventory order (job id), streamed:
     one query (jobs outer-joined to their workflows, first call time as a subquery), read ``batch`` rows
-    at a time through a server-side cursor, so memory stays flat whatever the size of the run (about
-    60 MB peak RSS for a 100,000-job report, most of it the interpreter and its libraries)."""
-    sqlite = conn.dialect.name == "sqlite"
-    id_range = None
+    at a time, so memory stays flat whatever the size of the run (about 60 MB peak RSS for a
+    100,000-job report, most of it the interpreter and its libraries)."""
+    sqlite = conn.dialect == "sqlite"
+    sql, params = _report_query(statuses, id_range=sqlite)
+    params["run"] = run_id
     if sqlite:
-        lo, hi = (await conn.execute(select(func.min(J.id), func.max(J.id)).where(J.run_id == run_id))).one()
-        if lo is None:
+        span = await conn.fetchone("SELECT min(id), max(id) FROM jobs WHERE run_id = :run", {"run": run_id})
+        if span is None or span[0] is None:
             return
-        id_range = (int(lo), int(hi))
-    else:
-        await _no_jit(conn)
-    ts = _time_reader(sqlite)
-    query = _report_query(run_id, statuses, sqlite=sqlite, id_range=id_range)
-    result = await conn.stream(query.execution_options(yield_per=batch))
+        params["lo"], params["hi"] = int(span[0]), int(span[1])
+    ts = conn.time
     pending: list[Any] = []
     current = None
-    # double buffering: the next batch is fetched (by the driver's thread on SQLite, the socket on
-    # PostgreSQL) while this one is turned into rows and written
-    ahead: asyncio.Future[Sequence[Any]] = asyncio.ensure_future(result.fetchmany(batch))
-    try:
-        while True:
-            part = await ahead
-            if not part:
-                break
-            ahead = asyncio.ensure_future(result.fetchmany(batch))
-            await asyncio.sleep(0)  # let the fetch start before the CPU work below
+    # closed here, not left to the collector, when our own consumer stops early: the reader's next query
+    # must not meet a fetch still under way
+    async with contextlib.aclosing(conn.stream(sql, params, batch=batch)) as parts:
+        async for part in parts:
             for r in part:
                 if r[0] != current:
                     if pending:
@@ -243,36 +186,15 @@ async def report_rows(
                     pending = []
                     current = r[0]
                 pending.append(r)
-        if pending:
-            yield _job_row(run_id, pending, ts)
-    finally:
-        # a consumer that stops early: let the fetch under way finish (cancelling it mid-call would
-        # leave the connection's transaction invalid), then close the cursor
-        with contextlib.suppress(Exception):
-            await ahead
-        await result.close()
+    if pending:
+        yield _job_row(run_id, pending, ts)
 
 
-async def _no_jit(conn: AsyncConnection) -> None:
-    """PostgreSQL: no JIT compilation for the rest of this transaction. The report's correlated subquery
-    makes the planner's cost estimate large enough to trigger JIT, which then spent 430 ms of a 760 ms
-    100,000-job report compiling a plan that runs once (measured with EXPLAIN ANALYZE, PostgreSQL 15)."""
-    await conn.execute(text("SET LOCAL jit = off"))
-
-
-def _time_col(col: Any, sqlite: bool) -> Any:
-    """A time column as selected for a long read: raw text on SQLite (parsed by :func:`_sqlite_time`)."""
-    return type_coerce(col, String) if sqlite else col
-
-
-def _time_reader(sqlite: bool) -> Callable[[Any], datetime | None]:
-    """The parser of what :func:`_time_col` selects: aware UTC datetimes on both backends."""
-    return _sqlite_time if sqlite else aware
-
-
-async def status_counts(conn: AsyncConnection, run_id: int) -> dict[str, int]:
+async def status_counts(conn: Reader, run_id: int) -> dict[str, int]:
     """Jobs of a run by status: ``{status: count}`` (statuses without jobs are absent)."""
-    rows = await conn.execute(select(J.status, func.count()).where(J.run_id == run_id).group_by(J.status))
+    rows = await conn.fetch(
+        "SELECT status, count(*) FROM jobs WHERE run_id = :run GROUP BY status", {"run": run_id}
+    )
     return {str(s): int(n) for s, n in rows}
 
 
@@ -313,30 +235,37 @@ class RunSummary:
         return self.counts.get("flagged", 0) + self.counts.get("failed", 0)
 
 
-def _run_info(r: Any) -> RunInfo:
+_RUN_COLS = (
+    "id, name, status, created_at, started_at, finished_at, stop_reason, options, inventory_path, "
+    "wave_open, failures_acked"
+)
+
+
+def _run_info(r: Sequence[Any], ts: Callable[[Any], datetime | None]) -> RunInfo:
+    """A ``runs`` row selected as ``_RUN_COLS``."""
     return RunInfo(
-        id=r.id,
-        name=r.name,
-        status=r.status,
-        created_at=aware(r.created_at) or datetime.min.replace(tzinfo=UTC),
-        started_at=aware(r.started_at),
-        finished_at=aware(r.finished_at),
-        stop_reason=r.stop_reason,
-        options=dict(r.options or {}),
-        inventory_path=r.inventory_path,
-        wave_open=r.wave_open,
-        failures_acked=r.failures_acked,
+        id=int(r[0]),
+        name=r[1],
+        status=r[2],
+        created_at=ts(r[3]) or datetime.min.replace(tzinfo=UTC),
+        started_at=ts(r[4]),
+        finished_at=ts(r[5]),
+        stop_reason=r[6],
+        options=dict(from_json(r[7]) or {}),
+        inventory_path=r[8],
+        wave_open=int(r[9]),
+        failures_acked=int(r[10]),
     )
 
 
-async def get_run(conn: AsyncConnection, run_id: int) -> RunInfo | None:
+async def get_run(conn: Reader, run_id: int) -> RunInfo | None:
     """One run by id, or None."""
-    row = (await conn.execute(select(Run.__table__).where(R.id == run_id))).first()
-    return _run_info(row) if row is not None else None
+    row = await conn.fetchone(f"SELECT {_RUN_COLS} FROM runs WHERE id = :id", {"id": run_id})
+    return _run_info(row, conn.time) if row is not None else None
 
 
 async def list_runs(
-    conn: AsyncConnection,
+    conn: Reader,
     *,
     since: datetime | None = None,
     statuses: Iterable[str] | None = None,
@@ -344,25 +273,35 @@ async def list_runs(
 ) -> list[RunSummary]:
     """Runs newest first: created at or after ``since`` (aware; naive is read as UTC), with a status in
     ``statuses`` when given, at most ``limit``; each with its jobs counted by status (one grouped query)."""
-    q = select(Run.__table__).order_by(R.id.desc())
+    conds: list[str] = []
+    params: dict[str, Any] = {}
     if since is not None:
-        q = q.where(R.created_at >= _utc(since))
+        conds.append("created_at >= :since")
+        params["since"] = _utc(since)
     wanted = list(statuses or [])
     if wanted:
-        q = q.where(R.status.in_(wanted))
+        clause, more = in_clause("st", wanted)
+        conds.append(f"status IN {clause}")
+        params.update(more)
+    sql = f"SELECT {_RUN_COLS} FROM runs"
+    if conds:
+        sql += " WHERE " + " AND ".join(conds)
+    sql += " ORDER BY id DESC"
     if limit is not None:
-        q = q.limit(limit)
-    runs = [_run_info(r) for r in await conn.execute(q)]
+        sql += " LIMIT :limit"
+        params["limit"] = int(limit)
+    runs = [_run_info(r, conn.time) for r in await conn.fetch(sql, params)]
     if not runs:
         return []
     counts: dict[int, dict[str, int]] = {r.id: {} for r in runs}
-    rows = await conn.execute(
-        select(J.run_id, J.status, func.count())
-        .where(J.run_id.in_(list(counts)))
-        .group_by(J.run_id, J.status)
+    # the same runs again as a subquery (one read transaction: the same rows), not thousands of ids
+    chosen = sql.replace(f"SELECT {_RUN_COLS}", "SELECT id", 1)
+    rows = await conn.fetch(
+        f"SELECT run_id, status, count(*) FROM jobs WHERE run_id IN ({chosen}) GROUP BY run_id, status",
+        params,
     )
     for run_id, status, n in rows:
-        counts[run_id][status] = int(n)
+        counts[int(run_id)][status] = int(n)
     return [RunSummary(r, counts[r.id]) for r in runs]
 
 
@@ -407,35 +346,36 @@ HISTORY_COLUMNS = tuple(HistoryEntry.__dataclass_fields__)
 _KIND_RANK = {"call": 0, "workflow": 1, "event": 2}
 
 
-def _job_cols() -> list[Any]:
-    return [
-        J.run_id,
-        R.name.label("run_name"),
-        J.id.label("job_id"),
-        J.project_id,
-        J.instance_id,
-        J.proxy_id,
-        J.source_version,
-        J.current_version,
-        J.target_version,
-    ]
+_JOB_COLS = (
+    "j.run_id, r.name AS run_name, j.id AS job_id, j.project_id, j.instance_id, j.proxy_id, "
+    "j.source_version, j.current_version, j.target_version"
+)
 
 
-def _job_filter(proxy_id: str | None, instance_id: str | None, project_id: str | None) -> list[Any]:
-    conds = []
-    if proxy_id is not None:
-        conds.append(J.proxy_id == proxy_id)
-    if instance_id is not None:
-        conds.append(J.instance_id == instance_id)
-    if project_id is not None:
-        conds.append(J.project_id == project_id)
+def _job_filter(
+    proxy_id: str | None, instance_id: str | None, project_id: str | None
+) -> tuple[str, dict[str, Any]]:
+    """The WHERE condition on ``jobs j`` picking the proxy or instance (and project), with parameters.
+    Raises ValueError without a proxy or an instance."""
+    conds: list[str] = []
+    params: dict[str, Any] = {}
+    for column, value in (("proxy_id", proxy_id), ("instance_id", instance_id), ("project_id", project_id)):
+        if value is not None:
+            conds.append(f"j.{column} = :{column}")
+            params[column] = value
     if not conds:
         raise ValueError("history needs a proxy id or an instance id")
-    return conds
+    return " AND ".join(conds), params
+
+
+async def _named(conn: Reader, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a query as ``{column: value}`` (history reads a few hundred rows; names keep it clear)."""
+    names, rows = await conn.query(sql, params)
+    return [dict(zip(names, r, strict=True)) for r in rows]
 
 
 async def history(
-    conn: AsyncConnection,
+    conn: Reader,
     *,
     proxy_id: str | None = None,
     instance_id: str | None = None,
@@ -446,116 +386,101 @@ async def history(
     (``instance_id``), across all runs, oldest first; ``project_id`` narrows either; ``since`` (aware, naive
     read as UTC) drops what happened before it. Run-level events of the runs involved are included, so a
     resume or a stop shows among the calls. Raises ValueError without a proxy or an instance."""
-    conds = _job_filter(proxy_id, instance_id, project_id)
-    since_utc = _utc(since) if since is not None else None
-    jobs_runs = Job.__table__.join(Run.__table__, R.id == J.run_id)
+    cond, params = _job_filter(proxy_id, instance_id, project_id)
+    if since is not None:
+        params["since"] = _utc(since)
+    ts = conn.time
     keyed: list[tuple[tuple[datetime, int, int], HistoryEntry]] = []
 
-    def add(r: Any, row_id: int, kind: str, **values: Any) -> None:
-        entry = _entry(r, kind=kind, **values)
+    def add(r: Mapping[str, Any], row_id: int, kind: str, **values: Any) -> None:
+        entry = _entry(r, ts, kind=kind, **values)
         keyed.append(((entry.at, _KIND_RANK[kind], row_id), entry))
 
-    q_calls = (
-        select(*_job_cols(), A.id, A.number, A.sent_at, A.answered_at, A.http_status, A.error_code)
-        .add_columns(A.error_msg, A.transport, A.outcome, A.rule, A.worker)
-        .select_from(jobs_runs.join(Attempt.__table__, A.job_id == J.id))
-        .where(*conds)
+    calls = await _named(
+        conn,
+        f"SELECT {_JOB_COLS}, a.id, a.number, a.sent_at, a.answered_at, a.http_status, a.error_code, "
+        "a.error_msg, a.transport, a.outcome, a.rule, a.worker "
+        "FROM jobs j JOIN runs r ON r.id = j.run_id JOIN attempts a ON a.job_id = j.id "
+        f"WHERE {cond}" + (" AND a.sent_at >= :since" if since is not None else ""),
+        params,
     )
-    if since_utc is not None:
-        q_calls = q_calls.where(A.sent_at >= since_utc)
-    for r in await conn.execute(q_calls):
-        if r.transport:
-            detail = r.transport
-        elif r.http_status is not None:
-            detail = " ".join(x for x in (f"HTTP {r.http_status}", r.error_code) if x)
+    for r in calls:
+        if r["transport"]:
+            detail = r["transport"]
+        elif r["http_status"] is not None:
+            detail = " ".join(x for x in (f"HTTP {r['http_status']}", r["error_code"]) if x)
         else:
             detail = None
         add(
             r,
-            r.id,
+            r["id"],
             "call",
-            at=r.sent_at,
-            ref=f"#{r.number}",
-            state=r.outcome,
+            at=r["sent_at"],
+            ref=f"#{r['number']}",
+            state=r["outcome"],
             detail=detail,
-            reason=r.error_msg,
-            rule=r.rule,
-            who=r.worker,
-            until=r.answered_at,
+            reason=r["error_msg"],
+            rule=r["rule"],
+            who=r["worker"],
+            until=r["answered_at"],
         )
 
-    q_wf = (
-        select(*_job_cols(), W.id, W.workflow_id, W.state, W.job_status, W.source, W.created_at)
-        .add_columns(W.ended_at, W.error_message, W.fail_reason)
-        .select_from(jobs_runs.join(Workflow.__table__, W.job_id == J.id))
-        .where(*conds)
+    workflows = await _named(
+        conn,
+        f"SELECT {_JOB_COLS}, w.id, w.workflow_id, w.state, w.job_status, w.source, w.created_at, "
+        "w.ended_at, w.error_message, w.fail_reason "
+        "FROM jobs j JOIN runs r ON r.id = j.run_id JOIN workflows w ON w.job_id = j.id "
+        f"WHERE {cond}" + (" AND w.created_at >= :since" if since is not None else ""),
+        params,
     )
-    if since_utc is not None:
-        q_wf = q_wf.where(W.created_at >= since_utc)
-    for r in await conn.execute(q_wf):
-        detail = r.job_status or ""
-        if r.source and r.source != "answer":
-            detail = f"{detail} ({r.source})".strip()
+    for r in workflows:
+        detail = r["job_status"] or ""
+        if r["source"] and r["source"] != "answer":
+            detail = f"{detail} ({r['source']})".strip()
         add(
             r,
-            r.id,
+            r["id"],
             "workflow",
-            at=r.created_at,
-            ref=r.workflow_id or "",
-            state=r.state,
+            at=r["created_at"],
+            ref=r["workflow_id"] or "",
+            state=r["state"],
             detail=detail or None,
-            reason=r.error_message or r.fail_reason,
+            reason=r["error_message"] or r["fail_reason"],
             rule=None,
             who=None,
-            until=r.ended_at,
+            until=r["ended_at"],
         )
 
-    job_ids = select(J.id).where(*conds)
-    run_ids = select(J.run_id).where(*conds)
-    q_ev = (
-        select(
-            E.id,
-            E.at,
-            E.run_id,
-            R.name.label("run_name"),
-            E.job_id,
-            E.kind,
-            E.from_status,
-            E.to_status,
-            E.rule,
-            E.reason,
-            E.os_user,
-            E.host,
-            E.pid,
-            J.project_id,
-            J.instance_id,
-            J.proxy_id,
-            J.source_version,
-            J.current_version,
-            J.target_version,
-        )
-        .select_from(
-            Event.__table__.join(Run.__table__, R.id == E.run_id).outerjoin(Job.__table__, J.id == E.job_id)
-        )
-        .where(or_(E.job_id.in_(job_ids), (E.job_id.is_(None) & E.run_id.in_(run_ids))))
+    events = await _named(
+        conn,
+        "SELECT e.id, e.at, e.run_id, r.name AS run_name, e.job_id, e.kind, e.from_status, e.to_status, "
+        "e.rule, e.reason, e.os_user, e.host, e.pid, j.project_id, j.instance_id, j.proxy_id, "
+        "j.source_version, j.current_version, j.target_version "
+        "FROM events e JOIN runs r ON r.id = e.run_id LEFT OUTER JOIN jobs j ON j.id = e.job_id "
+        f"WHERE (e.job_id IN (SELECT j.id FROM jobs j WHERE {cond}) "
+        f"OR (e.job_id IS NULL AND e.run_id IN (SELECT j.run_id FROM jobs j WHERE {cond})))"
+        + (" AND e.at >= :since" if since is not None else ""),
+        params,
     )
-    if since_utc is not None:
-        q_ev = q_ev.where(E.at >= since_utc)
-    for r in await conn.execute(q_ev):
-        who = "@".join(x for x in (r.os_user, r.host) if x) or None
-        if who and r.pid is not None:
-            who = f"{who} (pid {r.pid})"
-        moved = f"{r.from_status or '?'} -> {r.to_status or '?'}" if r.from_status or r.to_status else None
+    for r in events:
+        who = "@".join(x for x in (r["os_user"], r["host"]) if x) or None
+        if who and r["pid"] is not None:
+            who = f"{who} (pid {r['pid']})"
+        moved = (
+            f"{r['from_status'] or '?'} -> {r['to_status'] or '?'}"
+            if r["from_status"] or r["to_status"]
+            else None
+        )
         add(
             r,
-            r.id,
+            r["id"],
             "event",
-            at=r.at,
-            ref=r.kind,
-            state=r.to_status,
+            at=r["at"],
+            ref=r["kind"],
+            state=r["to_status"],
             detail=moved,
-            reason=r.reason,
-            rule=r.rule,
+            reason=r["reason"],
+            rule=r["rule"],
             who=who,
             until=None,
         )
@@ -563,21 +488,29 @@ async def history(
     return [e for _, e in keyed]
 
 
-def _entry(r: Any, *, kind: str, at: datetime | None, until: datetime | None, **values: Any) -> HistoryEntry:
-    has_job = r.job_id is not None and r.proxy_id is not None
+def _entry(
+    r: Mapping[str, Any],
+    ts: Callable[[Any], datetime | None],
+    *,
+    kind: str,
+    at: Any,
+    until: Any,
+    **values: Any,
+) -> HistoryEntry:
+    has_job = r["job_id"] is not None and r["proxy_id"] is not None
     return HistoryEntry(
-        at=aware(at) or datetime.min.replace(tzinfo=UTC),
+        at=ts(at) or datetime.min.replace(tzinfo=UTC),
         kind=kind,
-        run_id=r.run_id,
-        run_name=r.run_name,
-        job_id=r.job_id,
-        project_id=r.project_id,
-        instance_id=r.instance_id,
-        proxy_id=r.proxy_id,
-        version_before=r.source_version if has_job else None,
-        version_after=r.current_version if has_job else None,
-        target_version=r.target_version if has_job else None,
-        until=aware(until),
+        run_id=r["run_id"],
+        run_name=r["run_name"],
+        job_id=r["job_id"],
+        project_id=r["project_id"],
+        instance_id=r["instance_id"],
+        proxy_id=r["proxy_id"],
+        version_before=r["source_version"] if has_job else None,
+        version_after=r["current_version"] if has_job else None,
+        target_version=r["target_version"] if has_job else None,
+        until=ts(until),
         **values,
     )
 
@@ -610,36 +543,23 @@ class FlaggedGroup:
     proxies: tuple[FlaggedProxy, ...]
 
 
-async def flagged_by_rule(
-    conn: AsyncConnection, run_id: int, *, rule: str | None = None
-) -> list[FlaggedGroup]:
+async def flagged_by_rule(conn: Reader, run_id: int, *, rule: str | None = None) -> list[FlaggedGroup]:
     """The jobs of run ``run_id`` in ``flagged`` or ``failed``, grouped by (rule, status), largest group
     first; only rule ``rule`` when given. Each group names every proxy with its own reason."""
-    q = (
-        select(
-            J.id,
-            J.project_id,
-            J.instance_id,
-            J.proxy_id,
-            J.name,
-            J.status,
-            J.reason,
-            J.hint,
-            J.rule,
-            J.counts_failure,
-            J.updated_at,
-        )
-        .where(J.run_id == run_id, J.status.in_(["flagged", "failed"]))
-        .order_by(J.id)
+    sql = (
+        "SELECT id, project_id, instance_id, proxy_id, name, status, reason, hint, rule, counts_failure, "
+        "updated_at FROM jobs WHERE run_id = :run AND status IN ('flagged', 'failed')"
     )
+    params: dict[str, Any] = {"run": run_id}
     if rule is not None:
-        q = q.where(J.rule == rule)
-    groups: dict[tuple[str | None, str], list[Any]] = {}
-    for r in await conn.execute(q):
-        groups.setdefault((r.rule, r.status), []).append(r)
+        sql += " AND rule = :rule"
+        params["rule"] = rule
+    groups: dict[tuple[str | None, str], list[Sequence[Any]]] = {}
+    for r in await conn.fetch(sql + " ORDER BY id", params):
+        groups.setdefault((r[8], r[5]), []).append(r)
     out = []
     for (g_rule, status), rows in groups.items():
-        hints = Counter(fill_hint(r.hint, run_id) for r in rows if r.hint)
+        hints = Counter(fill_hint(r[7], run_id) for r in rows if r[7])
         common = hints.most_common(1)
         out.append(
             FlaggedGroup(
@@ -648,12 +568,9 @@ async def flagged_by_rule(
                 count=len(rows),
                 hint=common[0][0] if common else None,
                 other_hints=max(len(hints) - 1, 0),
-                counts_failure=any(bool(r.counts_failure) for r in rows),
+                counts_failure=any(bool(r[9]) for r in rows),
                 proxies=tuple(
-                    FlaggedProxy(
-                        r.id, r.project_id, r.instance_id, r.proxy_id, r.name, r.reason, aware(r.updated_at)
-                    )
-                    for r in rows
+                    FlaggedProxy(int(r[0]), r[1], r[2], r[3], r[4], r[6], conn.time(r[10])) for r in rows
                 ),
             )
         )
@@ -766,7 +683,7 @@ def rate_per_second(options: Mapping[str, Any]) -> float | None:
     return rate.count / rate.period
 
 
-async def window_report(conn: AsyncConnection, run_id: int, *, batch: int = STREAM_BATCH) -> WindowReport:
+async def window_report(conn: Reader, run_id: int, *, batch: int = STREAM_BATCH) -> WindowReport:
     """Gather the HTML window report of run ``run_id``. Calls are read as a stream of (sent, answered)
     pairs and folded into per-second counts and a latency list (8 bytes a call). Raises LookupError when
     the run does not exist."""
@@ -774,21 +691,17 @@ async def window_report(conn: AsyncConnection, run_id: int, *, batch: int = STRE
     if run is None:
         raise LookupError(f"no run {run_id}")
     counts = await status_counts(conn, run_id)
-
-    sqlite = conn.dialect.name == "sqlite"
-    if not sqlite:
-        await _no_jit(conn)
-    ts = _time_reader(sqlite)
+    params = {"run": run_id}
+    ts = conn.time
     per_second: Counter[int] = Counter()
     latencies: list[float] = []
     calls = 0
-    stream = await conn.stream(
-        select(_time_col(A.sent_at, sqlite), _time_col(A.answered_at, sqlite), A.outcome)
-        .select_from(Attempt.__table__.join(Job.__table__, J.id == A.job_id))
-        .where(J.run_id == run_id)
-        .execution_options(yield_per=batch)
-    )
-    async for part in stream.partitions(batch):
+    async for part in conn.stream(
+        "SELECT a.sent_at, a.answered_at, a.outcome FROM attempts a JOIN jobs j ON j.id = a.job_id "
+        "WHERE j.run_id = :run",
+        params,
+        batch=batch,
+    ):
         for sent, answered, outcome in part:
             sent_utc = ts(sent)
             if sent_utc is None:
@@ -809,38 +722,27 @@ async def window_report(conn: AsyncConnection, run_id: int, *, batch: int = STRE
     )
 
     waves: dict[int, dict[str, int]] = {}
-    for wave, status, n in await conn.execute(
-        select(J.wave, J.status, func.count()).where(J.run_id == run_id).group_by(J.wave, J.status)
+    for wave, status, n in await conn.fetch(
+        "SELECT wave, status, count(*) FROM jobs WHERE run_id = :run GROUP BY wave, status", params
     ):
         waves.setdefault(int(wave), {})[status] = int(n)
 
     workflows: list[WorkflowLine] = []
-    wf_stream = await conn.stream(
-        select(J.proxy_id, J.instance_id, W.workflow_id, W.state, W.job_status, W.source)
-        .add_columns(_time_col(W.created_at, sqlite), _time_col(W.ended_at, sqlite))
-        .select_from(Workflow.__table__.join(Job.__table__, J.id == W.job_id))
-        .where(J.run_id == run_id, W.workflow_id.is_not(None))
-        .order_by(W.id)
-        .execution_options(yield_per=batch)
-    )
-    async for part in wf_stream.partitions(batch):
+    async for part in conn.stream(
+        "SELECT j.proxy_id, j.instance_id, w.workflow_id, w.state, w.job_status, w.source, w.created_at, "
+        "w.ended_at FROM workflows w JOIN jobs j ON j.id = w.job_id "
+        "WHERE j.run_id = :run AND w.workflow_id IS NOT NULL ORDER BY w.id",
+        params,
+        batch=batch,
+    ):
         workflows.extend(WorkflowLine(r[0], r[1], r[2], r[3], r[4], r[5], ts(r[6]), ts(r[7])) for r in part)
     events = [
-        EventLine(
-            aware(r.at) or run.created_at,
-            r.kind,
-            r.proxy_id,
-            r.from_status,
-            r.to_status,
-            r.reason,
-            r.os_user,
-            r.host,
-        )
-        for r in await conn.execute(
-            select(E.at, E.kind, J.proxy_id, E.from_status, E.to_status, E.reason, E.os_user, E.host)
-            .select_from(Event.__table__.outerjoin(Job.__table__, J.id == E.job_id))
-            .where(E.run_id == run_id, E.kind != "move")
-            .order_by(E.at, E.id)
+        EventLine(ts(r[0]) or run.created_at, r[1], r[2], r[3], r[4], r[5], r[6], r[7])
+        for r in await conn.fetch(
+            "SELECT e.at, e.kind, j.proxy_id, e.from_status, e.to_status, e.reason, e.os_user, e.host "
+            "FROM events e LEFT OUTER JOIN jobs j ON j.id = e.job_id "
+            "WHERE e.run_id = :run AND e.kind != 'move' ORDER BY e.at, e.id",
+            params,
         )
     ]
     concurrency = run.options.get("concurrency")
@@ -859,11 +761,9 @@ async def window_report(conn: AsyncConnection, run_id: int, *, batch: int = STRE
     )
 
 
-async def run_sql(conn: AsyncConnection, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run one read-only audit query (a SELECT on the views, e.g. from docs/audit.md): (columns, rows)."""
-    from sqlalchemy import text
-
+async def run_sql(conn: Reader, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run one read-only audit query (a SELECT on the views, e.g. from docs/audit.md): (columns, rows).
+    Raises ValueError for anything but a SELECT (or WITH) query."""
     if not sql.lstrip().lower().startswith(("select", "with")):
         raise ValueError("only SELECT queries are run here")
-    res = await conn.execute(text(sql))
-    return list(res.keys()), [tuple(r) for r in res.all()]
+    return await conn.query(sql)

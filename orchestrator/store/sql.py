@@ -3,8 +3,8 @@
 
 Why not SQLAlchemy here: the hot path (claim, intent, answer, move) runs thousands of times a second and
 an ORM or Core ``execute`` costs 30-60 µs of Python per statement against 3-10 µs for a prepared driver
-statement; the schema, migrations and report queries stay SQLAlchemy's. SQL is written with ``:name``
-parameters (sqlite3's own style) and rewritten to ``$n`` for asyncpg once per statement text.
+statement; the schema and migrations stay SQLAlchemy's (reads: ``store/reader.py``). SQL is written with
+``:name`` parameters (sqlite3's own style) and rewritten to ``$n`` for asyncpg once per statement text.
 
 SQLite: one connection in one dedicated thread (the writer), ``BEGIN IMMEDIATE`` per batch. An op never
 really suspends on SQLite (its awaits complete at once), so the thread drives each op's coroutine with a

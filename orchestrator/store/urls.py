@@ -2,8 +2,8 @@
 into one canonical URL, and what each backend needs from it.
 
 Plain string handling on purpose: ``run``, ``resume`` and ``worker`` must not import SQLAlchemy just to
-read a URL (the import costs about a second of start-up, and SQLAlchemy is only needed for migrations and
-reports). Passwords never leave this module unmasked except in the DSN handed to the driver.
+read a URL (the import costs about 0.3 s of start-up, and SQLAlchemy is only needed for migrations).
+Passwords never leave this module unmasked except in the DSN handed to the driver.
 """
 
 from __future__ import annotations

@@ -212,6 +212,7 @@ async def _program_vs_views(url: str) -> dict[str, Any]:
                 )
             ).all()
             seen["view"] = [tuple(norm(v) for v in r) for r in view]
+        async with d.Readable(db.normalize_url(url)).connect() as conn:
             rows = []
             for run_id in (1, 2, 3):
                 async for r in reports.report_rows(conn, run_id, batch=2):

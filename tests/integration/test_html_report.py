@@ -301,8 +301,9 @@ async def _render(url: str, out: Path, tz: str) -> dict[str, Any]:
         async with engine.begin() as conn:
             await d.populate(conn)
         async with engine.connect() as conn:
-            data = await reports.window_report(conn, 1)
             want = await expected(conn, 1)
+        async with d.Readable(db.normalize_url(url)).connect() as reader:
+            data = await reports.window_report(reader, 1)
         out.write_text(html_report(data, tz=tz), encoding="utf-8")
         return want
     finally:
@@ -383,8 +384,8 @@ def test_hostile_names_stay_text(tmp_path: Path) -> None:
                 await conn.execute(
                     text("UPDATE jobs SET reason = '</td><script>alert(1)</script>' WHERE id = 6")
                 )
-            async with engine.connect() as conn:
-                return html_report(await reports.window_report(conn, 2))
+            async with d.Readable(db.normalize_url(url)).connect() as reader:
+                return html_report(await reports.window_report(reader, 2))
         finally:
             await engine.dispose()
 

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from rich.console import Console
 from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator import reporting
 from orchestrator.reporting.text import csv_cell, duration, human_time_zoned, iso_time, shorten, zone
@@ -32,21 +31,22 @@ _ID_LIKE = re.compile(r"[0-9a-f]{8}[0-9a-f-]*(?:po0\d|in0\d)?…?")
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = db.create_engine(db.normalize_url(f"sqlite:///{tmp_path / 'jobs.db'}"))
+async def engine(tmp_path: Path) -> AsyncIterator[d.Readable]:
+    url = db.normalize_url(f"sqlite:///{tmp_path / 'jobs.db'}")
+    eng = db.create_engine(url)
     await db.upgrade(eng)
     async with eng.begin() as conn:
         await d.populate(conn)
-    yield eng
     await eng.dispose()
+    yield d.Readable(url)
 
 
-async def _rows(engine: AsyncEngine, run_id: int, **kw: Any) -> list[reports.ReportRow]:
+async def _rows(engine: d.Readable, run_id: int, **kw: Any) -> list[reports.ReportRow]:
     async with engine.connect() as conn:
         return [r async for r in reports.report_rows(conn, run_id, **kw)]
 
 
-async def _write(engine: AsyncEngine, run_id: int, fmt: str, tz: str | None = None) -> str:
+async def _write(engine: d.Readable, run_id: int, fmt: str, tz: str | None = None) -> str:
     out = io.StringIO()
     async with engine.connect() as conn:
         await reporting.write_report(reports.report_rows(conn, run_id), fmt, out, tz=tz)
@@ -54,7 +54,7 @@ async def _write(engine: AsyncEngine, run_id: int, fmt: str, tz: str | None = No
 
 
 # ------------------------------------------------------------------------------------- report rows
-async def test_report_rows_carry_times_versions_and_workflows(engine: AsyncEngine) -> None:
+async def test_report_rows_carry_times_versions_and_workflows(engine: d.Readable) -> None:
     rows = {r.proxy_id: r for r in await _rows(engine, 1)}
     assert list(rows) == [d.P1, d.P2, d.P3, d.P4]  # inventory order
     p1, p2, p3, p4 = rows[d.P1], rows[d.P2], rows[d.P3], rows[d.P4]
@@ -75,18 +75,18 @@ async def test_report_rows_carry_times_versions_and_workflows(engine: AsyncEngin
     assert p4.first_sent is None and p4.workflows == ()
 
 
-async def test_an_open_accepted_workflow_leaves_the_end_unknown(engine: AsyncEngine) -> None:
+async def test_an_open_accepted_workflow_leaves_the_end_unknown(engine: d.Readable) -> None:
     (p1,) = [r for r in await _rows(engine, 2) if r.proxy_id == d.P1]
     assert p1.accepted == d.t(2, "01:06:00") and p1.workflow_ended is None and p1.duration_s is None
     assert p1.workflows == (reports.WorkflowBrief(d.W4, "ACCEPT", "Running", None),)
 
 
-async def test_status_filter_and_unknown_run(engine: AsyncEngine) -> None:
+async def test_status_filter_and_unknown_run(engine: d.Readable) -> None:
     assert [r.proxy_id for r in await _rows(engine, 1, statuses=["failed", "skipped"])] == [d.P3, d.P4]
     assert await _rows(engine, 99) == []
 
 
-async def test_a_consumer_that_stops_early_leaves_the_connection_usable(engine: AsyncEngine) -> None:
+async def test_a_consumer_that_stops_early_leaves_the_connection_usable(engine: d.Readable) -> None:
     async with engine.connect() as conn:
         gen = reports.report_rows(conn, 1, batch=1)
         first = await anext(gen)
@@ -97,7 +97,8 @@ async def test_a_consumer_that_stops_early_leaves_the_connection_usable(engine: 
 
 async def test_report_streams_in_chunks(tmp_path: Path) -> None:
     """A 2,500-job run is written in several chunks while it is read, not gathered first."""
-    eng = db.create_engine(db.normalize_url(f"sqlite:///{tmp_path / 'big.db'}"))
+    url = db.normalize_url(f"sqlite:///{tmp_path / 'big.db'}")
+    eng = db.create_engine(url)
     try:
         await db.upgrade(eng)
         now = datetime(2026, 3, 1, tzinfo=UTC)
@@ -120,7 +121,7 @@ async def test_report_streams_in_chunks(tmp_path: Path) -> None:
                 return super().write(s)
 
         out = Spy()
-        async with eng.connect() as conn:
+        async with d.Readable(url).connect() as conn:
             n = await reporting.write_report(reports.report_rows(conn, 1, batch=500), "json", out)
         assert n == 2500 and len(json.loads(out.getvalue())) == 2500
         assert Spy.writes >= 3
@@ -129,7 +130,7 @@ async def test_report_streams_in_chunks(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- csv and json
-async def test_csv_escapes_formulas_and_keeps_ids_whole(engine: AsyncEngine) -> None:
+async def test_csv_escapes_formulas_and_keeps_ids_whole(engine: d.Readable) -> None:
     text = await _write(engine, 1, "csv")
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["proxy_id"] for r in rows] == [d.P1, d.P2, d.P3, d.P4]
@@ -151,7 +152,7 @@ def test_csv_cell_escapes_every_formula_start(value: str) -> None:
     assert csv_cell("a=b") == "a=b" and csv_cell(-1) == -1 and csv_cell(None) == ""
 
 
-async def test_json_has_workflow_objects_full_ids_and_zoned_times(engine: AsyncEngine) -> None:
+async def test_json_has_workflow_objects_full_ids_and_zoned_times(engine: d.Readable) -> None:
     data = json.loads(await _write(engine, 1, "json", tz="Asia/Shanghai"))
     by = {r["proxy_id"]: r for r in data}
     assert by[d.P2]["workflows"] == [
@@ -170,7 +171,7 @@ async def test_json_has_workflow_objects_full_ids_and_zoned_times(engine: AsyncE
     assert json.loads(await _write(engine, 99, "json")) == []
 
 
-async def test_unknown_format_or_zone_is_refused(engine: AsyncEngine) -> None:
+async def test_unknown_format_or_zone_is_refused(engine: d.Readable) -> None:
     with pytest.raises(ValueError, match="format"):
         await _write(engine, 1, "xml")
     with pytest.raises(ValueError, match="time zone"):
@@ -193,7 +194,7 @@ def _assert_ids_never_split(text: str) -> None:
 
 @pytest.mark.parametrize("width", [80, 120, 160, 200, 260])
 async def test_report_table_keeps_markup_literal_and_ids_whole_or_ellipsized(
-    engine: AsyncEngine, width: int
+    engine: d.Readable, width: int
 ) -> None:
     con = _console(width)
     async with engine.connect() as conn:
@@ -210,7 +211,7 @@ async def test_report_table_keeps_markup_literal_and_ids_whole_or_ellipsized(
 
 
 async def test_control_characters_in_cloud_text_are_shown_not_sent_to_the_terminal(
-    engine: AsyncEngine,
+    engine: d.Readable,
 ) -> None:
     rows = await _rows(engine, 1)
     evil = rows[2]._replace(reason="boom \x1b[2J\x1b[31mred\x07")
@@ -222,7 +223,7 @@ async def test_control_characters_in_cloud_text_are_shown_not_sent_to_the_termin
     assert "\x1b[2J" not in out and "\x07" not in out and "\\x1b[2J" in out
 
 
-async def test_rich_tables_print_outside_text_literally(engine: AsyncEngine) -> None:
+async def test_rich_tables_print_outside_text_literally(engine: d.Readable) -> None:
     con = _console(120)
     async with engine.connect() as conn:
         run2 = await reports.get_run(conn, 2)
@@ -248,7 +249,7 @@ def test_run_names_are_never_shortened_in_the_runs_table() -> None:
 
 
 # ------------------------------------------------------------------------------------- history
-async def test_history_keeps_an_earlier_flag_after_a_later_success(engine: AsyncEngine) -> None:
+async def test_history_keeps_an_earlier_flag_after_a_later_success(engine: d.Readable) -> None:
     async with engine.connect() as conn:
         entries = await reports.history(conn, proxy_id=d.P2)
     assert [e.at for e in entries] == sorted(e.at for e in entries)
@@ -274,7 +275,7 @@ async def test_history_keeps_an_earlier_flag_after_a_later_success(engine: Async
     assert any(e.ref == "resume" and e.proxy_id is None for e in entries)
 
 
-async def test_history_of_an_instance_since_a_date(engine: AsyncEngine) -> None:
+async def test_history_of_an_instance_since_a_date(engine: d.Readable) -> None:
     async with engine.connect() as conn:
         entries = await reports.history(conn, instance_id=d.I1, since=datetime(2026, 3, 2))
         with pytest.raises(ValueError):
@@ -284,7 +285,7 @@ async def test_history_of_an_instance_since_a_date(engine: AsyncEngine) -> None:
     assert [e.ref for e in entries if e.kind == "workflow"] == ["", d.W4]
 
 
-async def test_history_renders_as_csv_and_json(engine: AsyncEngine) -> None:
+async def test_history_renders_as_csv_and_json(engine: d.Readable) -> None:
     async with engine.connect() as conn:
         entries = await reports.history(conn, proxy_id=d.P1)
     out = io.StringIO()
@@ -299,7 +300,7 @@ async def test_history_renders_as_csv_and_json(engine: AsyncEngine) -> None:
 
 
 # ------------------------------------------------------------------------------------- runs, flagged
-async def test_runs_since_and_status_filters(engine: AsyncEngine) -> None:
+async def test_runs_since_and_status_filters(engine: d.Readable) -> None:
     async with engine.connect() as conn:
         everything = await reports.list_runs(conn)
         recent = await reports.list_runs(conn, since=datetime(2026, 3, 2, tzinfo=UTC))
@@ -320,7 +321,7 @@ async def test_runs_since_and_status_filters(engine: AsyncEngine) -> None:
     assert rec["finished_at"] == "2026-03-01T09:00:00.000+00:00" and rec["needs_operator"] == 1
 
 
-async def test_flagged_groups_by_rule_with_one_filled_hint(engine: AsyncEngine) -> None:
+async def test_flagged_groups_by_rule_with_one_filled_hint(engine: d.Readable) -> None:
     async with engine.begin() as conn:
         # two more jobs of run 2 flagged by the same rule, one with a different hint
         extra = {k: v for k, v in d.JOBS[5].items() if k != "id"}
@@ -351,7 +352,7 @@ async def test_flagged_groups_by_rule_with_one_filled_hint(engine: AsyncEngine) 
 
 
 # ------------------------------------------------------------------------------------- window data
-async def test_window_report_numbers(engine: AsyncEngine) -> None:
+async def test_window_report_numbers(engine: d.Readable) -> None:
     async with engine.connect() as conn:
         w = await reports.window_report(conn, 1)
         with pytest.raises(LookupError):

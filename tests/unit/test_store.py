@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
 from orchestrator.states import ALLOWED, TERMINAL, IllegalMove, JobStatus, RunStatus, check_move, sources_of
 from orchestrator.store import (
@@ -229,7 +228,7 @@ async def job(store: JobStore, job_id: int) -> JobRow:
 async def rows(store: JobStore, sql: str, **params: Any) -> list[tuple[Any, ...]]:
     """A read as an auditor would make it (the store's read connection, outside the writer)."""
     async with store.read() as conn:
-        return [tuple(r) for r in (await conn.execute(text(sql), params)).all()]
+        return await conn.fetch(sql, params)
 
 
 async def events(store: JobStore, run: int) -> list[tuple[Any, ...]]:
