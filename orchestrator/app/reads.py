@@ -85,7 +85,7 @@ async def show_status(
 async def _controls_lines(store: JobStore, run: RunRow, tz: Any, out: Console) -> None:
     """The window (in its own zone, and in ``tz`` when that differs), the open wave and what holds the
     next one back, failures against the threshold."""
-    from orchestrator.app.runtime import make_decider
+    from orchestrator.app.controls import make_decider
     from orchestrator.options import RunOptions
     from orchestrator.schedule.dispatch import Confirm, Phase, Start, Stop, WaitUntil, window_phase
 

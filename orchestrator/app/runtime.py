@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from orchestrator.app.controls import make_decider
 from orchestrator.cloud.api import CloudApi
 from orchestrator.errors import UsageError
 from orchestrator.limiter import SlidingWindowLimiter, parse_rate
 from orchestrator.options import RunOptions
 from orchestrator.policy import parse_policy
 from orchestrator.runtime import Controls, Events, LeaseKeeper, Mono, NullEvents, Runtime
-from orchestrator.schedule.dispatch import RunView, dispatch
-from orchestrator.store import JobStore, RunState
+from orchestrator.store import JobStore
 
 Closer = Callable[[], Awaitable[None]]
 
@@ -69,38 +69,6 @@ def check_credentials_config(env: Mapping[str, str] | None = None) -> None:
         credentials_from_env(os.environ if env is None else env)
     except AuthError as exc:
         raise UsageError(f"credentials: {exc}") from None
-
-
-def make_decider(options: RunOptions, *, since: datetime, confirm: bool) -> Callable[[RunState, int], Any]:
-    """The run-wide controls as a function of one read of the run (and failures recorded since)."""
-    window = options.window_spec()
-    cutoff = options.cutoff_delta()
-    pause = options.pause_delta()
-    breaker = options.breaker()
-
-    def decide(state: RunState, extra_failures: int) -> Any:
-        view = RunView(
-            to_start=state.not_started,
-            in_flight=state.in_flight,
-            since=since,
-            window=window,
-            cutoff=cutoff,
-            wait_for_window=options.wait_for_window,
-            breaker=breaker,
-            failures=state.failures + extra_failures,
-            failures_acked=min(state.run.failures_acked, state.failures + extra_failures),
-            finished=state.finished + extra_failures,
-            wave_open=min(state.run.wave_open, state.waves),
-            waves=state.waves,
-            open_waves_done=state.open_unfinished == 0,
-            open_waves_done_at=state.last_wave_finished_at,
-            next_wave_size=state.next_wave_size,
-            pause_between=pause,
-            confirm=confirm,
-        )
-        return dispatch(state.db_now, view)
-
-    return decide
 
 
 async def build_runtime(

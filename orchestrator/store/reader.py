@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import orchestrator.store.urls as urls
 from orchestrator.errors import DatabaseUnavailable
-from orchestrator.store import urls
 from orchestrator.store.sql import (
     PG_SETTINGS,
     SQLITE_BUSY_MS,
@@ -65,7 +65,7 @@ class Reader(Protocol):
         text is sent as written (no ``:name`` rewriting)."""
         ...
 
-    def stream(self, sql: str, params: Params = None, *, batch: int) -> AsyncIterator[Sequence[Row]]:
+    def stream(self, sql: str, params: Params = None, *, batch: int) -> AsyncGenerator[Sequence[Row], None]:
         """The rows of a query ``batch`` at a time (the last part may be shorter), in bounded memory; the
         next part is fetched while the consumer works on this one. A consumer that stops early closes the
         stream (``contextlib.aclosing``) before its next query on this reader."""
@@ -123,7 +123,9 @@ class _SqliteReader:
         result: tuple[list[str], list[Row]] = await self._call(run)
         return result
 
-    async def stream(self, sql: str, params: Params = None, *, batch: int) -> AsyncIterator[Sequence[Row]]:
+    async def stream(
+        self, sql: str, params: Params = None, *, batch: int
+    ) -> AsyncGenerator[Sequence[Row], None]:
         cur: sqlite3.Cursor = await self._call(lambda: self._conn.execute(sql, _sqlite_params(params)))
         try:
             async with contextlib.aclosing(_ahead(lambda: self._call(lambda: cur.fetchmany(batch)))) as parts:
@@ -156,7 +158,9 @@ class _PgReader:
         rows = await stmt.fetch(*(st.args(params) if st else ()))
         return [a.name for a in stmt.get_attributes()], [tuple(r) for r in rows]
 
-    async def stream(self, sql: str, params: Params = None, *, batch: int) -> AsyncIterator[Sequence[Row]]:
+    async def stream(
+        self, sql: str, params: Params = None, *, batch: int
+    ) -> AsyncGenerator[Sequence[Row], None]:
         st = _pg(sql)
         cur = await self._conn.cursor(st.text, *st.args(params))
 
@@ -168,7 +172,7 @@ class _PgReader:
                 yield rows
 
 
-async def _ahead(fetch: Callable[[], Any]) -> AsyncIterator[Sequence[Row]]:
+async def _ahead(fetch: Callable[[], Any]) -> AsyncGenerator[Sequence[Row], None]:
     """Parts from ``fetch()`` until an empty one, the next one fetched (by the reader's thread, or the
     socket) while the consumer works on the current one. A consumer that stops early lets the fetch under
     way finish first: cancelling it mid-call would leave the connection's transaction unusable."""

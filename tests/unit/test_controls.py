@@ -1,4 +1,4 @@
-"""The run-wide controls as one process holds them (``runtime.Controls`` over ``app.runtime.make_decider``):
+"""The run-wide controls as one process holds them (``runtime.Controls`` over ``app.controls.make_decider``):
 an answer read once a second must still stop new upgrades at the cutoff, and a failure recorded here must
 stop the next send here, both without waiting for the next read. Virtual clocks only."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from orchestrator.app.runtime import make_decider
+from orchestrator.app.controls import make_decider
 from orchestrator.options import RunOptions
 from orchestrator.runtime import Controls
 from orchestrator.schedule.dispatch import Start, Stop
