@@ -215,20 +215,22 @@ async def show_report(
                 Path(output).write_text(page, encoding="utf-8")
                 out.print(Text(f"wrote {output}"))
                 return
-            rows = reports.report_rows(conn, run.id, statuses=list(statuses) or None)
+            wanted = list(statuses) or None
             if fmt == "table":
                 counts = await reports.status_counts(conn, run.id)
                 out.print(counts_table(run, counts))
+                rows = reports.report_rows(conn, run.id, statuses=wanted)
                 await reporting.print_report_table(rows, out, tz=tz_)
                 return
+            parts = reports.report_parts(conn, run.id, statuses=wanted)
             if output:
                 # Opened in a thread (creating or truncating a file may wait on the disk); the rows are then
                 # written a chunk at a time from this task, as they stream in, which is what the report needs.
                 fh = await asyncio.to_thread(open, output, "w", encoding="utf-8", newline="")
                 with fh:
-                    await reporting.write_report(rows, fmt, fh, tz=tz_)
+                    await reporting.write_report_parts(parts, fmt, fh, tz=tz_)
                 return
-            await reporting.write_report(rows, fmt, _stdout(out), tz=tz_)
+            await reporting.write_report_parts(parts, fmt, _stdout(out), tz=tz_)
 
 
 async def show_flagged(

@@ -48,6 +48,7 @@ _WHERE = {
     "run_record": "orchestrator.reporting.streams",
     "write_records": "orchestrator.reporting.streams",
     "write_report": "orchestrator.reporting.streams",
+    "write_report_parts": "orchestrator.reporting.streams",
     "counts_table": "orchestrator.reporting.tables",
     "print_flagged": "orchestrator.reporting.tables",
     "print_history": "orchestrator.reporting.tables",
@@ -91,6 +92,7 @@ __all__ = [
     "shorten",
     "write_records",
     "write_report",
+    "write_report_parts",
     "zone",
     "zone_label",
 ]

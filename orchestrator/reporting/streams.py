@@ -154,6 +154,11 @@ class ReportWriter:
         if self._csv is not None:
             self._csv.writerow(REPORT_CSV_COLUMNS)
 
+    def add_all(self, rows: Iterable[ReportRow]) -> None:
+        """:meth:`add` for each of ``rows``."""
+        for row in rows:
+            self.add(row)
+
     def add(self, row: ReportRow) -> None:
         """Format one job's row; it is written with the next chunk (every ``_FLUSH_EVERY`` rows)."""
         if self._csv is not None:
@@ -194,6 +199,16 @@ async def write_report(rows: AsyncIterable[ReportRow], fmt: str, out: TextIO, *,
     writer = ReportWriter(fmt, out, tz=tz)
     async for row in rows:
         writer.add(row)
+    return writer.close()
+
+
+async def write_report_parts(
+    parts: AsyncIterable[Iterable[ReportRow]], fmt: str, out: TextIO, *, tz: Zone = None
+) -> int:
+    """:func:`write_report` for rows that stream in parts (``store.reports.report_parts``)."""
+    writer = ReportWriter(fmt, out, tz=tz)
+    async for part in parts:
+        writer.add_all(part)
     return writer.close()
 
 
