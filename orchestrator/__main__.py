@@ -4,6 +4,10 @@ otherwise end with 143."""
 
 import signal
 
+from orchestrator.startup import hold_collector
+
+hold_collector()  # released by orchestrator.startup.settle once the command's modules are loaded
+
 
 def _stop_during_imports(_signum: int, _frame: object) -> None:
     # nothing has been opened or written yet; the CLI sets its own handler once it runs

@@ -30,6 +30,7 @@ from orchestrator.errors import (
 )
 from orchestrator.limiter import parse_rate
 from orchestrator.observe import SafeStream, configure_logging, notice
+from orchestrator.startup import settle
 from orchestrator.states import JobStatus, RunStatus
 
 # Heavy modules (SQLAlchemy, aiohttp, Alembic) are imported inside the commands that need them, so
@@ -55,6 +56,7 @@ _main: dict[str, Any] = {"task": None, "signalled": False}
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    settle()  # the command's modules are loaded: freeze them out of the collector's reach
     try:
         return asyncio.run(_guard(coro_fn))
     except KeyboardInterrupt:  # a signal outside a run's own handler (start-up, a read command)
@@ -542,6 +544,7 @@ def simulator(
         )
         out.print(f"wrote {export_inventory}", markup=False)
         return
+    settle()
     try:
         run_simulator(scenario, host, port, log_file, ready_file)
     except ScenarioError as exc:
