@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 
-_held = {"on": False}
+_held = {"on": False, "froze": False}
 
 
 def hold_collector() -> None:
@@ -29,5 +29,12 @@ def settle() -> None:
     :func:`hold_collector` held it (a program that calls the CLI in-process keeps its own collector)."""
     if _held["on"]:
         _held["on"] = False
+        _held["froze"] = True
         gc.freeze()
         gc.enable()
+
+
+def froze() -> bool:
+    """Whether :func:`settle` froze this process's start-up objects: then nothing may thaw them (a run
+    that froze its own objects leaves them frozen too, the process ends soon after)."""
+    return _held["froze"]

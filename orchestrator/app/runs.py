@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from orchestrator import startup
 from orchestrator.app.common import abspath, find_run, opened
 from orchestrator.app.runtime import build_cloud, build_runtime, check_credentials_config
 from orchestrator.cloud.api import CloudApi
@@ -516,7 +517,8 @@ async def drive(
                     events.update({k.value: v for k, v in (await store.counts(run.id)).items()})
         finally:
             gc.set_threshold(*thresholds)
-            gc.unfreeze()
+            if not startup.froze():  # in-process callers (the demo, tests) get their collector back whole
+                gc.unfreeze()
             restore()
             if rt.gate is not None:
                 with contextlib.suppress(Exception):
