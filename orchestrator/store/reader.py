@@ -31,11 +31,11 @@ from orchestrator.store.sql import (
     PG_SETTINGS,
     SQLITE_BUSY_MS,
     Params,
-    _pg,
-    _sqlite_params,
     aware,
     pg_down,
+    pg_statement,
     sqlite_down,
+    sqlite_params,
 )
 
 Row = tuple[Any, ...]
@@ -106,16 +106,16 @@ class _SqliteReader:
             raise
 
     async def fetch(self, sql: str, params: Params = None) -> list[Row]:
-        args = _sqlite_params(params)
+        args = sqlite_params(params)
         return self._call(lambda: self._conn.execute(sql, args).fetchall())
 
     async def fetchone(self, sql: str, params: Params = None) -> Row | None:
-        args = _sqlite_params(params)
+        args = sqlite_params(params)
         row: Row | None = self._call(lambda: self._conn.execute(sql, args).fetchone())
         return row
 
     async def query(self, sql: str, params: Params = None) -> tuple[list[str], list[Row]]:
-        args = _sqlite_params(params)
+        args = sqlite_params(params)
 
         def run() -> tuple[list[str], list[Row]]:
             cur = self._conn.execute(sql, args) if params is not None else self._conn.execute(sql)
@@ -126,7 +126,7 @@ class _SqliteReader:
     async def stream(
         self, sql: str, params: Params = None, *, batch: int
     ) -> AsyncGenerator[Sequence[Row], None]:
-        cur = self._call(lambda: self._conn.execute(sql, _sqlite_params(params)))
+        cur = self._call(lambda: self._conn.execute(sql, sqlite_params(params)))
         try:
             while part := self._call(lambda: cur.fetchmany(batch)):
                 yield part
@@ -145,17 +145,17 @@ class _PgReader:
         self.time: Callable[[Any], datetime | None] = aware
 
     async def fetch(self, sql: str, params: Params = None) -> list[Row]:
-        st = _pg(sql)
+        st = pg_statement(sql)
         return [tuple(r) for r in await self._conn.fetch(st.text, *st.args(params))]
 
     async def fetchone(self, sql: str, params: Params = None) -> Row | None:
-        st = _pg(sql)
+        st = pg_statement(sql)
         r = await self._conn.fetchrow(st.text, *st.args(params))
         return tuple(r) if r is not None else None
 
     async def query(self, sql: str, params: Params = None) -> tuple[list[str], list[Row]]:
         # without parameters the text goes as written (an auditor's SELECT may hold ':' in a literal)
-        st = _pg(sql) if params is not None else None
+        st = pg_statement(sql) if params is not None else None
         stmt = await self._conn.prepare(st.text if st else sql)
         rows = await stmt.fetch(*(st.args(params) if st else ()))
         return [a.name for a in stmt.get_attributes()], [tuple(r) for r in rows]
@@ -163,7 +163,7 @@ class _PgReader:
     async def stream(
         self, sql: str, params: Params = None, *, batch: int
     ) -> AsyncGenerator[Sequence[Row], None]:
-        st = _pg(sql)
+        st = pg_statement(sql)
         cur = await self._conn.cursor(st.text, *st.args(params))
 
         async def part() -> list[Row]:

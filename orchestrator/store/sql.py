@@ -123,16 +123,16 @@ class _SqliteTx:
         self.events: list[dict[str, Any]] = []  # store/events.py buffers the batch's events here
 
     async def execute(self, sql: str, params: Params = None) -> int:
-        return self._conn.execute(sql, _sqlite_params(params)).rowcount
+        return self._conn.execute(sql, sqlite_params(params)).rowcount
 
     async def executemany(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        self._conn.executemany(sql, [_sqlite_params(r) for r in rows])
+        self._conn.executemany(sql, [sqlite_params(r) for r in rows])
 
     async def fetch(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
-        return self._conn.execute(sql, _sqlite_params(params)).fetchall()
+        return self._conn.execute(sql, sqlite_params(params)).fetchall()
 
     async def fetchone(self, sql: str, params: Params = None) -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = self._conn.execute(sql, _sqlite_params(params)).fetchone()
+        row: tuple[Any, ...] | None = self._conn.execute(sql, sqlite_params(params)).fetchone()
         return row
 
     def ts(self, value: datetime | None) -> Any:
@@ -151,7 +151,8 @@ def _sqlite_ts(value: datetime) -> str:
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
-def _sqlite_params(params: Params) -> Mapping[str, Any]:
+def sqlite_params(params: Params) -> Mapping[str, Any]:
+    """``params`` as sqlite3 binds them: datetimes as the store's UTC text, booleans as 0/1."""
     if not params:
         return {}
     out: dict[str, Any] = {}
@@ -311,7 +312,9 @@ class _PgStatement:
 _STATEMENTS: dict[str, _PgStatement] = {}
 
 
-def _pg(sql: str) -> _PgStatement:
+def pg_statement(sql: str) -> _PgStatement:
+    """``sql`` (``:name`` parameters) rewritten for asyncpg (``$n``), once per statement text: ``.text``
+    and ``.args(params)``."""
     st = _STATEMENTS.get(sql)
     if st is None:
         st = _STATEMENTS[sql] = _PgStatement(sql)
@@ -327,22 +330,22 @@ class _PgTx:
         self.events: list[dict[str, Any]] = []
 
     async def execute(self, sql: str, params: Params = None) -> int:
-        st = _pg(sql)
+        st = pg_statement(sql)
         status: str = await self._conn.execute(st.text, *st.args(params))
         tail = status.rsplit(" ", 1)[-1]
         return int(tail) if tail.isdigit() else 0
 
     async def executemany(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
-            st = _pg(sql)
+            st = pg_statement(sql)
             await self._conn.executemany(st.text, [st.args(r) for r in rows])
 
     async def fetch(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
-        st = _pg(sql)
+        st = pg_statement(sql)
         return [tuple(r) for r in await self._conn.fetch(st.text, *st.args(params))]
 
     async def fetchone(self, sql: str, params: Params = None) -> tuple[Any, ...] | None:
-        st = _pg(sql)
+        st = pg_statement(sql)
         r = await self._conn.fetchrow(st.text, *st.args(params))
         return tuple(r) if r is not None else None
 
