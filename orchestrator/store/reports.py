@@ -415,12 +415,21 @@ async def history(
         entry = _entry(r, ts, kind=kind, **values)
         keyed.append(((entry.at, _KIND_RANK[kind], row_id), entry))
 
+    def per_job(columns: str, join: str, at: str) -> str:
+        # the picked jobs with their run's name and one row per attempt or workflow, since ``since``
+        return (
+            f"SELECT {_JOB_COLS}, {columns} FROM jobs j JOIN runs r ON r.id = j.run_id {join} WHERE {cond}"
+            + (f" AND {at} >= :since" if since is not None else "")
+        )
+
     calls = await _named(
         conn,
-        f"SELECT {_JOB_COLS}, a.id, a.number, a.sent_at, a.answered_at, a.http_status, a.error_code, "
-        "a.error_msg, a.transport, a.outcome, a.rule, a.worker "
-        "FROM jobs j JOIN runs r ON r.id = j.run_id JOIN attempts a ON a.job_id = j.id "
-        f"WHERE {cond}" + (" AND a.sent_at >= :since" if since is not None else ""),
+        per_job(
+            "a.id, a.number, a.sent_at, a.answered_at, a.http_status, a.error_code, a.error_msg, "
+            "a.transport, a.outcome, a.rule, a.worker",
+            "JOIN attempts a ON a.job_id = j.id",
+            "a.sent_at",
+        ),
         params,
     )
     for r in calls:
@@ -446,10 +455,12 @@ async def history(
 
     workflows = await _named(
         conn,
-        f"SELECT {_JOB_COLS}, w.id, w.workflow_id, w.state, w.job_status, w.source, w.created_at, "
-        "w.ended_at, w.error_message, w.fail_reason "
-        "FROM jobs j JOIN runs r ON r.id = j.run_id JOIN workflows w ON w.job_id = j.id "
-        f"WHERE {cond}" + (" AND w.created_at >= :since" if since is not None else ""),
+        per_job(
+            "w.id, w.workflow_id, w.state, w.job_status, w.source, w.created_at, w.ended_at, "
+            "w.error_message, w.fail_reason",
+            "JOIN workflows w ON w.job_id = j.id",
+            "w.created_at",
+        ),
         params,
     )
     for r in workflows:
