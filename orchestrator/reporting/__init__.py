@@ -20,7 +20,7 @@ if TYPE_CHECKING:
         report_record,
         run_record,
         write_records,
-        write_report,
+        write_report_parts,
     )
     from orchestrator.reporting.tables import counts_table, print_flagged, print_history, runs_table
     from orchestrator.reporting.text import (
@@ -47,7 +47,6 @@ _WHERE = {
     "report_record": "orchestrator.reporting.streams",
     "run_record": "orchestrator.reporting.streams",
     "write_records": "orchestrator.reporting.streams",
-    "write_report": "orchestrator.reporting.streams",
     "write_report_parts": "orchestrator.reporting.streams",
     "counts_table": "orchestrator.reporting.tables",
     "print_flagged": "orchestrator.reporting.tables",
@@ -91,7 +90,6 @@ __all__ = [
     "runs_table",
     "shorten",
     "write_records",
-    "write_report",
     "write_report_parts",
     "zone",
     "zone_label",

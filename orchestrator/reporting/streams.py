@@ -193,19 +193,12 @@ class ReportWriter:
         return self.rows
 
 
-async def write_report(rows: AsyncIterable[ReportRow], fmt: str, out: TextIO, *, tz: Zone = None) -> int:
-    """Write a run's report rows to ``out`` as they stream (``csv`` or ``json``, see :class:`ReportWriter`).
-    Returns the number of rows. Raises ValueError for another format or an unknown zone."""
-    writer = ReportWriter(fmt, out, tz=tz)
-    async for row in rows:
-        writer.add(row)
-    return writer.close()
-
-
 async def write_report_parts(
     parts: AsyncIterable[Iterable[ReportRow]], fmt: str, out: TextIO, *, tz: Zone = None
 ) -> int:
-    """:func:`write_report` for rows that stream in parts (``store.reports.report_parts``)."""
+    """Write a run's report rows to ``out`` as they stream in parts (``store.reports.report_parts``), as
+    ``csv`` or ``json`` (see :class:`ReportWriter`). Returns the number of rows. Raises ValueError for
+    another format or an unknown zone."""
     writer = ReportWriter(fmt, out, tz=tz)
     async for part in parts:
         writer.add_all(part)

@@ -130,9 +130,8 @@ class _SqliteReader:
         try:
             while part := self._call(lambda: cur.fetchmany(batch)):
                 yield part
-                await asyncio.sleep(
-                    0
-                )  # a long report lets the loop's other tasks (signals) run between parts
+                # a long report lets the loop's other tasks (signals) run between parts
+                await asyncio.sleep(0)
         finally:
             cur.close()
 
@@ -175,8 +174,8 @@ class _PgReader:
 
 
 async def _ahead(fetch: Callable[[], Any]) -> AsyncGenerator[Sequence[Row], None]:
-    """Parts from ``fetch()`` until an empty one, the next one fetched (by the reader's thread, or the
-    socket) while the consumer works on the current one. A consumer that stops early lets the fetch under
+    """Parts from ``fetch()`` until an empty one, the next one fetched (over the socket) while the consumer
+    works on the current one. A consumer that stops early lets the fetch under
     way finish first: cancelling it mid-call would leave the connection's transaction unusable."""
     ahead: asyncio.Future[Sequence[Row]] = asyncio.ensure_future(fetch())
     try:

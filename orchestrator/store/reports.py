@@ -28,7 +28,7 @@ from orchestrator import states
 from orchestrator.store.reader import Reader
 from orchestrator.store.sql import from_json, in_clause
 
-#: rows fetched per round trip when streaming (bounded memory, few thread hops on SQLite)
+#: rows fetched per round trip when streaming (bounded memory, few round trips on PostgreSQL)
 STREAM_BATCH = 2000
 
 STATUS_ORDER = states.STATUS_ORDER  # re-exported: the renderers import it from here
@@ -302,21 +302,20 @@ async def list_runs(
         clause, more = in_clause("st", wanted)
         conds.append(f"status IN {clause}")
         params.update(more)
-    sql = f"SELECT {_RUN_COLS} FROM runs"
-    if conds:
-        sql += " WHERE " + " AND ".join(conds)
-    sql += " ORDER BY id DESC"
+    picked = (" WHERE " + " AND ".join(conds) if conds else "") + " ORDER BY id DESC"
     if limit is not None:
-        sql += " LIMIT :limit"
+        picked += " LIMIT :limit"
         params["limit"] = int(limit)
-    runs = [_run_info(r, conn.time) for r in await conn.fetch(sql, params)]
+    runs = [
+        _run_info(r, conn.time) for r in await conn.fetch(f"SELECT {_RUN_COLS} FROM runs{picked}", params)
+    ]
     if not runs:
         return []
     counts: dict[int, dict[str, int]] = {r.id: {} for r in runs}
     # the same runs again as a subquery (one read transaction: the same rows), not thousands of ids
-    chosen = sql.replace(f"SELECT {_RUN_COLS}", "SELECT id", 1)
     rows = await conn.fetch(
-        f"SELECT run_id, status, count(*) FROM jobs WHERE run_id IN ({chosen}) GROUP BY run_id, status",
+        f"SELECT run_id, status, count(*) FROM jobs WHERE run_id IN (SELECT id FROM runs{picked}) "
+        "GROUP BY run_id, status",
         params,
     )
     for run_id, status, n in rows:
@@ -374,8 +373,8 @@ _JOB_COLS = (
 def _job_filter(
     proxy_id: str | None, instance_id: str | None, project_id: str | None
 ) -> tuple[str, dict[str, Any]]:
-    """The WHERE condition on ``jobs j`` picking the proxy or instance (and project), with parameters.
-    Raises ValueError without a proxy or an instance."""
+    """The WHERE condition on ``jobs j`` picking the proxy, instance and/or project, with parameters.
+    Raises ValueError when none is given."""
     conds: list[str] = []
     params: dict[str, Any] = {}
     for column, value in (("proxy_id", proxy_id), ("instance_id", instance_id), ("project_id", project_id)):

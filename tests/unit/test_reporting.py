@@ -49,7 +49,7 @@ async def _rows(engine: d.Readable, run_id: int, **kw: Any) -> list[reports.Repo
 async def _write(engine: d.Readable, run_id: int, fmt: str, tz: str | None = None) -> str:
     out = io.StringIO()
     async with engine.connect() as conn:
-        await reporting.write_report(reports.report_rows(conn, run_id), fmt, out, tz=tz)
+        await reporting.write_report_parts(reports.report_parts(conn, run_id), fmt, out, tz=tz)
     return out.getvalue()
 
 
@@ -122,7 +122,7 @@ async def test_report_streams_in_chunks(tmp_path: Path) -> None:
 
         out = Spy()
         async with d.Readable(url).connect() as conn:
-            n = await reporting.write_report(reports.report_rows(conn, 1, batch=500), "json", out)
+            n = await reporting.write_report_parts(reports.report_parts(conn, 1, batch=500), "json", out)
         assert n == 2500 and len(json.loads(out.getvalue())) == 2500
         assert Spy.writes >= 3
     finally:
