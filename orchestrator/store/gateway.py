@@ -24,7 +24,16 @@ from orchestrator.store.permits import PermitOps
 from orchestrator.store.reader import Reader, open_reader
 from orchestrator.store.runs import RunOps
 from orchestrator.store.schema import HEAD_REVISION
-from orchestrator.store.sql import Backend, Op, PgBackend, SqliteBackend, Tx, secure_file
+from orchestrator.store.sql import (
+    Backend,
+    Op,
+    PgBackend,
+    SqliteBackend,
+    Tx,
+    is_pipelined,
+    pipelined,
+    secure_file,
+)
 from orchestrator.store.workers import WorkerOps
 from orchestrator.store.writer import GroupCommitWriter, OutageHook
 
@@ -87,7 +96,7 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
         """Call ``hook(event, cause)`` when an outage starts (``db.down``) and ends (``db.recovered``)."""
         self.writer.set_outage_hook(hook)
 
-    async def _submit(self, op: Op[T], *, urgent: bool = False) -> T:
+    async def _submit(self, op: Op[T], *, urgent: bool = False, run_lock: bool = False) -> T:
         if not self.is_postgres:
             return await self.writer.submit(op, urgent=urgent)
         sent = time.time()
@@ -98,7 +107,10 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
             self._db_offset = tx.now.timestamp() - max(sent, time.time() - 0.5)
             return await op(tx)
 
-        return await self.writer.submit(timed, urgent=urgent)
+        if is_pipelined(op):
+            pipelined(timed)
+
+        return await self.writer.submit(timed, urgent=urgent, run_lock=run_lock)
 
     async def start(self) -> None:
         """Start the writer task (``open_store`` does)."""

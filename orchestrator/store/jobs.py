@@ -34,7 +34,7 @@ from orchestrator.store.rows import (
     NewWorkflow,
     WorkflowRow,
 )
-from orchestrator.store.sql import Tx, aware, in_clause
+from orchestrator.store.sql import Tx, aware, in_clause, pipelined
 
 # Claims and permits of one run are serialised on PostgreSQL by one advisory lock: under READ COMMITTED
 # two claimers would each miss the other's uncommitted sibling claim (per-instance guard).
@@ -228,7 +228,9 @@ async def apply_move(tx: Tx, job: JobRow, move: Move, worker_id: str | None) -> 
 class JobOps:
     """Mixin of ``JobStore``: the queue."""
 
-    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
+    async def _submit(
+        self, op: Any, *, urgent: bool = False, run_lock: bool = False
+    ) -> Any:  # provided by JobStore
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- claims
@@ -257,8 +259,7 @@ class JobOps:
         async def op(tx: Tx) -> Claimed:
             now = tx.now
             nts = tx.ts(now)
-            if tx.dialect == "postgresql":
-                await tx.execute("SELECT pg_advisory_xact_lock(:k)", {"k": RUN_LOCK + run_id})
+            await tx.lock_run(RUN_LOCK + run_id)
             expired = (
                 "run_id = :run AND status = 'in_flight' AND (claimed_by IS NULL OR"
                 " (claimed_by != :me AND lease_expires_at <= :now))"
@@ -354,7 +355,7 @@ class JobOps:
             out = sorted((job_row(r) for r in rows), key=lambda j: order[j.id])
             return Claimed(out, now)
 
-        result: Claimed = await self._submit(op, urgent=True)
+        result: Claimed = await self._submit(op, run_lock=True)
         return result
 
     async def release(self, job_id: int, worker_id: str) -> None:
@@ -390,17 +391,18 @@ class JobOps:
             }
             if tx.dialect == "postgresql":
                 # one round trip: the guarded move and the attempt row in one statement
+                # exactly one row, (NULL, NULL) when the guard lost: the statement can be pipelined
                 both = await tx.fetchone(
                     "WITH j AS (UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"
                     " next_attempt_at = NULL, intent_deadline = lease_expires_at WHERE id = :id"
                     " AND status IN ('pending', 'retry_wait') AND claimed_by = :me AND attempt_count = :prev"
-                    " AND lease_expires_at > :now RETURNING id, intent_deadline)"
-                    " INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
-                    " SELECT j.id, :n, :me, :now, 'in_flight', :off FROM j RETURNING id,"
-                    " (SELECT intent_deadline FROM j)",
+                    " AND lease_expires_at > :now RETURNING id, intent_deadline),"
+                    " a AS (INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
+                    " SELECT j.id, :n, :me, :now, 'in_flight', :off FROM j RETURNING id)"
+                    " SELECT (SELECT id FROM a), (SELECT intent_deadline FROM j)",
                     params,
                 )
-                if both is None:
+                if both is None or both[0] is None:
                     return None
                 attempt_id, deadline = int(both[0]), aware(both[1])
             else:
@@ -431,7 +433,7 @@ class JobOps:
             )
             return Intent(attempt_id, number, deadline)
 
-        result: Intent | None = await self._submit(op, urgent=True)
+        result: Intent | None = await self._submit(pipelined(op), urgent=True)
         return result
 
     async def record_answer(
@@ -464,7 +466,7 @@ class JobOps:
             )
             return await apply_move(tx, job, plain, worker_id)
 
-        result: bool = await self._submit(op)
+        result: bool = await self._submit(pipelined(op))
         return result
 
     async def move(self, job: JobRow, move: Move, *, worker_id: str | None) -> bool:

@@ -18,7 +18,9 @@ from orchestrator.store.sql import Tx, aware, in_clause
 class PermitOps:
     """Mixin of ``JobStore``: send permits."""
 
-    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
+    async def _submit(
+        self, op: Any, *, urgent: bool = False, run_lock: bool = False
+    ) -> Any:  # provided by JobStore
         raise NotImplementedError
 
     async def try_send_slots(
@@ -39,33 +41,57 @@ class PermitOps:
         have senders waiting right now, so a permit is used at once, never kept in stock."""
 
         async def op(tx: Tx) -> tuple[list[int], float]:
-            now = tx.now
-            if tx.dialect == "postgresql":
-                await tx.execute("SELECT pg_advisory_xact_lock(:k)", {"k": RUN_LOCK + run_id})
-                # stamped when the lock is ours, not when the batch began: a permit granted after a wait
-                # on the lock must not carry a stamp older than the permits granted before it
-                locked = await tx.fetchone("SELECT clock_timestamp()")
-                stamp = aware(locked[0]) if locked is not None else None
-                now = stamp if stamp is not None else now
+            # stamped when the lock is ours, not when the batch began: a permit granted after a wait on
+            # the lock must not carry a stamp older than the permits granted before it
+            now = await tx.lock_run(RUN_LOCK + run_id)
             window_start = now - timedelta(seconds=period + margin)
-            ws = tx.ts(window_start)
-            row = await tx.fetchone(
-                "SELECT count(*) FROM send_log WHERE run_id = :run AND at > :ws", {"run": run_id, "ws": ws}
-            )
-            in_window = int(row[0]) if row else 0
+            params: dict[str, Any] = {
+                "run": run_id,
+                "ws": tx.ts(window_start),
+                "now": tx.ts(now),
+                "me": worker_id,
+                "until": tx.ts(now + timedelta(seconds=lease_s)),
+                "want": want,
+                "count": count,
+                "cap": cap,
+            }
+            if tx.dialect == "postgresql":
+                # the check and the grant in one round trip (a statement after the lock's, so its snapshot
+                # sees every permit the lock's previous holder committed)
+                row = await tx.fetchone(
+                    "WITH c AS (SELECT (SELECT count(*) FROM send_log WHERE run_id = :run AND at > :ws) AS w,"
+                    " (SELECT count(*) FROM send_log WHERE run_id = :run AND done_at IS NULL"
+                    " AND lease_expires_at > :now) AS h),"
+                    " ins AS (INSERT INTO send_log (run_id, at, worker, lease_expires_at)"
+                    " SELECT :run, :now, :me, :until FROM c,"
+                    " generate_series(1, LEAST(:want, :count - c.w, :cap - c.h)) RETURNING id)"
+                    " SELECT c.w, (SELECT array_agg(id ORDER BY id) FROM ins) FROM c",
+                    params,
+                )
+                assert row is not None
+                in_window, granted = int(row[0]), [int(x) for x in row[1] or ()]
+                if granted:
+                    return granted, 0.0
+            else:
+                row = await tx.fetchone(
+                    "SELECT count(*) FROM send_log WHERE run_id = :run AND at > :ws", params
+                )
+                in_window = int(row[0]) if row else 0
             if in_window >= count:
                 oldest = await tx.fetchone(
                     "SELECT at FROM send_log WHERE run_id = :run AND at > :ws"
                     " ORDER BY at LIMIT 1 OFFSET :skip",
-                    {"run": run_id, "ws": ws, "skip": in_window - count},
+                    {**params, "skip": in_window - count},
                 )
                 at = aware(oldest[0]) if oldest else None
                 wait = (at - window_start).total_seconds() if at is not None else 0.01
                 return [], max(0.001, wait)
+            if tx.dialect == "postgresql":
+                return [], 0.02  # the window had room: the cap was full
             r = await tx.fetchone(
                 "SELECT count(*) FROM send_log WHERE run_id = :run AND done_at IS NULL"
                 " AND lease_expires_at > :now",
-                {"run": run_id, "now": tx.ts(now)},
+                params,
             )
             room = min(want, count - in_window, cap - (int(r[0]) if r else 0))
             if room <= 0:
@@ -74,17 +100,11 @@ class PermitOps:
                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :k)"
                 " INSERT INTO send_log (run_id, at, worker, lease_expires_at)"
                 " SELECT :run, :now, :me, :until FROM n RETURNING id",
-                {
-                    "k": room,
-                    "run": run_id,
-                    "now": tx.ts(now),
-                    "me": worker_id,
-                    "until": tx.ts(now + timedelta(seconds=lease_s)),
-                },
+                {**params, "k": room},
             )
             return [int(x[0]) for x in rows], 0.0
 
-        result: tuple[list[int], float] = await self._submit(op, urgent=True)
+        result: tuple[list[int], float] = await self._submit(op, run_lock=True)
         return result
 
     async def try_send_slot(

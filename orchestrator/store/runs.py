@@ -92,7 +92,9 @@ async def assign_waves(tx: Tx, run_id: int, planner: WavePlanner) -> list[int]:
 class RunOps:
     """Mixin of ``JobStore``: runs."""
 
-    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
+    async def _submit(
+        self, op: Any, *, urgent: bool = False, run_lock: bool = False
+    ) -> Any:  # provided by JobStore
         raise NotImplementedError
 
     async def create_run(

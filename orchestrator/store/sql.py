@@ -12,7 +12,8 @@ single ``send(None)``. PostgreSQL: the writer's own asyncpg connections (``PgBac
 default, so several batches commit at once), each batch in one transaction whose clock
 (``clock_timestamp()``, read once at its start) every comparison in the batch uses, so hosts with
 drifting clocks agree on leases and permits. Session timeouts bound what a stalled peer can cost
-(docs/postgres.md).
+(docs/postgres.md). Ops marked ``pipelined`` (an intent, an answer: one statement on their own job's rows)
+that sit next to each other in a batch share round trips: their statements go in one pipeline.
 
 Errors: ``DatabaseDown`` when the database cannot be used right now (connection refused or lost, the
 file locked past the busy timeout, a full disk, a read-only file or database, a lock wait timed out); the
@@ -78,6 +79,13 @@ class Tx(Protocol):
         """The first row of a query, or None."""
         ...
 
+    async def lock_run(self, key: int) -> datetime:
+        """Hold the run's lock (advisory lock ``key``) until the transaction ends, and return the clock
+        read once it was ours. PostgreSQL: ``pg_advisory_xact_lock``, taken once per transaction (later
+        calls cost no round trip and return the first stamp). SQLite: ``BEGIN IMMEDIATE`` already holds
+        the only write lock; returns ``now``."""
+        ...
+
     def ts(self, value: datetime | None) -> Any:
         """A datetime as this driver binds a timestamp (SQLite: naive UTC text in SQLAlchemy's format,
         so text order is time order; PostgreSQL: the aware datetime); None stays None."""
@@ -134,6 +142,9 @@ class _SqliteTx:
     async def fetchone(self, sql: str, params: Params = None) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = self._conn.execute(sql, sqlite_params(params)).fetchone()
         return row
+
+    async def lock_run(self, key: int) -> datetime:
+        return self.now
 
     def ts(self, value: datetime | None) -> Any:
         if value is None:
@@ -328,6 +339,7 @@ class _PgTx:
         self._conn = conn
         self.now = now
         self.events: list[dict[str, Any]] = []
+        self._locked: dict[int, datetime] = {}
 
     async def execute(self, sql: str, params: Params = None) -> int:
         st = pg_statement(sql)
@@ -349,11 +361,156 @@ class _PgTx:
         r = await self._conn.fetchrow(st.text, *st.args(params))
         return tuple(r) if r is not None else None
 
+    async def fetchone_each(self, sql: str, many: Sequence[Params]) -> list[tuple[Any, ...]]:
+        """Run ``sql`` once per parameter mapping in one pipeline; each run must return exactly one row
+        (their rows, in order). Raises ``RuntimeError`` otherwise."""
+        if len(many) == 1:
+            one = await self.fetchone(sql, many[0])
+            rows = [] if one is None else [one]
+        else:
+            st = pg_statement(sql)
+            rows = [tuple(r) for r in await self._conn.fetchmany(st.text, [st.args(p) for p in many])]
+        if len(rows) != len(many):
+            raise RuntimeError(f"a pipelined statement returned {len(rows)} rows for {len(many)} runs")
+        return rows
+
+    async def lock_run(self, key: int) -> datetime:
+        stamp = self._locked.get(key)
+        if stamp is None:
+            # the clock is read by the outer query, so only once the subquery's lock was granted (a stamp
+            # read before a wait on the lock would be older than the permits granted during that wait)
+            got = aware(
+                await self._conn.fetchval(
+                    "SELECT clock_timestamp() FROM (SELECT pg_advisory_xact_lock($1)) AS l OFFSET 0", key
+                )
+            )
+            assert got is not None
+            stamp = self._locked[key] = got
+        return stamp
+
     def ts(self, value: datetime | None) -> Any:
         return value
 
     def json(self, value: Any) -> Any:
         return None if value is None else json.dumps(value)
+
+
+def pipelined(op: Op[T]) -> Op[T]:
+    """Mark ``op`` as one that may run interleaved with the other marked ops of its batch: it touches only
+    its own job's rows, takes no lock, and every statement it sends with ``fetchone`` returns exactly one
+    row. On PostgreSQL the marked ops next to each other in a batch then share their round trips: each
+    round, their statements with the same text go in one pipeline (asyncpg ``fetchmany``). Elsewhere, or
+    alone, a marked op runs as any other. Returns ``op``."""
+    op.pipelined = True  # type: ignore[attr-defined]
+    return op
+
+
+def is_pipelined(op: Op[Any]) -> bool:
+    """Whether ``op`` was marked with :func:`pipelined`."""
+    return bool(getattr(op, "pipelined", False))
+
+
+class _Request:
+    """A statement a pipelined op waits on: the driver (``_interleave``) answers it."""
+
+    __slots__ = ("kind", "params", "sql")
+
+    def __init__(self, kind: str, sql: str, params: Any) -> None:
+        self.kind, self.sql, self.params = kind, sql, params
+
+    def __await__(self) -> Any:
+        return (yield self)
+
+
+class _PipeTx:
+    """The transaction as pipelined ops see it: each statement is handed to the driver."""
+
+    dialect = "postgresql"
+
+    def __init__(self, tx: _PgTx) -> None:
+        self._tx = tx
+        self.now = tx.now
+        self.events = tx.events
+
+    def execute(self, sql: str, params: Params = None) -> Any:
+        return _Request("execute", sql, params)
+
+    def executemany(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> Any:
+        return _Request("executemany", sql, rows)
+
+    def fetch(self, sql: str, params: Params = None) -> Any:
+        return _Request("fetch", sql, params)
+
+    def fetchone(self, sql: str, params: Params = None) -> Any:
+        return _Request("fetchone", sql, params)
+
+    async def lock_run(self, key: int) -> datetime:
+        raise RuntimeError("a pipelined op may not take a lock")
+
+    def ts(self, value: datetime | None) -> Any:
+        return self._tx.ts(value)
+
+    def json(self, value: Any) -> Any:
+        return self._tx.json(value)
+
+
+async def _run_ops(tx: _PgTx, ops: Sequence[Op[Any]]) -> list[Any]:
+    """Every op of a batch, in order; runs of pipelined ops are interleaved (see :func:`pipelined`)."""
+    results: list[Any] = []
+    i = 0
+    while i < len(ops):
+        j = i
+        while j < len(ops) and is_pipelined(ops[j]):
+            j += 1
+        if j - i > 1:
+            results += await _interleave(tx, ops[i:j])
+            i = j
+        else:
+            results.append(await ops[i](tx))
+            i += 1
+    return results
+
+
+async def _interleave(tx: _PgTx, ops: Sequence[Op[Any]]) -> list[Any]:
+    # Rounds: every unfinished op waits on one statement; the round's fetchone statements with one text
+    # go in one pipeline, the rest one by one, in op order; then each op is resumed with its answer.
+    ptx = _PipeTx(tx)
+    coros = [op(ptx).__await__() for op in ops]
+    results: list[Any] = [None] * len(ops)
+    waiting: dict[int, _Request] = {}
+
+    def step(k: int, value: Any) -> None:
+        try:
+            req = coros[k].send(value)
+        except StopIteration as stop:
+            results[k] = stop.value
+            return
+        if not isinstance(req, _Request):
+            raise RuntimeError("a pipelined op awaited something other than its transaction")
+        waiting[k] = req
+
+    try:
+        for k in range(len(ops)):
+            step(k, None)
+        while waiting:
+            round_, answers = sorted(waiting.items()), {}
+            waiting.clear()
+            same: dict[str, list[int]] = {}
+            for k, req in round_:
+                if req.kind == "fetchone":
+                    same.setdefault(req.sql, []).append(k)
+                else:
+                    answers[k] = await getattr(tx, req.kind)(req.sql, req.params)
+            asked = dict(round_)
+            for sql, ks in same.items():
+                rows = await tx.fetchone_each(sql, [asked[k].params for k in ks])
+                answers.update(zip(ks, rows, strict=True))
+            for k in sorted(answers):
+                step(k, answers[k])
+    finally:
+        for coro in coros:
+            coro.close()
+    return results
 
 
 def pg_down(exc: BaseException) -> DatabaseDown | None:
@@ -423,7 +580,8 @@ class PgBackend:
         """Run ``ops`` in order in one transaction on an idle connection (a new one when none is idle:
         the writer runs at most ``parallel`` batches at once), append their buffered events, commit;
         returns their results in order. ``tx.now`` is the server's ``clock_timestamp()`` at the start.
-        Raises ``DatabaseDown`` (the connection is dropped) or the op's own error (rolled back)."""
+        Raises ``DatabaseDown`` (the connection is dropped) or the op's own error (rolled back).
+        Pipelined ops next to each other share round trips (:func:`pipelined`)."""
         conn = self._idle.pop() if self._idle else await self._connect()
         if conn.is_closed():
             self._all.discard(conn)
@@ -433,7 +591,7 @@ class PgBackend:
                 now = aware(await conn.fetchval("SELECT clock_timestamp()"))
                 assert now is not None
                 tx = _PgTx(conn, now)
-                results = [await op(tx) for op in ops]
+                results = await _run_ops(tx, ops)
                 if tx.events:
                     await _flush_events(tx)
         except Exception as exc:

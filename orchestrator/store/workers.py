@@ -184,7 +184,9 @@ async def register_in(
 class WorkerOps:
     """Mixin of ``JobStore``: registration, heartbeats, leaving, live workers."""
 
-    async def _submit(self, op: Any, *, urgent: bool = False) -> Any:  # provided by JobStore
+    async def _submit(
+        self, op: Any, *, urgent: bool = False, run_lock: bool = False
+    ) -> Any:  # provided by JobStore
         raise NotImplementedError
 
     async def register(

@@ -53,7 +53,12 @@ class GroupCommitWriter:
 
     Two lanes: ``urgent`` ops (an intent that a call waits for, a claim that workers wait for) are
     committed before the others: a batch holds every urgent op queued and, only when none is, the rest.
-    Recording answers therefore never delays the next call's intent; answers wait a batch at most."""
+    Recording answers therefore never delays the next call's intent; answers wait a batch at most.
+
+    Ops that take the run's lock (``run_lock``: claims and send permits, which serialise across the
+    processes of a run on PostgreSQL) are urgent too, but when batches commit in parallel they go in
+    batches of their own, one such batch at a time: the lock is then held for those ops and their commit
+    only, not for a whole batch of intents and answers, and no connection sits waiting for it."""
 
     def __init__(
         self,
@@ -71,6 +76,8 @@ class GroupCommitWriter:
         self._on_outage = on_outage
         self._urgent: deque[_Item] = deque()
         self._normal: deque[_Item] = deque()
+        self._locking: deque[_Item] = deque()  # run_lock ops, when batches commit in parallel
+        self._parallel = max(1, getattr(backend, "parallel", 1))
         self._ready = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -87,8 +94,9 @@ class GroupCommitWriter:
         ends (None: no hook). The hook's own errors are ignored."""
         self._on_outage = hook
 
-    async def submit(self, op: Op[T], *, urgent: bool = False) -> T:
+    async def submit(self, op: Op[T], *, urgent: bool = False, run_lock: bool = False) -> T:
         """Queue ``op`` and wait until the batch holding it committed; returns what ``op`` returned.
+        ``run_lock``: the op takes the run's lock (an urgent op, batched apart; see the class docstring).
 
         Raises ``DatabaseUnavailable`` once an outage outlasted the budget, and whatever ``op`` raised."""
         if self._dead is not None:
@@ -96,7 +104,10 @@ class GroupCommitWriter:
         if self._task is None or self._task.done():
             raise RuntimeError("the store writer is not running")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        (self._urgent if urgent else self._normal).append(_Item(op, fut))
+        if run_lock and self._parallel > 1:
+            self._locking.append(_Item(op, fut))
+        else:
+            (self._urgent if urgent or run_lock else self._normal).append(_Item(op, fut))
         self._ready.set()
         # No shield needed: the op is queued and will run and commit whatever happens to this caller;
         # a cancelled caller only stops waiting for its result (``_apply`` skips done futures).
@@ -112,40 +123,53 @@ class GroupCommitWriter:
             await self._task
         self._task = None
 
-    def _take(self) -> list[_Item]:
-        lane = self._urgent if self._urgent else self._normal
-        batch: list[_Item] = []
-        while lane and len(batch) < self._max_batch:
-            batch.append(lane.popleft())
-        return batch
+    def _lane(self, locking_running: bool) -> deque[_Item] | None:
+        """The lane the next batch comes from: run-lock ops first (when none of theirs is committing),
+        then urgent ops, then the rest; None when nothing can go now."""
+        if self._locking and not locking_running:
+            return self._locking
+        return self._urgent or self._normal or None
+
+    def _take(self, lane: deque[_Item], free: int) -> list[_Item]:
+        # in parallel, what is queued is shared out over the free connections: on PostgreSQL a batch is
+        # a chain of round trips, so one batch of everything would keep the others idle and its last op
+        # waiting for all the others
+        size = min(self._max_batch, -(-len(lane) // max(1, free)))
+        return [lane.popleft() for _ in range(min(size, len(lane)))]
 
     async def _loop(self) -> None:
         # SQLite: one batch at a time (one writer). PostgreSQL: up to `parallel` batches commit at once
-        # on their own connections (each batch is an independent unit of work).
-        parallel = max(1, getattr(self._backend, "parallel", 1))
+        # on their own connections (each batch is an independent unit of work), of which at most one
+        # holds run-lock ops.
+        parallel = self._parallel
         running: set[asyncio.Task[None]] = set()
+        locking: set[asyncio.Task[None]] = set()
 
         def finished(t: asyncio.Task[None]) -> None:
             running.discard(t)
+            locking.discard(t)
             self._ready.set()
 
         while True:
             self._ready.clear()
-            while (self._urgent or self._normal) and len(running) < parallel:
-                if not self._urgent and len(self._normal) < self._max_batch and self.linger_s > 0:
+            while len(running) < parallel and (lane := self._lane(bool(locking))) is not None:
+                if lane is self._normal and len(lane) < self._max_batch and self.linger_s > 0:
                     # nothing waits on these (answers commit in the background): let a few more join
                     # the batch, so a slow trickle of answers costs one commit per few ms, not one each
                     await asyncio.sleep(self.linger_s)
-                batch = self._take()
+                    lane = self._lane(bool(locking)) or lane
+                batch = self._take(lane, parallel - len(running))
                 if parallel == 1:
                     await self._apply(batch)
                     continue
                 task = asyncio.create_task(self._apply(batch))
                 running.add(task)
+                if lane is self._locking:
+                    locking.add(task)
                 task.add_done_callback(finished)
-            if not running and not (self._urgent or self._normal) and self._closing:
+            if not running and self._lane(False) is None and self._closing:
                 return
-            if (self._urgent or self._normal) and len(running) < parallel:
+            if len(running) < parallel and self._lane(bool(locking)) is not None:
                 continue
             await self._ready.wait()
 
@@ -213,7 +237,7 @@ class GroupCommitWriter:
                 self._on_outage(event, cause)
 
     def _drain(self, dead: DatabaseUnavailable) -> None:
-        for lane in (self._urgent, self._normal):
+        for lane in (self._locking, self._urgent, self._normal):
             while lane:
                 _fail(lane.popleft(), dead)
 

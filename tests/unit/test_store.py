@@ -929,6 +929,264 @@ async def test_group_commit_batches_concurrent_writes(env: Env) -> None:
     assert store.writer.stats.batches - before < 50
 
 
+async def test_intents_and_answers_of_one_batch_share_round_trips(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent intents and answers come out as if each had its own transaction (the guards hold per
+    job), and on PostgreSQL the statements of a batch's intents (and of its answers) go in one pipeline
+    each (``sql.pipelined``)."""
+    pipelines: list[int] = []
+    real = store_sql._PgTx.fetchone_each
+
+    async def spy(self: Any, sql: str, many: Sequence[Any]) -> list[tuple[Any, ...]]:
+        pipelines.append(len(many))
+        return await real(self, sql, many)
+
+    monkeypatch.setattr(store_sql._PgTx, "fetchone_each", spy)
+    store = await env.open()
+    run, reg = await new_run(store, 40)
+    w = reg.worker_id
+    jobs = await claim(store, run.id, w, 40)
+    moved = jobs[::8]  # their guard must lose: flagged after the claim, before the intent
+    for j in moved:
+        assert await store.move(j, flag(), worker_id=w)
+    intents = await asyncio.gather(*(store.record_intent(j, worker_id=w, cloud_offset_s=1.5) for j in jobs))
+    lost = {j.id for j, i in zip(jobs, intents, strict=True) if i is None}
+    assert lost == {j.id for j in moved}
+    sent = [(j, i) for j, i in zip(jobs, intents, strict=True) if i is not None]
+    assert len({i.attempt_id for _, i in sent}) == 35 and all(i.number == 1 for _, i in sent)
+    won = await asyncio.gather(
+        *(
+            store.record_answer(
+                replace(j, status=S.IN_FLIGHT),
+                i.attempt_id,
+                ACCEPTED,
+                workflows=[NewWorkflow(f"wf-{j.id}", "ACCEPT", instance_id=j.instance_id)],
+                move=Move(frm=S.IN_FLIGHT, to=S.ACCEPTED),
+                worker_id=w,
+            )
+            for j, i in sent
+        )
+    )
+    assert all(won)
+    by_status = await rows(store, "SELECT status, count(*) FROM jobs GROUP BY status ORDER BY status")
+    assert [(str(st), int(n)) for st, n in by_status] == [("accepted", 35), ("flagged", 5)]
+    recorded = await rows(
+        store,
+        "SELECT a.job_id, a.outcome, w.workflow_id FROM attempts a JOIN workflows w ON w.attempt_id = a.id",
+    )
+    assert sorted((int(j), str(o), str(wf)) for j, o, wf in recorded) == sorted(
+        (j.id, "accepted", f"wf-{j.id}") for j, _ in sent
+    )
+    moves = [e for e in await events(store, run.id) if e[3] in ("in_flight", "accepted")]
+    assert len(moves) == 70  # each intent's and each answer's move, once
+    if env.backend == "postgresql":
+        # 35 intents and 35 answers in a few pipelines, not one round trip each
+        assert sum(pipelines) == 75 and len(pipelines) < 20 and max(pipelines) > 1, pipelines
+
+
+async def test_a_pipelined_statement_without_its_row_is_replayed_op_by_op(env: Env) -> None:
+    """A pipelined op whose statement returns no row breaks the pipeline's contract: its batch is replayed
+    op by op, where each op sees its own answer, so the results are still right."""
+    store = await env.open()
+    run, _ = await new_run(store, 1)
+
+    def read(run_id: int) -> Op[int | None]:
+        async def op(tx: Tx) -> int | None:
+            row = await tx.fetchone("SELECT id FROM runs WHERE id = :id", {"id": run_id})
+            return None if row is None else int(row[0])
+
+        return store_sql.pipelined(op)
+
+    ops = [read(i) for i in (run.id, run.id + 1000, run.id)]
+    if env.backend == "postgresql":
+        # one transaction of the three: the pipeline has two rows for three runs, the batch fails...
+        with pytest.raises(RuntimeError, match="returned 2 rows for 3 runs"):
+            await store._backend.run_batch(ops)
+    # ...and the writer, which replays a failed batch op by op, still gives each op its answer
+    # (one connection, so that the three go in one batch, as they do under load)
+    writer = GroupCommitWriter(FlakyBackend(store._backend))  # type: ignore[arg-type]
+    writer.start()
+    try:
+        got = await asyncio.gather(*(writer.submit(op) for op in ops))
+    finally:
+        await writer.close()
+    assert got == [run.id, None, run.id]
+    assert writer.stats.retried_alone == (3 if env.backend == "postgresql" else 0)
+
+
+async def test_a_permit_is_stamped_when_the_run_lock_is_granted(env: Env) -> None:
+    """A permit granted after a wait on the run's lock carries the time it was granted, not the time its
+    batch began (else it could sit before permits granted during the wait)."""
+    if env.backend != "postgresql":
+        pytest.skip("the run's lock is PostgreSQL's advisory lock (SQLite has one writer)")
+    import asyncpg
+
+    from orchestrator.store.jobs import RUN_LOCK
+
+    store = await env.open()
+    run, reg = await new_run(store, 1)
+    holder = await asyncpg.connect(env.url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", RUN_LOCK + run.id)
+        waiting = asyncio.ensure_future(
+            store.try_send_slot(run.id, worker_id=reg.worker_id, count=10, period=1.0, cap=10, lease_s=30)
+        )
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        released_at = await holder.fetchval("SELECT clock_timestamp()")
+        await tx.commit()
+        slot, wait = await waiting
+    finally:
+        await holder.close()
+    assert slot is not None and wait == 0
+    ((at,),) = await rows(store, "SELECT at FROM send_log WHERE id = :id", id=slot)
+    assert at >= released_at
+
+
+class _FakeTx:
+    """What ``_interleave`` drives pipelined ops against: records every statement it is asked."""
+
+    dialect = "postgresql"
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+        self.events: list[dict[str, Any]] = []
+        self.calls: list[tuple[str, Any]] = []
+
+    async def execute(self, sql: str, params: Any = None) -> int:
+        self.calls.append(("execute", sql))
+        return 1
+
+    async def fetchone_each(self, sql: str, many: Sequence[Any]) -> list[tuple[Any, ...]]:
+        self.calls.append(("pipeline", (sql, len(many))))
+        return [(p["v"] * 10,) for p in many]
+
+    def ts(self, value: Any) -> Any:
+        return value
+
+    def json(self, value: Any) -> Any:
+        return value
+
+
+async def test_interleave_groups_one_round_of_equal_statements_into_one_pipeline() -> None:
+    """Each round: anything but fetchone one by one in op order, then the fetchone statements of one text
+    in one pipeline; every op gets its own answer back and its own result out."""
+
+    def op(v: int, extra: bool) -> Op[list[int]]:
+        async def run(tx: Tx) -> list[int]:
+            first = await tx.fetchone("SELECT :v", {"v": v})
+            assert first is not None
+            if extra:
+                await tx.execute("UPDATE x SET y = 1", {"v": v})
+            second = await tx.fetchone("SELECT :v + 1", {"v": v + 1})
+            assert second is not None
+            return [int(first[0]), int(second[0])]
+
+        return run
+
+    tx = _FakeTx()
+    out = await store_sql._interleave(tx, [op(1, False), op(2, True), op(3, False)])  # type: ignore[arg-type]
+    assert out == [[10, 20], [20, 30], [30, 40]]
+    assert tx.calls == [
+        ("pipeline", ("SELECT :v", 3)),
+        # round 2: op 2's UPDATE alone, then ops 1 and 3 in one pipeline; op 2's SELECT comes next round
+        ("execute", "UPDATE x SET y = 1"),
+        ("pipeline", ("SELECT :v + 1", 2)),
+        ("pipeline", ("SELECT :v + 1", 1)),
+    ]
+
+
+async def test_interleave_refuses_an_op_that_awaits_anything_but_its_transaction() -> None:
+    async def sleeper(tx: Tx) -> None:
+        await asyncio.sleep(0)
+
+    closed: list[bool] = []
+
+    async def polite(tx: Tx) -> None:
+        try:
+            await tx.fetchone("SELECT 1")
+        finally:
+            closed.append(True)
+
+    with pytest.raises(RuntimeError, match="awaited something other than its transaction"):
+        await store_sql._interleave(_FakeTx(), [polite, sleeper])  # type: ignore[arg-type]
+    assert closed == [True]  # the other op was closed, not left suspended
+
+
+class _ParallelBackend:
+    """A backend with ``parallel`` connections that records each batch (its ops' names) and how many
+    batches of run-lock ops ran at once."""
+
+    dialect = "postgresql"
+
+    def __init__(self, parallel: int) -> None:
+        self.parallel = parallel
+        self.batches: list[list[str]] = []
+        self.locking_now = 0
+        self.locking_most = 0
+
+    async def run_batch(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        names = [getattr(op, "__name__", "?") for op in ops]
+        self.batches.append(names)
+        locking = names[0].startswith("lock")
+        assert all(n.startswith("lock") == locking for n in names), names  # never mixed
+        if locking:
+            self.locking_now += 1
+            self.locking_most = max(self.locking_most, self.locking_now)
+        await asyncio.sleep(0.01)
+        if locking:
+            self.locking_now -= 1
+        return [await op(None) for op in ops]  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        return None
+
+
+def _named(name: str) -> Op[str]:
+    async def op(tx: Tx) -> str:
+        return name
+
+    op.__name__ = name
+    return op
+
+
+async def test_parallel_writer_batches_run_lock_ops_apart_one_batch_at_a_time() -> None:
+    """With batches committing in parallel (PostgreSQL), claims and permits (``run_lock``) never share a
+    batch with other ops and never commit two batches at once; the other ops are shared out over the free
+    connections. One connection (SQLite) keeps one lane for all urgent ops."""
+    backend = _ParallelBackend(parallel=4)
+    writer = GroupCommitWriter(backend)  # type: ignore[arg-type]
+    writer.start()
+    try:
+        jobs = [writer.submit(_named(f"lock{i}"), run_lock=True) for i in range(12)]
+        jobs += [writer.submit(_named(f"intent{i}"), urgent=True) for i in range(24)]
+        jobs += [writer.submit(_named(f"answer{i}")) for i in range(8)]
+        got = await asyncio.gather(*jobs)
+    finally:
+        await writer.close()
+    assert got == [f"lock{i}" for i in range(12)] + [f"intent{i}" for i in range(24)] + [
+        f"answer{i}" for i in range(8)
+    ]
+    assert backend.locking_most == 1
+    intents = [b for b in backend.batches if b[0].startswith("intent")]
+    assert len(intents) >= 3 and max(len(b) for b in intents) <= 8, intents  # 24 over 3 free connections
+
+    single = _ParallelBackend(parallel=1)
+    writer = GroupCommitWriter(single)  # type: ignore[arg-type]
+    writer.start()
+    try:
+        await asyncio.gather(
+            *(writer.submit(_named(f"lock{i}"), run_lock=True) for i in range(3)),
+            *(writer.submit(_named(f"lockish{i}"), urgent=True) for i in range(3)),
+        )
+    finally:
+        await writer.close()
+    assert single.batches[0] == ["lock0", "lock1", "lock2", "lockish0", "lockish1", "lockish2"]
+
+
 async def test_send_permits_keep_the_window_with_its_margin_and_the_cap(env: Env) -> None:
     """The run-wide gate's check-and-insert: ``count`` starts per ``period + margin``, at most ``cap``
     held, and a permit whose holder died (lease run out) no longer counts against the cap."""
@@ -979,16 +1237,19 @@ async def test_writer_replays_a_failing_batch_op_by_op(env: Env) -> None:
         await tx.execute("UPDATE runs SET stop_reason = 'bad' WHERE id = :id", {"id": run.id})
         raise ValueError("a bug in one op")
 
-    before = store.writer.stats.retried_alone
-    results = await asyncio.gather(
-        store.writer.submit(named("a")),
-        store.writer.submit(bad),
-        store.writer.submit(named("b")),
-        return_exceptions=True,
-    )
+    # one connection, so that the three share a batch (on PostgreSQL the store's own writer would share
+    # them out over its free connections, a batch each)
+    writer = GroupCommitWriter(FlakyBackend(store._backend))  # type: ignore[arg-type]
+    writer.start()
+    try:
+        results = await asyncio.gather(
+            writer.submit(named("a")), writer.submit(bad), writer.submit(named("b")), return_exceptions=True
+        )
+    finally:
+        await writer.close()
     assert results[0] == "a" and results[2] == "b"
     assert isinstance(results[1], ValueError)
-    assert store.writer.stats.retried_alone - before == 3
+    assert writer.stats.retried_alone == 3
     got = await store.get_run(run.id)
     assert got is not None and got.stop_reason == "ab"  # the bad op's write was rolled back
 
