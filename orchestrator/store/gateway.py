@@ -98,7 +98,7 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
 
     async def _submit(self, op: Op[T], *, urgent: bool = False, run_lock: bool = False) -> T:
         if not self.is_postgres:
-            return await self.writer.submit(op, urgent=urgent)
+            return await self.writer.submit(op, urgent=urgent, run_lock=run_lock)
         sent = time.time()
 
         async def timed(tx: Tx) -> T:

@@ -163,7 +163,8 @@ async def _answer_pg(
         " AS x(wid, inst, state, msg, src) RETURNING 1),"
         f" j AS (UPDATE jobs SET {sets} WHERE id = :id AND status = :frm"
         " AND (claimed_by = :me OR claimed_by IS NULL) RETURNING id)"
-        " SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM a), (SELECT count(*) FROM w)",
+        " SELECT CAST(:id AS bigint), (SELECT count(*) FROM j), (SELECT count(*) FROM a),"
+        " (SELECT count(*) FROM w)",
         {
             **params,
             **_answer_values(tx, answer),
@@ -180,7 +181,7 @@ async def _answer_pg(
             "srcs": [w.source for w in workflows],
         },
     )
-    if not n or int(n[0]) != 1:
+    if not n or int(n[1]) != 1:
         return False
     await events.append(
         tx,
@@ -391,7 +392,8 @@ class JobOps:
             }
             if tx.dialect == "postgresql":
                 # one round trip: the guarded move and the attempt row in one statement
-                # exactly one row, (NULL, NULL) when the guard lost: the statement can be pipelined
+                # exactly one row, led by the job's id, (id, NULL, NULL) when the guard lost: the statement
+                # can be pipelined
                 both = await tx.fetchone(
                     "WITH j AS (UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"
                     " next_attempt_at = NULL, intent_deadline = lease_expires_at WHERE id = :id"
@@ -399,12 +401,12 @@ class JobOps:
                     " AND lease_expires_at > :now RETURNING id, intent_deadline),"
                     " a AS (INSERT INTO attempts (job_id, number, worker, sent_at, outcome, cloud_offset_s)"
                     " SELECT j.id, :n, :me, :now, 'in_flight', :off FROM j RETURNING id)"
-                    " SELECT (SELECT id FROM a), (SELECT intent_deadline FROM j)",
+                    " SELECT CAST(:id AS bigint), (SELECT id FROM a), (SELECT intent_deadline FROM j)",
                     params,
                 )
-                if both is None or both[0] is None:
+                if both is None or both[1] is None:
                     return None
-                attempt_id, deadline = int(both[0]), aware(both[1])
+                attempt_id, deadline = int(both[1]), aware(both[2])
             else:
                 won = await tx.fetchone(
                     "UPDATE jobs SET status = 'in_flight', attempt_count = :n, updated_at = :now,"

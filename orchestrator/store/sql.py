@@ -363,7 +363,9 @@ class _PgTx:
 
     async def fetchone_each(self, sql: str, many: Sequence[Params]) -> list[tuple[Any, ...]]:
         """Run ``sql`` once per parameter mapping in one pipeline; each run must return exactly one row
-        (their rows, in order). Raises ``RuntimeError`` otherwise."""
+        whose first column is its ``:id`` parameter (their rows, in order). Raises ``RuntimeError``
+        otherwise: the driver hands back the pipeline's rows as one list, so a run with no row and another
+        with two would otherwise pass each op a row of another."""
         if len(many) == 1:
             one = await self.fetchone(sql, many[0])
             rows = [] if one is None else [one]
@@ -372,16 +374,20 @@ class _PgTx:
             rows = [tuple(r) for r in await self._conn.fetchmany(st.text, [st.args(p) for p in many])]
         if len(rows) != len(many):
             raise RuntimeError(f"a pipelined statement returned {len(rows)} rows for {len(many)} runs")
+        for row, params in zip(rows, many, strict=True):
+            if not row or params is None or row[0] != params.get("id"):
+                raise RuntimeError("a pipelined statement's row does not lead with its run's :id")
         return rows
 
     async def lock_run(self, key: int) -> datetime:
         stamp = self._locked.get(key)
         if stamp is None:
-            # the clock is read by the outer query, so only once the subquery's lock was granted (a stamp
-            # read before a wait on the lock would be older than the permits granted during that wait)
+            # the clock is read by the outer query over the subquery's row, so only once the lock was
+            # granted (a stamp read before a wait on the lock would be older than the permits granted during
+            # that wait); a subquery calling a volatile function is never flattened, and OFFSET 0 fences it
             got = aware(
                 await self._conn.fetchval(
-                    "SELECT clock_timestamp() FROM (SELECT pg_advisory_xact_lock($1)) AS l OFFSET 0", key
+                    "SELECT clock_timestamp() FROM (SELECT pg_advisory_xact_lock($1) OFFSET 0) AS l", key
                 )
             )
             assert got is not None
@@ -398,9 +404,11 @@ class _PgTx:
 def pipelined(op: Op[T]) -> Op[T]:
     """Mark ``op`` as one that may run interleaved with the other marked ops of its batch: it touches only
     its own job's rows, takes no lock, and every statement it sends with ``fetchone`` returns exactly one
-    row. On PostgreSQL the marked ops next to each other in a batch then share their round trips: each
+    row whose first column is the statement's ``:id`` parameter (how each op is shown to get its own row
+    back). On PostgreSQL the marked ops next to each other in a batch then share their round trips: each
     round, their statements with the same text go in one pipeline (asyncpg ``fetchmany``). Elsewhere, or
-    alone, a marked op runs as any other. Returns ``op``."""
+    alone, a marked op runs as any other. A statement that breaks the rule fails its batch, which the
+    writer then replays op by op. Returns ``op``."""
     op.pipelined = True  # type: ignore[attr-defined]
     return op
 

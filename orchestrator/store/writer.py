@@ -158,7 +158,13 @@ class GroupCommitWriter:
                     # the batch, so a slow trickle of answers costs one commit per few ms, not one each
                     await asyncio.sleep(self.linger_s)
                     lane = self._lane(bool(locking)) or lane
-                batch = self._take(lane, parallel - len(running))
+                    lingered = lane is self._normal
+                else:
+                    lingered = False
+                # run-lock ops: all of them in the one batch that may hold the lock; a lingered trickle:
+                # in one batch, which is what it waited for
+                free = 1 if lane is self._locking or lingered else parallel - len(running)
+                batch = self._take(lane, free)
                 if parallel == 1:
                     await self._apply(batch)
                     continue

@@ -1015,6 +1015,46 @@ async def test_a_pipelined_statement_without_its_row_is_replayed_op_by_op(env: E
     assert writer.stats.retried_alone == (3 if env.backend == "postgresql" else 0)
 
 
+async def test_a_pipeline_whose_rows_do_not_line_up_with_its_runs_fails(env: Env) -> None:
+    """The driver returns a pipeline's rows as one list: a run with no row next to one with two must not
+    pass each op the other's row. Each row must lead with its run's ``:id``."""
+    if env.backend != "postgresql":
+        pytest.skip("pipelines are PostgreSQL's (SQLite runs every statement in-process)")
+    store = await env.open()
+    sql = "SELECT CAST(:id AS bigint) FROM generate_series(1, CAST(:n AS int))"
+
+    async def check(tx: Tx) -> list[tuple[Any, ...]]:
+        return await tx.fetchone_each(sql, [{"id": 1, "n": 0}, {"id": 2, "n": 2}])  # type: ignore[attr-defined]
+
+    with pytest.raises(RuntimeError, match="does not lead with its run's :id"):
+        await store._backend.run_batch([check])
+
+    async def aligned(tx: Tx) -> list[tuple[Any, ...]]:
+        return await tx.fetchone_each(sql, [{"id": 1, "n": 1}, {"id": 2, "n": 1}])  # type: ignore[attr-defined]
+
+    assert await store._backend.run_batch([aligned]) == [[(1,), (2,)]]
+
+
+async def test_claims_and_permits_ask_for_the_run_lock_lane(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both backends hand claims and permits to the writer as run-lock ops: batched apart where batches
+    commit in parallel, urgent where they do not (a claim is what idle workers wait for)."""
+    store = await env.open()
+    run, reg = await new_run(store, 2)
+    asked: list[dict[str, Any]] = []
+    real = store.writer.submit
+
+    async def spy(op: Any, **kw: Any) -> Any:
+        asked.append(kw)
+        return await real(op, **kw)
+
+    monkeypatch.setattr(store.writer, "submit", spy)
+    await claim(store, run.id, reg.worker_id, 1)
+    await store.try_send_slot(run.id, worker_id=reg.worker_id, count=10, period=1.0, cap=10, lease_s=30)
+    assert [kw.get("run_lock") for kw in asked] == [True, True], asked
+
+
 async def test_a_permit_is_stamped_when_the_run_lock_is_granted(env: Env) -> None:
     """A permit granted after a wait on the run's lock carries the time it was granted, not the time its
     batch began (else it could sit before permits granted during the wait)."""
@@ -1171,6 +1211,8 @@ async def test_parallel_writer_batches_run_lock_ops_apart_one_batch_at_a_time() 
         f"answer{i}" for i in range(8)
     ]
     assert backend.locking_most == 1
+    locks = [b for b in backend.batches if b[0].startswith("lock")]
+    assert len(locks) <= 2, locks  # queued together, committed together (the first may start alone)
     intents = [b for b in backend.batches if b[0].startswith("intent")]
     assert len(intents) >= 3 and max(len(b) for b in intents) <= 8, intents  # 24 over 3 free connections
 
