@@ -481,6 +481,43 @@ def bare_run(ctx: Ctx, csv_path: Path, *, latency_ms: float, concurrency: int = 
     return res
 
 
+def floor_run(ctx: Ctx, csv_path: Path, *, latency_ms: float, concurrency: int = 64) -> dict[str, Any]:
+    """bench/floor_client.py: the bare loop plus the least durable record issue 14's rules allow (an
+    intent committed before each call, the answer after, group commit, raw sqlite3), committing on the
+    loop's own thread (the faster of its two modes on this machine)."""
+    ctx.server.reset(latency_ms)
+    db = ctx.tmp / f"floor-{uuid.uuid4().hex[:8]}.db"
+    child = spawn(
+        ctx,
+        "floor",
+        [
+            str(BENCH / "floor_client.py"),
+            str(csv_path),
+            ctx.server.url,
+            str(db),
+            "--concurrency",
+            str(concurrency),
+            "--writer",
+            "inline",
+        ],
+        cmd=[PY],
+    )
+    wait_all([child], timeout=ctx.args.budget, rss_cap_mb=ctx.args.rss_cap_mb)
+    st = ctx.server.stats()
+    res: dict[str, Any] = {
+        "calls_per_s": st["upgrade_rate"],
+        "upgrades": st["upgrades"],
+        "cpu_s": child.cpu_s,
+        "cpu_ms_per_upgrade": 1000.0 * child.cpu_s / st["upgrades"] if st["upgrades"] else None,
+        "exit_code": child.code,
+    }
+    if child.code != 0:
+        res["error"] = child.tail()
+        log(f"  ERROR floor: {child.tail()[-600:]}")
+    log(f"  floor {csv_path.name} {latency_ms:g} ms: {fmt(res['calls_per_s'])} calls/s")
+    return res
+
+
 def stopped_note(runs: list[dict[str, Any]], n: int) -> str:
     stopped = [r for r in runs if r.get("stopped")]
     if not stopped:
@@ -506,10 +543,12 @@ def group_ratio(ctx: Ctx) -> None:
     for latency, goal in ((0.0, 0.6), (100.0, 0.85)):
         bare: list[dict[str, Any]] = []
         orch: list[dict[str, Any]] = []
+        floor: list[dict[str, Any]] = []
         for r in range(ctx.args.repeat):
             log(f"ratio: {n} proxies, {latency:g} ms, repeat {r + 1}/{ctx.args.repeat}")
             bare.append(bare_run(ctx, csv_path, latency_ms=latency))
             orch.append(orch_run(ctx, yaml_path, latency_ms=latency, db=ctx.sqlite()))
+            floor.append(floor_run(ctx, csv_path, latency_ms=latency))
         pairs = [
             o["calls_per_s"] / b["calls_per_s"]
             for o, b in zip(orch, bare, strict=True)
@@ -546,7 +585,41 @@ def group_ratio(ctx: Ctx) -> None:
                 f"whole process (start-up included); between first and last call {fmt(steady, 2)} ms",
             )
         )
-        raw[f"{latency:g}ms"] = {"bare": bare, "orchestrator": orch, "pair_ratios": pairs}
+        # the floor: what the durability rules alone cost, measured the same way (not a target)
+        floor_pairs = [
+            f["calls_per_s"] / b["calls_per_s"]
+            for f, b in zip(floor, bare, strict=True)
+            if f.get("calls_per_s") and b.get("calls_per_s")
+        ]
+        f_rate, f_cpu = med([f["calls_per_s"] for f in floor]), med([f["cpu_ms_per_upgrade"] for f in floor])
+        of_floor = o_rate / f_rate if o_rate and f_rate else None
+        ctx.rows.append(
+            Row(
+                "ratio",
+                f"floor: bare loop + intent and answer committed per call, raw sqlite3 ({latency:g} ms)",
+                f"{fmt(f_rate)} calls/s",
+                f"bare aiohttp {fmt(b_rate)} calls/s",
+                fmt(med(floor_pairs), 2, "x"),
+                "",
+                "",
+                "; ".join(
+                    x
+                    for x in (
+                        f"CPU {fmt(f_cpu, 2)} ms per call",
+                        f"orchestrator at {fmt(of_floor, 2, 'x')} of it",
+                        errors_of(floor),
+                    )
+                    if x
+                ),
+            )
+        )
+        raw[f"{latency:g}ms"] = {
+            "bare": bare,
+            "orchestrator": orch,
+            "floor": floor,
+            "pair_ratios": pairs,
+            "floor_pair_ratios": floor_pairs,
+        }
     ctx.raw["ratio"] = raw
 
 

@@ -307,16 +307,20 @@ class JobOps:
             if allow_new and room > 0:
                 # only candidates whose instance has room: a LIMIT over all pending jobs could be filled
                 # with siblings of busy instances and starve the instances listed after them
-                has_room, room_params = _has_room_sql(track, tx.dialect)
+                # each candidate comes with its instance's busy count, so the siblings among the
+                # candidates are held to the bound below without another query
+                busy_n, room_params = _busy_count_sql(track, tx.dialect)
+                has_room = f"{busy_n} < :per"
                 cands = await tx.fetch(
-                    "SELECT id, project_id, instance_id FROM jobs"
+                    f"SELECT id, project_id, instance_id, {busy_n} FROM jobs"
                     " WHERE run_id = :run AND status = 'retry_wait'"
                     f" AND next_attempt_at <= :now AND {free} AND {has_room}"
                     " ORDER BY next_attempt_at LIMIT :lim",
                     {"run": run_id, "now": nts, "lim": room * 2, "per": per_instance, **room_params},
                 )
                 cands += await tx.fetch(
-                    "SELECT id, project_id, instance_id FROM jobs WHERE run_id = :run AND status = 'pending'"
+                    f"SELECT id, project_id, instance_id, {busy_n} FROM jobs"
+                    " WHERE run_id = :run AND status = 'pending'"
                     f" AND wave <= :open AND {due} AND {free} AND {has_room}"
                     " ORDER BY wave, id LIMIT :lim",
                     {
@@ -329,12 +333,13 @@ class JobOps:
                     },
                 )
                 if cands:
-                    busy = await _busy_instances(tx, run_id, {(str(c[1]), str(c[2])) for c in cands}, track)
-                    for job_id, project, instance in cands:
+                    busy: dict[tuple[str, str], int] = {}
+                    for job_id, project, instance, n in cands:
                         key = (str(project), str(instance))
-                        if busy.get(key, 0) >= per_instance:
+                        held = busy.setdefault(key, int(n))
+                        if held >= per_instance:
                             continue
-                        busy[key] = busy.get(key, 0) + 1
+                        busy[key] = held + 1
                         chosen.append(int(job_id))
                         if len(chosen) >= limit:
                             break
@@ -832,46 +837,22 @@ class JobOps:
         return result
 
 
-async def _busy_instances(
-    tx: Tx, run_id: int, keys: set[tuple[str, str]], track: bool
-) -> dict[tuple[str, str], int]:
-    """How many proxies of each (project, instance) are being upgraded now (the availability guard)."""
-    busy_states = [JobStatus.IN_FLIGHT.value, JobStatus.UNKNOWN.value] + (
-        [JobStatus.ACCEPTED.value] if track else []
-    )
-    out: dict[tuple[str, str], int] = {}
-    instances = sorted({i for _p, i in keys})
-    bsql, bparams = in_clause("b", busy_states)
-    ssql, sparams = in_clause("s", _SENDABLE)
-    for i in range(0, len(instances), 400):
-        isql, iparams = in_clause("i", instances[i : i + 400])
-        # SQLite's planner otherwise walks the (run, status) index over every pending job of the run
-        hint = " INDEXED BY ix_jobs_run_instance" if tx.dialect == "sqlite" else ""
-        for project, instance, n in await tx.fetch(
-            f"SELECT project_id, instance_id, count(*) FROM jobs{hint} WHERE run_id = :run"
-            f" AND instance_id IN {isql} AND (status IN {bsql} OR (status IN {ssql}"
-            " AND claimed_by IS NOT NULL AND lease_expires_at > :now)) GROUP BY project_id, instance_id",
-            {"run": run_id, "now": tx.ts(tx.now), **iparams, **bparams, **sparams},
-        ):
-            out[(str(project), str(instance))] = int(n)
-    return out
-
-
-def _has_room_sql(track: bool, dialect: str) -> tuple[str, dict[str, Any]]:
-    """The condition "fewer than ``:per`` proxies of this job's instance are being upgraded now" on a
-    ``jobs`` row (the same count as :func:`_busy_instances`), with its parameters (``:now`` bound by the
-    caller)."""
+def _busy_count_sql(track: bool, dialect: str) -> tuple[str, dict[str, Any]]:
+    """How many proxies of a ``jobs`` row's instance are being upgraded now (the availability guard), as
+    a scalar subquery on that row, with its parameters (``:now`` bound by the caller): jobs in flight,
+    unknown (or accepted, when tracking), and sendable jobs under a live claim."""
     busy_states = [JobStatus.IN_FLIGHT.value, JobStatus.UNKNOWN.value] + (
         [JobStatus.ACCEPTED.value] if track else []
     )
     bsql, bparams = in_clause("rb", busy_states)
     ssql, sparams = in_clause("rs", _SENDABLE)
-    hint = " INDEXED BY ix_jobs_run_instance" if dialect == "sqlite" else ""  # as in _busy_instances
+    # SQLite's planner otherwise walks the (run, status) index over every pending job of the run
+    hint = " INDEXED BY ix_jobs_run_instance" if dialect == "sqlite" else ""
     return (
         f"(SELECT count(*) FROM jobs o{hint} WHERE o.run_id = jobs.run_id"
         " AND o.instance_id = jobs.instance_id AND o.project_id = jobs.project_id"
         f" AND (o.status IN {bsql} OR (o.status IN {ssql}"
-        " AND o.claimed_by IS NOT NULL AND o.lease_expires_at > :now))) < :per",
+        " AND o.claimed_by IS NOT NULL AND o.lease_expires_at > :now)))",
         {**bparams, **sparams},
     )
 

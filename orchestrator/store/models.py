@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -203,7 +204,17 @@ class SendSlot(Base):
     """Run-wide send permits on PostgreSQL: the rate window log and the concurrency slots."""
 
     __tablename__ = "send_log"
-    __table_args__ = (Index("ix_send_log_run_at", "run_id", "at"),)
+    __table_args__ = (
+        Index("ix_send_log_run_at", "run_id", "at"),
+        # the permits still held (migration 0007): at most the run's concurrency, counted by every check
+        Index(
+            "ix_send_log_held",
+            "run_id",
+            "lease_expires_at",
+            sqlite_where=text("done_at IS NULL"),
+            postgresql_where=text("done_at IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))

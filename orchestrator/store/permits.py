@@ -8,11 +8,23 @@ clocks share one window. Old rows are pruned as the window moves on (docs/postgr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from orchestrator.store.jobs import RUN_LOCK
 from orchestrator.store.sql import Tx, aware, in_clause
+
+# The wait answered when the window has room but ``cap`` permits are held (seconds): another process's
+# release is not seen before its commit, so the asker looks again after this long.
+CAP_FULL_RETRY_S = 0.02
+
+# The permits of a run still held: read by every check under the run's lock. The partial index
+# ix_send_log_held (migration 0007) holds only these rows (at most the run's concurrency), so the count
+# does not grow with the starts the log keeps for the window.
+HELD_COUNT = (
+    "SELECT count(*) FROM send_log WHERE run_id = :run AND done_at IS NULL AND lease_expires_at > :now"
+)
 
 
 class PermitOps:
@@ -34,11 +46,16 @@ class PermitOps:
         lease_s: float,
         margin: float = 0.0,
         want: int = 1,
+        release: Sequence[int] = (),
     ) -> tuple[list[int], float]:
         """One attempt at up to ``want`` permits: (their slot ids, 0) or ([], seconds to wait). The window
         spans ``period + margin``: a permit is stamped before its commit and its send, and the margin
         absorbs how much later one send leaves than another. Callers ask for as many permits as they
-        have senders waiting right now, so a permit is used at once, never kept in stock."""
+        have senders waiting right now, so a permit is used at once, never kept in stock.
+
+        ``release``: permits of this caller whose calls have ended, marked done in the same transaction
+        before the cap is checked (as ``release_send_slots`` would), so a permit stops counting against
+        the cap at the next check after its call, not a release commit later."""
 
         async def op(tx: Tx) -> tuple[list[int], float]:
             # stamped when the lock is ours, not when the batch began: a permit granted after a wait on
@@ -56,23 +73,27 @@ class PermitOps:
                 "cap": cap,
             }
             if tx.dialect == "postgresql":
-                # the check and the grant in one round trip (a statement after the lock's, so its snapshot
-                # sees every permit the lock's previous holder committed)
+                # the releases, the check and the grant in one round trip (a statement after the lock's,
+                # so its snapshot sees every permit the lock's previous holder committed). The statement
+                # sees its own releases' rows as they were: the ones it marks done were counted as held
+                # (same run, not done, lease running) and are taken off the count.
                 row = await tx.fetchone(
-                    "WITH c AS (SELECT (SELECT count(*) FROM send_log WHERE run_id = :run AND at > :ws) AS w,"
-                    " (SELECT count(*) FROM send_log WHERE run_id = :run AND done_at IS NULL"
-                    " AND lease_expires_at > :now) AS h),"
+                    "WITH rel AS (UPDATE send_log SET done_at = :now WHERE id = ANY(CAST(:rel AS bigint[]))"
+                    " AND run_id = :run AND done_at IS NULL AND lease_expires_at > :now RETURNING id),"
+                    " c AS (SELECT (SELECT count(*) FROM send_log WHERE run_id = :run AND at > :ws) AS w,"
+                    f" ({HELD_COUNT}) - (SELECT count(*) FROM rel) AS h),"
                     " ins AS (INSERT INTO send_log (run_id, at, worker, lease_expires_at)"
                     " SELECT :run, :now, :me, :until FROM c,"
                     " generate_series(1, LEAST(:want, :count - c.w, :cap - c.h)) RETURNING id)"
                     " SELECT c.w, (SELECT array_agg(id ORDER BY id) FROM ins) FROM c",
-                    params,
+                    {**params, "rel": [int(i) for i in release]},
                 )
                 assert row is not None
                 in_window, granted = int(row[0]), [int(x) for x in row[1] or ()]
                 if granted:
                     return granted, 0.0
             else:
+                await _mark_done(tx, list(release), run_id)
                 row = await tx.fetchone(
                     "SELECT count(*) FROM send_log WHERE run_id = :run AND at > :ws", params
                 )
@@ -87,15 +108,11 @@ class PermitOps:
                 wait = (at - window_start).total_seconds() if at is not None else 0.01
                 return [], max(0.001, wait)
             if tx.dialect == "postgresql":
-                return [], 0.02  # the window had room: the cap was full
-            r = await tx.fetchone(
-                "SELECT count(*) FROM send_log WHERE run_id = :run AND done_at IS NULL"
-                " AND lease_expires_at > :now",
-                params,
-            )
+                return [], CAP_FULL_RETRY_S  # the window had room: the cap was full
+            r = await tx.fetchone(HELD_COUNT, params)
             room = min(want, count - in_window, cap - (int(r[0]) if r else 0))
             if room <= 0:
-                return [], 0.02
+                return [], CAP_FULL_RETRY_S
             rows = await tx.fetch(
                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :k)"
                 " INSERT INTO send_log (run_id, at, worker, lease_expires_at)"
@@ -130,11 +147,7 @@ class PermitOps:
             return
 
         async def op(tx: Tx) -> None:
-            for i in range(0, len(slot_ids), 500):
-                sql, params = in_clause("s", slot_ids[i : i + 500])
-                await tx.execute(
-                    f"UPDATE send_log SET done_at = :now WHERE id IN {sql}", {"now": tx.ts(tx.now), **params}
-                )
+            await _mark_done(tx, slot_ids)
 
         await self._submit(op)
 
@@ -142,9 +155,7 @@ class PermitOps:
         """Mark one permit done (see ``release_send_slots``)."""
 
         async def op(tx: Tx) -> None:
-            await tx.execute(
-                "UPDATE send_log SET done_at = :now WHERE id = :id", {"now": tx.ts(tx.now), "id": slot_id}
-            )
+            await _mark_done(tx, [slot_id])
 
         await self._submit(op)
 
@@ -159,3 +170,15 @@ class PermitOps:
 
         result: int = await self._submit(op)
         return result
+
+
+async def _mark_done(tx: Tx, slot_ids: list[int], run_id: int | None = None) -> None:
+    """Mark permits done now (a statement per 500 ids), only ``run_id``'s when given; one already done
+    keeps its first end."""
+    only_run = "" if run_id is None else " AND run_id = :run"
+    for i in range(0, len(slot_ids), 500):
+        sql, params = in_clause("s", slot_ids[i : i + 500])
+        await tx.execute(
+            f"UPDATE send_log SET done_at = :now WHERE id IN {sql} AND done_at IS NULL{only_run}",
+            {"now": tx.ts(tx.now), "run": run_id, **params},
+        )

@@ -6,4 +6,4 @@ unit test ties it to Alembic's head, so a new migration that forgets to move it 
 going unrun. Keep docs/schema.md in step with every migration.
 """
 
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"

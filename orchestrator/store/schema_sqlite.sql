@@ -1,6 +1,6 @@
 -- The SQLite job table as the migrations build it. Generated: python -m orchestrator.store.fresh
 -- (after adding a migration); do not edit by hand. store/fresh.py says how it is used.
--- revision: 0006
+-- revision: 0007
 
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
@@ -240,4 +240,6 @@ SELECT e.id AS event_id, e.at, e.run_id, r.name AS run_name, e.job_id, j.project
   FROM events e
   JOIN runs r ON r.id = e.run_id
   LEFT JOIN jobs j ON j.id = e.job_id;
+
+CREATE INDEX ix_send_log_held ON send_log (run_id, lease_expires_at) WHERE done_at IS NULL;
 

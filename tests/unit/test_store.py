@@ -1260,6 +1260,70 @@ async def test_send_permits_keep_the_window_with_its_margin_and_the_cap(env: Env
     assert (await store.try_send_slot(run.id, worker_id=w, **(dead | {"lease_s": 30})))[0] is not None
 
 
+async def test_an_ask_marks_its_ended_permits_done_before_checking_the_cap(env: Env) -> None:
+    """Permits whose calls ended ride on the next ask: marked done in its transaction, they no longer
+    count against the cap it checks. Only held permits of this run come off the count: one already done,
+    or another run's, leaves it as it is."""
+    store = await env.open()
+    run, reg = await new_run(store, 1)
+    other, other_reg = await new_run(store, fleet(1, prefix="b"), inventory="other.yaml")
+    w = reg.worker_id
+    capped: dict[str, Any] = {"count": 100, "period": 1.0, "cap": 2, "lease_s": 30}
+    first, wait = await store.try_send_slots(run.id, worker_id=w, want=2, **capped)
+    assert len(first) == 2 and wait == 0
+    assert await store.try_send_slots(run.id, worker_id=w, **capped) == ([], 0.02)
+    (foreign,), _ = await store.try_send_slots(other.id, worker_id=other_reg.worker_id, **capped)
+    # another run's permit and a made-up id do not free a place
+    assert await store.try_send_slots(run.id, worker_id=w, release=[foreign, 10**9], **capped) == ([], 0.02)
+    # one of ours did: one place, and it is done now
+    granted, _ = await store.try_send_slots(run.id, worker_id=w, want=2, release=[first[0]], **capped)
+    assert len(granted) == 1
+    done = dict(await rows(store, "SELECT id, done_at FROM send_log WHERE run_id = :r", r=run.id))
+    assert done[first[0]] is not None and done[first[1]] is None and done[granted[0]] is None
+    ((foreign_done,),) = await rows(store, "SELECT done_at FROM send_log WHERE id = :i", i=foreign)
+    assert foreign_done is None  # another run's permit is never marked done by this run's ask
+    # released twice (the ask and the flusher both carried it): the first end is kept
+    await store.release_send_slots([first[0]])
+    again = dict(await rows(store, "SELECT id, done_at FROM send_log WHERE run_id = :r", r=run.id))
+    assert again[first[0]] == done[first[0]]
+
+
+async def test_the_held_permit_count_reads_only_held_permits(env: Env) -> None:
+    """Every permit check counts the run's held permits under the run's lock; the log also keeps every
+    start of the last minutes (thousands at a high rate). The count is planned on the partial index of held
+    permits (migration 0007), not on a walk over the run's log, so its cost stays flat as the log grows."""
+    from orchestrator.store.permits import HELD_COUNT
+
+    store = await env.open()
+    run, reg = await new_run(store, 1)
+    now = datetime.now(UTC)
+
+    async def fill(tx: Tx) -> None:
+        rows = [
+            {"run": run.id, "at": tx.ts(now), "w": reg.worker_id, "until": tx.ts(now), "done": tx.ts(now)}
+            for _ in range(5000)
+        ]
+        rows += [dict(r, done=None) for r in rows[:10]]
+        await tx.executemany(
+            "INSERT INTO send_log (run_id, at, worker, lease_expires_at, done_at)"
+            " VALUES (:run, :at, :w, :until, :done)",
+            rows,
+        )
+        await tx.execute("ANALYZE send_log")
+
+    await store.writer.submit(fill)
+    params = {"run": run.id, "now": now - timedelta(seconds=1)}
+    async with store.read() as conn:
+        plan = await conn.fetch(
+            ("EXPLAIN QUERY PLAN " if env.backend == "sqlite" else "EXPLAIN ") + HELD_COUNT,
+            params,
+        )
+        ((held,),) = await conn.fetch(HELD_COUNT, params)
+    assert held == 10
+    text = " ".join(str(col) for row in plan for col in row)
+    assert "ix_send_log_held" in text, text
+
+
 async def test_writer_replays_a_failing_batch_op_by_op(env: Env) -> None:
     """One bad op (a bug, a constraint) fails alone: its batch neighbours commit."""
     store = await env.open()
