@@ -8,10 +8,11 @@ frees itself when the lease runs out.
 
 Cost: one transaction serves every sender of this process waiting at that moment (permits are asked for
 in bulk, as many as there are waiters, and used at once: none is kept in stock, so a permit's stamp is
-its send time). Finished permits are marked done by the next ask, in its transaction, before the cap is
-checked (else each would count against the cap until a separate release commits: measured in one
-process at concurrency 64, that kept the cap full and held it to about 950 calls/s); what no ask takes
-within a few milliseconds is released in a statement of its own.
+its send time). Finished permits are marked done by the process's next ask, in its transaction, so a
+place frees when that ask commits rather than a release commit later; what no ask takes within 20 ms is
+released in a statement of its own. An ask never hands the places it frees straight back to its own
+process: its cap check counts them as held, and every process sees them free once it committed, so the
+processes of a run waiting at the cap take turns as they do for the rate window.
 
 Why the window holds at the cloud: the database stamps each permit when it grants it and counts stamps
 over ``period + margin``, so sends that each leave within ``margin`` of their stamp never put more than
@@ -31,7 +32,6 @@ from contextlib import asynccontextmanager
 
 from orchestrator.limiter import Rate
 from orchestrator.store import JobStore
-from orchestrator.store.permits import CAP_FULL_RETRY_S
 
 # Added to the window the permits are counted over (as the in-process limiter adds its margin): a permit
 # is stamped in the database's clock when granted, and the call leaves after that commit reaches its
@@ -75,15 +75,14 @@ class SharedGate:
         self._fetch = asyncio.Lock()
         self._done: list[int] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._freed = asyncio.Event()  # a permit of this process ended since the last ask
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one run-wide permit for the body. Waits until the rate window and the concurrency cap
         allow one, asking the job table again after the wait it names (the oldest start leaving the
-        window, or 20 ms while the cap is full) plus the safety margin. The release is batched and written
-        about 20 ms after the body ends. Store errors while asking propagate (``DatabaseUnavailable`` once
-        the outage budget is spent)."""
+        window, or 20 ms while the cap is full) plus the safety margin. The release rides on this
+        process's next ask, or is written on its own about 20 ms after the body ends if no ask came. Store
+        errors while asking propagate (``DatabaseUnavailable`` once the outage budget is spent)."""
         slot_id = await self._acquire()
         try:
             yield
@@ -108,8 +107,8 @@ class SharedGate:
                     if self._granted:
                         continue
                     asked_at = self._mono()
-                    # the permits ended since the last write go with this ask: counted as held until
-                    # marked done, they would keep the cap full for a release commit longer
+                    # the permits ended since the last write are marked done by this ask (committed with
+                    # it), not by a release commit of their own later
                     ended, self._done = self._done, []
                     try:
                         ids, wait = await self._store.try_send_slots(
@@ -124,27 +123,20 @@ class SharedGate:
                             release=ended,
                         )
                     except BaseException:
-                        self._done.extend(ended)  # written by the next ask or the flusher
+                        for slot_id in ended:  # written by the next ask or the flusher
+                            self._release(slot_id)
                         raise
                     self._granted.extend((i, asked_at) for i in ids)
                 if not ids:
                     # Retry exactly when the window frees (the store answers at least 1 ms, or 20 ms while
                     # the cap is reached), not later: a process whose own limiter releases its next call at
                     # that moment would otherwise win every permit and starve the run's other processes.
-                    # While the cap is reached, a permit of this process ending frees a place at once (the
-                    # next ask marks it done): ask again then, not a fixed wait later.
-                    if wait == CAP_FULL_RETRY_S:
-                        self._freed.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._freed.wait(), wait)
-                    else:
-                        await asyncio.sleep(wait)
+                    await asyncio.sleep(wait)
         finally:
             self._waiting -= 1
 
     def _release(self, slot_id: int) -> None:
         self._done.append(slot_id)
-        self._freed.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 

@@ -53,11 +53,11 @@ class PermitOps:
         absorbs how much later one send leaves than another. Callers ask for as many permits as they
         have senders waiting right now, so a permit is used at once, never kept in stock.
 
-        ``release``: permits of this caller whose calls have ended, marked done in the same transaction
-        before the cap is checked (as ``release_send_slots`` would), so a permit stops counting against
-        the cap at the next check after its call, not a release commit later."""
+        ``release``: permits of this run whose calls have ended, marked done in the same transaction (as
+        ``release_send_slots`` would). This check still counts them as held: the places they free are
+        seen by every process of the run once it commits, not handed straight back to this caller."""
 
-        async def op(tx: Tx) -> tuple[list[int], float]:
+        async def check(tx: Tx) -> tuple[list[int], float]:
             # stamped when the lock is ours, not when the batch began: a permit granted after a wait on
             # the lock must not carry a stamp older than the permits granted before it
             now = await tx.lock_run(RUN_LOCK + run_id)
@@ -74,14 +74,13 @@ class PermitOps:
             }
             if tx.dialect == "postgresql":
                 # the releases, the check and the grant in one round trip (a statement after the lock's,
-                # so its snapshot sees every permit the lock's previous holder committed). The statement
-                # sees its own releases' rows as they were: the ones it marks done were counted as held
-                # (same run, not done, lease running) and are taken off the count.
+                # so its snapshot sees every permit the lock's previous holder committed); the statement's
+                # counts see the rows its releases mark done as they were, held
                 row = await tx.fetchone(
                     "WITH rel AS (UPDATE send_log SET done_at = :now WHERE id = ANY(CAST(:rel AS bigint[]))"
-                    " AND run_id = :run AND done_at IS NULL AND lease_expires_at > :now RETURNING id),"
+                    " AND run_id = :run AND done_at IS NULL RETURNING id),"
                     " c AS (SELECT (SELECT count(*) FROM send_log WHERE run_id = :run AND at > :ws) AS w,"
-                    f" ({HELD_COUNT}) - (SELECT count(*) FROM rel) AS h),"
+                    f" ({HELD_COUNT}) AS h),"
                     " ins AS (INSERT INTO send_log (run_id, at, worker, lease_expires_at)"
                     " SELECT :run, :now, :me, :until FROM c,"
                     " generate_series(1, LEAST(:want, :count - c.w, :cap - c.h)) RETURNING id)"
@@ -93,7 +92,6 @@ class PermitOps:
                 if granted:
                     return granted, 0.0
             else:
-                await _mark_done(tx, list(release), run_id)
                 row = await tx.fetchone(
                     "SELECT count(*) FROM send_log WHERE run_id = :run AND at > :ws", params
                 )
@@ -120,6 +118,12 @@ class PermitOps:
                 {**params, "k": room},
             )
             return [int(x[0]) for x in rows], 0.0
+
+        async def op(tx: Tx) -> tuple[list[int], float]:
+            answer = await check(tx)
+            if tx.dialect != "postgresql" and release:
+                await _mark_done(tx, list(release), run_id)  # after the check, as PostgreSQL's snapshot
+            return answer
 
         result: tuple[list[int], float] = await self._submit(op, run_lock=True)
         return result

@@ -3,21 +3,17 @@
 The store here is a stand-in for ``JobStore``'s permit operations (the SQL itself is exercised against
 both backends in ``tests/unit/test_store.py`` and by the multi-worker runs); what is tested is the
 gate's decisions: a permit taken later than ``FRESH_FRACTION`` of the margin after it was asked for is
-released unused and another is asked for; permits that ended ride on the next ask, and a waiter held by
-the cap asks again as soon as one of this process's permits ends.
+released unused and another is asked for; permits that ended ride on the next ask (or the flusher).
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 
 from orchestrator.gate import FRESH_FRACTION, SAFETY_S, SharedGate
 from orchestrator.limiter import Rate
-from orchestrator.store.permits import CAP_FULL_RETRY_S
-from tests.virtual import run_virtual
 
 
 class Clock:
@@ -125,62 +121,3 @@ async def test_a_failed_ask_leaves_its_ended_permits_for_the_flusher() -> None:
             pass
     await gate.close()
     assert store.released == [1]  # not lost with the failed ask: written by the flusher
-
-
-class CapStore(PermitStore):
-    """The cap is ``cap`` permits held, counted as the SQL does: held until an ask or a release marks
-    them done. Records the loop time of every ask."""
-
-    def __init__(self, clock: Clock, cap: int) -> None:
-        super().__init__(clock, [])
-        self.cap = cap
-        self.held: set[int] = set()
-        self.asked_at: list[float] = []
-
-    async def try_send_slots(self, run_id: int, **kw: Any) -> tuple[list[int], float]:
-        self.asked_at.append(asyncio.get_running_loop().time())
-        self.held -= set(kw.get("release", ()))
-        room = min(int(kw["want"]), self.cap - len(self.held))
-        if room <= 0:
-            self.carried.append(list(kw.get("release", ())))
-            return [], CAP_FULL_RETRY_S
-        ids, _ = await super().try_send_slots(run_id, **(kw | {"want": room}))
-        self.held |= set(ids)
-        return ids, 0.0
-
-    async def release_send_slots(self, ids: list[int]) -> None:
-        self.held -= set(ids)
-        await super().release_send_slots(ids)
-
-
-def test_a_waiter_held_by_the_cap_asks_again_when_a_permit_of_this_process_ends() -> None:
-    """With the cap reached the store says "look again in 20 ms"; when a call of this process ends
-    before that, its permit frees a place at the next ask: the waiter asks at once, carrying it."""
-
-    async def scenario() -> tuple[list[float], list[list[int]], float]:
-        loop = asyncio.get_running_loop()
-        clock = Clock()
-        store = CapStore(clock, cap=1)
-        gate = SharedGate(store, 1, "w", Rate(100, 1.0), 1, lease_s=30.0, mono=loop.time)  # type: ignore[arg-type]
-        ended_at: list[float] = []
-
-        async def first() -> None:
-            async with gate.slot():
-                await asyncio.sleep(0.005)  # the call: 5 ms
-                ended_at.append(loop.time())
-
-        async def second() -> None:
-            await asyncio.sleep(0.001)  # asks while the first holds the only place
-            async with gate.slot():
-                pass
-
-        await asyncio.gather(first(), second())
-        await gate.close()
-        return store.asked_at, store.carried, ended_at[0]
-
-    asked_at, carried, ended = run_virtual(scenario)
-    # the first's ask, the second's refused ask, then the second's ask right when the first ended
-    assert len(asked_at) == 3, asked_at
-    assert asked_at[2] == pytest.approx(ended, abs=1e-6), (asked_at, ended)
-    assert asked_at[2] - asked_at[1] < CAP_FULL_RETRY_S
-    assert carried[-1] == [1]

@@ -336,6 +336,31 @@ async def test_per_instance_guard_allows_n_at_once(env: Env) -> None:
     assert len(await claim(store, run.id, reg.worker_id, 100, per_instance=3)) == 3
 
 
+async def test_the_guard_holds_across_an_instances_retries_and_its_pending_jobs(env: Env) -> None:
+    """A claim asks for due retries, then pending jobs, each with its instance's busy count: siblings
+    found by both queries still share one bound."""
+    store = await env.open()
+    run, reg = await new_run(store, fleet(3, per_instance=3))  # one instance, three proxies
+    w = reg.worker_id
+    (first,) = await claim(store, run.id, w, 1)
+    due = (
+        env.clock.now() - timedelta(seconds=1)
+        if env.backend == "sqlite"
+        else datetime.now(UTC) - timedelta(hours=1)
+    )
+    retry = Move(
+        frm=S.PENDING,
+        to=S.RETRY_WAIT,
+        fields={"reason": "later", "rule": "test:rule", "next_attempt_at": due},
+    )
+    assert await store.move(first, retry, worker_id=w)
+    one = await claim(store, run.id, w, 10)
+    assert len(one) == 1 and one[0].id == first.id and one[0].status is S.RETRY_WAIT
+    await store.release(first.id, w)
+    two = await claim(store, run.id, w, 10, per_instance=2)
+    assert len(two) == 2 and first.id in {j.id for j in two}
+
+
 async def test_a_busy_instance_does_not_starve_the_instances_after_it(env: Env) -> None:
     """The engine claims as many jobs as it has free workers, often one: the instances listed after a
     busy one's siblings must still be found (not only the first few candidates in inventory order)."""
@@ -1260,10 +1285,11 @@ async def test_send_permits_keep_the_window_with_its_margin_and_the_cap(env: Env
     assert (await store.try_send_slot(run.id, worker_id=w, **(dead | {"lease_s": 30})))[0] is not None
 
 
-async def test_an_ask_marks_its_ended_permits_done_before_checking_the_cap(env: Env) -> None:
-    """Permits whose calls ended ride on the next ask: marked done in its transaction, they no longer
-    count against the cap it checks. Only held permits of this run come off the count: one already done,
-    or another run's, leaves it as it is."""
+async def test_an_ask_marks_its_ended_permits_done_but_does_not_regrant_them(env: Env) -> None:
+    """Permits whose calls ended ride on the next ask and are marked done in its transaction, whatever
+    their lease (a call may outlive it). That ask's own cap check still counts them as held, so the places
+    they free go to whichever process asks next (taking turns), not straight back to the asker. Only
+    this run's permits are marked, once."""
     store = await env.open()
     run, reg = await new_run(store, 1)
     other, other_reg = await new_run(store, fleet(1, prefix="b"), inventory="other.yaml")
@@ -1271,21 +1297,28 @@ async def test_an_ask_marks_its_ended_permits_done_before_checking_the_cap(env: 
     capped: dict[str, Any] = {"count": 100, "period": 1.0, "cap": 2, "lease_s": 30}
     first, wait = await store.try_send_slots(run.id, worker_id=w, want=2, **capped)
     assert len(first) == 2 and wait == 0
-    assert await store.try_send_slots(run.id, worker_id=w, **capped) == ([], 0.02)
     (foreign,), _ = await store.try_send_slots(other.id, worker_id=other_reg.worker_id, **capped)
-    # another run's permit and a made-up id do not free a place
-    assert await store.try_send_slots(run.id, worker_id=w, release=[foreign, 10**9], **capped) == ([], 0.02)
-    # one of ours did: one place, and it is done now
-    granted, _ = await store.try_send_slots(run.id, worker_id=w, want=2, release=[first[0]], **capped)
-    assert len(granted) == 1
+    # the ask that carries first[0] is still refused: its check counts first[0] as held
+    refused = await store.try_send_slots(run.id, worker_id=w, release=[first[0], foreign, 10**9], **capped)
+    assert refused == ([], 0.02)
     done = dict(await rows(store, "SELECT id, done_at FROM send_log WHERE run_id = :r", r=run.id))
-    assert done[first[0]] is not None and done[first[1]] is None and done[granted[0]] is None
+    assert done[first[0]] is not None and done[first[1]] is None
     ((foreign_done,),) = await rows(store, "SELECT done_at FROM send_log WHERE id = :i", i=foreign)
     assert foreign_done is None  # another run's permit is never marked done by this run's ask
-    # released twice (the ask and the flusher both carried it): the first end is kept
+    # the next ask, by any process of the run, gets the place
+    granted, _ = await store.try_send_slots(run.id, worker_id="another-worker", want=2, **capped)
+    assert len(granted) == 1
+    # released again (the ask and the flusher both carried it): the first end is kept
     await store.release_send_slots([first[0]])
     again = dict(await rows(store, "SELECT id, done_at FROM send_log WHERE run_id = :r", r=run.id))
     assert again[first[0]] == done[first[0]]
+    # a permit whose lease ran out before its call ended is marked done too (not left in the held index)
+    (short,), _ = await store.try_send_slots(
+        other.id, worker_id=other_reg.worker_id, **(capped | {"lease_s": 0})
+    )
+    await store.try_send_slots(other.id, worker_id=other_reg.worker_id, release=[short], **capped)
+    ((short_done,),) = await rows(store, "SELECT done_at FROM send_log WHERE id = :i", i=short)
+    assert short_done is not None
 
 
 async def test_the_held_permit_count_reads_only_held_permits(env: Env) -> None:
