@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.store.schema import HEAD_REVISION
 from tests.conftest import PY, ROOT, Result, Sim, clean_env, cli, db_rows, start_sim
 from tests.issue10 import (
     CURRENT,
@@ -428,11 +429,11 @@ def test_alembic_cli_migrates_postgresql(pg_url: str, tmp_path: Path) -> None:
     for args in (["upgrade", "head"], ["downgrade", "base"], ["upgrade", "head"]):
         p = _alembic(ini, *args)
         assert p.returncode == 0, p.stderr[-3000:]
-    assert db_rows(pg_url, "SELECT version_num FROM alembic_version") == [("0006",)]
+    assert db_rows(pg_url, "SELECT version_num FROM alembic_version") == [(HEAD_REVISION,)]
     p = _alembic(ini, "current")
-    assert p.returncode == 0 and "0006" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0 and HEAD_REVISION in p.stdout, p.stdout + p.stderr
     r = cli("db", "current", "--db", pg_url)
-    assert r.code == 0 and r.out.strip() == "0006", str(r)
+    assert r.code == 0 and r.out.strip() == HEAD_REVISION, str(r)
 
 
 @pytest.mark.empty_db  # migrates an empty database itself
@@ -453,7 +454,7 @@ def test_processes_started_together_on_a_new_database_all_migrate_it(pg_url: str
             if stream is not None:
                 stream.close()
     assert [code for code, _ in results] == [0, 0, 0, 0], results
-    assert db_rows(pg_url, "SELECT version_num FROM alembic_version") == [("0006",)]
+    assert db_rows(pg_url, "SELECT version_num FROM alembic_version") == [(HEAD_REVISION,)]
 
 
 # ------------------------------------------------------------------------------- send_log pruning
