@@ -455,14 +455,11 @@ def orch_run(
     return res
 
 
-def bare_run(ctx: Ctx, csv_path: Path, *, latency_ms: float, concurrency: int = 64) -> dict[str, Any]:
+def client_run(ctx: Ctx, tag: str, script: str, args: list[str], *, latency_ms: float) -> dict[str, Any]:
+    """One baseline client (``bench/<script>`` with ``args``) in its own process against a freshly reset
+    server: calls/s counted at the server, CPU and peak RSS from the child's rusage."""
     ctx.server.reset(latency_ms)
-    child = spawn(
-        ctx,
-        "bare",
-        [str(BENCH / "bare_client.py"), str(csv_path), ctx.server.url, "--concurrency", str(concurrency)],
-        cmd=[PY],
-    )
+    child = spawn(ctx, tag, [str(BENCH / script), *args], cmd=[PY])
     wait_all([child], timeout=ctx.args.budget, rss_cap_mb=ctx.args.rss_cap_mb)
     st = ctx.server.stats()
     res: dict[str, Any] = {
@@ -476,46 +473,24 @@ def bare_run(ctx: Ctx, csv_path: Path, *, latency_ms: float, concurrency: int = 
     }
     if child.code != 0:
         res["error"] = child.tail()
-        log(f"  ERROR bare: {child.tail()[-600:]}")
-    log(f"  bare {csv_path.name} {latency_ms:g} ms: {fmt(res['calls_per_s'])} calls/s")
+        log(f"  ERROR {tag}: {child.tail()[-600:]}")
+    log(f"  {tag} {Path(args[0]).name} {latency_ms:g} ms: {fmt(res['calls_per_s'])} calls/s")
     return res
+
+
+def bare_run(ctx: Ctx, csv_path: Path, *, latency_ms: float, concurrency: int = 64) -> dict[str, Any]:
+    """bench/bare_client.py: the baseline, no records at all."""
+    args = [str(csv_path), ctx.server.url, "--concurrency", str(concurrency)]
+    return client_run(ctx, "bare", "bare_client.py", args, latency_ms=latency_ms)
 
 
 def floor_run(ctx: Ctx, csv_path: Path, *, latency_ms: float, concurrency: int = 64) -> dict[str, Any]:
     """bench/floor_client.py: the bare loop plus the least durable record issue 14's rules allow (an
     intent committed before each call, the answer after, group commit, raw sqlite3), committing on the
     loop's own thread (the faster of its two modes on this machine)."""
-    ctx.server.reset(latency_ms)
     db = ctx.tmp / f"floor-{uuid.uuid4().hex[:8]}.db"
-    child = spawn(
-        ctx,
-        "floor",
-        [
-            str(BENCH / "floor_client.py"),
-            str(csv_path),
-            ctx.server.url,
-            str(db),
-            "--concurrency",
-            str(concurrency),
-            "--writer",
-            "inline",
-        ],
-        cmd=[PY],
-    )
-    wait_all([child], timeout=ctx.args.budget, rss_cap_mb=ctx.args.rss_cap_mb)
-    st = ctx.server.stats()
-    res: dict[str, Any] = {
-        "calls_per_s": st["upgrade_rate"],
-        "upgrades": st["upgrades"],
-        "cpu_s": child.cpu_s,
-        "cpu_ms_per_upgrade": 1000.0 * child.cpu_s / st["upgrades"] if st["upgrades"] else None,
-        "exit_code": child.code,
-    }
-    if child.code != 0:
-        res["error"] = child.tail()
-        log(f"  ERROR floor: {child.tail()[-600:]}")
-    log(f"  floor {csv_path.name} {latency_ms:g} ms: {fmt(res['calls_per_s'])} calls/s")
-    return res
+    args = [str(csv_path), ctx.server.url, str(db), "--concurrency", str(concurrency), "--writer", "inline"]
+    return client_run(ctx, "floor", "floor_client.py", args, latency_ms=latency_ms)
 
 
 def stopped_note(runs: list[dict[str, Any]], n: int) -> str:
