@@ -109,6 +109,34 @@ def test_without_waiting_for_workflows_the_run_ends_at_accept(tmp_path: Path) ->
     run_bench(tmp_path, body, fleet=SPREAD, options=make_options(wait=False, concurrency=6))
 
 
+def test_claims_come_in_batches_of_at_least_half_a_worker_pool(tmp_path: Path) -> None:
+    """The feeder claims again only once fewer than ``concurrency`` jobs wait in its queue, when at least
+    ``concurrency + 1`` more fit under its hold (two pools of ``2 x concurrency`` workers): every claim
+    that finds work takes that many or all that is left. A claim walks past the pending siblings of busy
+    instances, so claiming a few jobs at a time would pay that walk again and again."""
+    fleet = {f"inst-{n:03d}": [proxy(f"{n:032x}po01")] for n in range(120)}
+    concurrency = 3
+    sizes: list[int] = []
+
+    async def body(b: Bench) -> None:
+        claim = b.store.claim
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            got = await claim(*args, **kwargs)
+            if got.jobs:
+                sizes.append(len(got.jobs))
+            return got
+
+        b.store.claim = counted  # type: ignore[method-assign]
+        result = await b.engine()
+        assert result.finished
+        assert len(b.upgrade_calls()) == 120
+
+    run_bench(tmp_path, body, fleet=fleet, options=make_options(wait=False, concurrency=concurrency))
+    assert sum(sizes) == 120
+    assert all(n > concurrency for n in sizes[:-1]), sizes
+
+
 def test_answers_that_prove_nothing_in_a_run_are_reconciled_never_resent_and_every_workflow_recorded(
     tmp_path: Path,
 ) -> None:
