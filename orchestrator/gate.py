@@ -11,8 +11,10 @@ in bulk, as many as there are waiters, and used at once: none is kept in stock, 
 its send time). Finished permits are marked done by the process's next ask, in its transaction, so a
 place frees when that ask commits rather than a release commit later; what no ask takes within 20 ms is
 released in a statement of its own. An ask never hands the places it frees straight back to its own
-process: its cap check counts them as held, and every process sees them free once it committed, so the
-processes of a run waiting at the cap take turns as they do for the rate window.
+process: its cap check counts them as held, and every process sees them free once that ask commits. A
+refused process waits the store's answer (the oldest start leaving the window, or 20 ms at the cap)
+before its next ask, whichever of its senders asks, so the processes of a run waiting at the cap or the
+window take turns.
 
 Why the window holds at the cloud: the database stamps each permit when it grants it and counts stamps
 over ``period + margin``, so sends that each leave within ``margin`` of their stamp never put more than
@@ -127,11 +129,14 @@ class SharedGate:
                             self._release(slot_id)
                         raise
                     self._granted.extend((i, asked_at) for i in ids)
-                if not ids:
-                    # Retry exactly when the window frees (the store answers at least 1 ms, or 20 ms while
-                    # the cap is reached), not later: a process whose own limiter releases its next call at
-                    # that moment would otherwise win every permit and starve the run's other processes.
-                    await asyncio.sleep(wait)
+                    if not ids:
+                        # Retry exactly when the window frees (the store answers at least 1 ms, or 20 ms
+                        # while the cap is reached), not later: a process whose own limiter releases its
+                        # next call at that moment would otherwise win every permit and starve the run's
+                        # other processes. Waited holding the ask's lock: one ask per answer per process,
+                        # not one per waiting sender (each would be a transaction on the run's lock, and
+                        # the next would get the places this ask just freed)
+                        await asyncio.sleep(wait)
         finally:
             self._waiting -= 1
 
@@ -141,15 +146,21 @@ class SharedGate:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
-        await asyncio.sleep(RELEASE_EVERY_S)
-        done, self._done = self._done, []
-        # shielded: a stop must not leave permits counted as held until their leases run out
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._store.release_send_slots(done))
+        # until nothing is left: a permit released while a write runs is written by the next round
+        while True:
+            await asyncio.sleep(RELEASE_EVERY_S)
+            done, self._done = self._done, []
+            if not done:
+                return
+            # shielded: a stop must not leave permits counted as held until their leases run out
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._store.release_send_slots(done))
 
     async def close(self) -> None:
-        """Write the releases still pending. Best effort: errors are swallowed (a permit not released
-        frees itself when its lease runs out)."""
+        """Write the releases still pending, permits granted but never used included. Best effort: errors
+        are swallowed (a permit not released frees itself when its lease runs out)."""
+        while self._granted:
+            self._done.append(self._granted.popleft()[0])
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher

@@ -206,7 +206,8 @@ class SendSlot(Base):
     __tablename__ = "send_log"
     __table_args__ = (
         Index("ix_send_log_run_at", "run_id", "at"),
-        # the permits still held (migration 0007): at most the run's concurrency, counted by every check
+        # the permits not marked done (migration 0007): the held ones (at most the run's concurrency) and
+        # the few whose holder died holding them, counted by every check
         Index(
             "ix_send_log_held",
             "run_id",

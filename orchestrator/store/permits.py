@@ -15,13 +15,14 @@ from typing import Any
 from orchestrator.store.jobs import RUN_LOCK
 from orchestrator.store.sql import Tx, aware, in_clause
 
-# The wait answered when the window has room but ``cap`` permits are held (seconds): another process's
-# release is not seen before its commit, so the asker looks again after this long.
+# The wait answered when the window has room but ``cap`` permits are held (seconds): no release is seen
+# before the ask or release that carries it commits, so the asker looks again after this long.
 CAP_FULL_RETRY_S = 0.02
 
 # The permits of a run still held: read by every check under the run's lock. The partial index
-# ix_send_log_held (migration 0007) holds only these rows (at most the run's concurrency), so the count
-# does not grow with the starts the log keeps for the window.
+# ix_send_log_held (migration 0007) holds only the rows not marked done: the held ones (at most the run's
+# concurrency) and the few whose holder died holding them (their lease ran out), so the count does not
+# grow with the starts the log keeps for the window.
 HELD_COUNT = (
     "SELECT count(*) FROM send_log WHERE run_id = :run AND done_at IS NULL AND lease_expires_at > :now"
 )
@@ -53,9 +54,10 @@ class PermitOps:
         absorbs how much later one send leaves than another. Callers ask for as many permits as they
         have senders waiting right now, so a permit is used at once, never kept in stock.
 
-        ``release``: permits of this run whose calls have ended, marked done in the same transaction (as
-        ``release_send_slots`` would). This check still counts them as held: the places they free are
-        seen by every process of the run once it commits, not handed straight back to this caller."""
+        ``release``: permits of this run whose calls have ended, marked done in the same transaction
+        (ids of another run are left alone; one already done keeps its first end). This check still
+        counts them as held: the places they free are seen by every process of the run once it commits,
+        not handed straight back to this caller."""
 
         async def check(tx: Tx) -> tuple[list[int], float]:
             # stamped when the lock is ours, not when the batch began: a permit granted after a wait on
@@ -122,7 +124,8 @@ class PermitOps:
         async def op(tx: Tx) -> tuple[list[int], float]:
             answer = await check(tx)
             if tx.dialect != "postgresql" and release:
-                await _mark_done(tx, list(release), run_id)  # after the check, as PostgreSQL's snapshot
+                # after the check, as PostgreSQL's snapshot has it (never a permit this check granted)
+                await _mark_done(tx, [i for i in release if i not in answer[0]], run_id)
             return answer
 
         result: tuple[list[int], float] = await self._submit(op, run_lock=True)

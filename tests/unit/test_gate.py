@@ -8,12 +8,15 @@ released unused and another is asked for; permits that ended ride on the next as
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from orchestrator.gate import FRESH_FRACTION, SAFETY_S, SharedGate
+from orchestrator.gate import FRESH_FRACTION, RELEASE_EVERY_S, SAFETY_S, SharedGate
 from orchestrator.limiter import Rate
+from orchestrator.store.permits import CAP_FULL_RETRY_S
+from tests.virtual import run_virtual
 
 
 class Clock:
@@ -88,8 +91,8 @@ async def test_a_permit_that_aged_past_its_budget_is_released_unused(delay: floa
 
 
 async def test_ended_permits_ride_on_the_next_ask() -> None:
-    """A permit that ended is marked done by the next ask (before its cap check), not by a release of
-    its own a commit later; only what no ask took is released by the flusher."""
+    """A permit that ended is marked done by the next ask, not by a release of its own a commit later;
+    only what no ask took is released by the flusher."""
     clock = Clock()
     store = PermitStore(clock, [])
     gate = _gate(store, clock)
@@ -119,5 +122,64 @@ async def test_a_failed_ask_leaves_its_ended_permits_for_the_flusher() -> None:
     with pytest.raises(RuntimeError):
         async with gate.slot():
             pass
+    # not lost with the failed ask: written by the flusher, without waiting for close()
+    for _ in range(50):
+        if store.released:
+            break
+        await asyncio.sleep(RELEASE_EVERY_S)
+    assert store.released == [1]
     await gate.close()
-    assert store.released == [1]  # not lost with the failed ask: written by the flusher
+    assert store.released == [1]
+
+
+async def test_close_releases_permits_granted_but_never_used() -> None:
+    clock = Clock()
+    store = PermitStore(clock, [])
+    gate = _gate(store, clock)
+    gate._granted.extend([(7, clock.t), (8, clock.t)])  # asked for two senders, one of which left
+    await gate.close()
+    assert sorted(store.released) == [7, 8]
+
+
+class CapStore(PermitStore):
+    """Refuses every ask with "the cap is reached" (the store's 20 ms answer) until ``refusals`` ran out;
+    records the loop time of every ask."""
+
+    def __init__(self, clock: Clock, refusals: int) -> None:
+        super().__init__(clock, [])
+        self.refusals = refusals
+        self.asked_at: list[float] = []
+
+    async def try_send_slots(self, run_id: int, **kw: Any) -> tuple[list[int], float]:
+        self.asked_at.append(asyncio.get_running_loop().time())
+        if self.refusals > 0:
+            self.refusals -= 1
+            self.asked.append(int(kw["want"]))
+            self.carried.append(list(kw.get("release", ())))
+            return [], CAP_FULL_RETRY_S
+        return await super().try_send_slots(run_id, **kw)
+
+
+def test_a_refused_process_asks_once_per_answered_wait_whoever_of_its_senders_waits() -> None:
+    """Ten senders of one process wait at the cap: the process asks once, waits the 20 ms it was told,
+    asks once again, never once per sender in a burst (each ask is a transaction on the run's lock, and
+    a burst's second ask would get the places its first just freed, ahead of the other processes)."""
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        store = CapStore(Clock(), refusals=2)
+        gate = SharedGate(store, 1, "w", Rate(100, 1.0), 10, lease_s=30.0, mono=loop.time)  # type: ignore[arg-type]
+
+        async def sender() -> None:
+            async with gate.slot():
+                pass
+
+        await asyncio.gather(*(sender() for _ in range(10)))
+        await gate.close()
+        return store.asked_at
+
+    asked_at = run_virtual(scenario)
+    # two refused asks 20 ms apart, then the one granting all ten
+    assert len(asked_at) == 3, asked_at
+    assert asked_at[1] - asked_at[0] == pytest.approx(CAP_FULL_RETRY_S, abs=1e-6)
+    assert asked_at[2] - asked_at[1] == pytest.approx(CAP_FULL_RETRY_S, abs=1e-6)

@@ -1309,6 +1309,7 @@ async def test_an_ask_marks_its_ended_permits_done_but_does_not_regrant_them(env
     granted, _ = await store.try_send_slots(run.id, worker_id="another-worker", want=2, **capped)
     assert len(granted) == 1
     # released again (the ask and the flusher both carried it): the first end is kept
+    await env.later(1)
     await store.release_send_slots([first[0]])
     again = dict(await rows(store, "SELECT id, done_at FROM send_log WHERE run_id = :r", r=run.id))
     assert again[first[0]] == done[first[0]]
@@ -1319,6 +1320,12 @@ async def test_an_ask_marks_its_ended_permits_done_but_does_not_regrant_them(env
     await store.try_send_slots(other.id, worker_id=other_reg.worker_id, release=[short], **capped)
     ((short_done,),) = await rows(store, "SELECT done_at FROM send_log WHERE id = :i", i=short)
     assert short_done is not None
+    # an ask refused by the window (not the cap) still marks its releases done
+    full: dict[str, Any] = {"count": 1, "period": 60.0, "cap": 10, "lease_s": 30}
+    refused_by_window = await store.try_send_slots(run.id, worker_id=w, release=[first[1]], **full)
+    assert refused_by_window[0] == [] and refused_by_window[1] > 1
+    ((second_done,),) = await rows(store, "SELECT done_at FROM send_log WHERE id = :i", i=first[1])
+    assert second_done is not None
 
 
 async def test_the_held_permit_count_reads_only_held_permits(env: Env) -> None:
