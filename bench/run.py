@@ -501,6 +501,16 @@ def stopped_note(runs: list[dict[str, Any]], n: int) -> str:
     return f"stopped at {fmt(done)} of {n:,} calls (half or --budget)"
 
 
+def pair_ratios(runs: list[dict[str, Any]], bases: list[dict[str, Any]]) -> list[float]:
+    """calls/s of each run over calls/s of the baseline run paired with it (runs alternate), skipping a
+    pair where either made no calls."""
+    return [
+        r["calls_per_s"] / b["calls_per_s"]
+        for r, b in zip(runs, bases, strict=True)
+        if r.get("calls_per_s") and b.get("calls_per_s")
+    ]
+
+
 def notes(*parts: str) -> str:
     return "; ".join(p for p in parts if p)
 
@@ -524,15 +534,11 @@ def group_ratio(ctx: Ctx) -> None:
             bare.append(bare_run(ctx, csv_path, latency_ms=latency))
             orch.append(orch_run(ctx, yaml_path, latency_ms=latency, db=ctx.sqlite()))
             floor.append(floor_run(ctx, csv_path, latency_ms=latency))
-        pairs = [
-            o["calls_per_s"] / b["calls_per_s"]
-            for o, b in zip(orch, bare, strict=True)
-            if o.get("calls_per_s") and b.get("calls_per_s")
-        ]
+        pairs = pair_ratios(orch, bare)
         ratio = med(pairs)
         b_rate, o_rate = med([b["calls_per_s"] for b in bare]), med([o["calls_per_s"] for o in orch])
         label = f"{n:,} proxies, {latency:g} ms latency, concurrency 64, SQLite"
-        notes = "; ".join(x for x in (stopped_note(orch, n), errors_of(orch + bare)) if x)
+        note = notes(stopped_note(orch, n), errors_of(orch + bare))
         ctx.rows.append(
             Row(
                 "ratio",
@@ -542,7 +548,7 @@ def group_ratio(ctx: Ctx) -> None:
                 fmt(ratio, 2, "x"),
                 f">= {goal}x",
                 verdict(ratio, ">=", goal),
-                notes,
+                note,
             )
         )
         cpu = med([o["cpu_ms_per_upgrade"] for o in orch])
@@ -561,11 +567,7 @@ def group_ratio(ctx: Ctx) -> None:
             )
         )
         # the floor: what the durability rules alone cost, measured the same way (not a target)
-        floor_pairs = [
-            f["calls_per_s"] / b["calls_per_s"]
-            for f, b in zip(floor, bare, strict=True)
-            if f.get("calls_per_s") and b.get("calls_per_s")
-        ]
+        floor_pairs = pair_ratios(floor, bare)
         f_rate, f_cpu = med([f["calls_per_s"] for f in floor]), med([f["cpu_ms_per_upgrade"] for f in floor])
         of_floor = o_rate / f_rate if o_rate and f_rate else None
         ctx.rows.append(
@@ -577,14 +579,10 @@ def group_ratio(ctx: Ctx) -> None:
                 fmt(med(floor_pairs), 2, "x"),
                 "",
                 "",
-                "; ".join(
-                    x
-                    for x in (
-                        f"CPU {fmt(f_cpu, 2)} ms per call",
-                        f"orchestrator at {fmt(of_floor, 2, 'x')} of it",
-                        errors_of(floor),
-                    )
-                    if x
+                notes(
+                    f"CPU {fmt(f_cpu, 2)} ms per call",
+                    f"orchestrator at {fmt(of_floor, 2, 'x')} of it",
+                    errors_of(floor),
                 ),
             )
         )
@@ -962,11 +960,7 @@ def group_pg(ctx: Ctx) -> None:
         lite.append(orch_run(ctx, yaml_path, latency_ms=0.0, db=ctx.sqlite()))
         with pg_db(base) as url:
             pg.append(orch_run(ctx, yaml_path, latency_ms=0.0, db=url))
-    pairs = [
-        p["calls_per_s"] / s["calls_per_s"]
-        for p, s in zip(pg, lite, strict=True)
-        if p.get("calls_per_s") and s.get("calls_per_s")
-    ]
+    pairs = pair_ratios(pg, lite)
     ctx.rows.append(
         Row(
             "pg",
@@ -1008,11 +1002,7 @@ def group_workers(ctx: Ctx) -> None:
             one.append(orch_run(ctx, yaml_path, latency_ms=50.0, db=url, concurrency=c))
         with pg_db(base) as url:
             five.append(orch_run(ctx, yaml_path, latency_ms=50.0, db=url, concurrency=5 * c, workers=4))
-    pairs = [
-        f["calls_per_s"] / o["calls_per_s"]
-        for f, o in zip(five, one, strict=True)
-        if f.get("calls_per_s") and o.get("calls_per_s")
-    ]
+    pairs = pair_ratios(five, one)
     ctx.rows.append(
         Row(
             "workers",
