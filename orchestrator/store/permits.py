@@ -160,11 +160,7 @@ class PermitOps:
 
     async def release_send_slot(self, slot_id: int) -> None:
         """Mark one permit done (see ``release_send_slots``)."""
-
-        async def op(tx: Tx) -> None:
-            await _mark_done(tx, [slot_id])
-
-        await self._submit(op)
+        await self.release_send_slots([slot_id])
 
     async def prune_send_log(self, run_id: int, keep_s: float) -> int:
         """Delete permits that ended and left the window long ago (older than ``keep_s`` seconds)."""
