@@ -77,6 +77,7 @@ class SharedGate:
         self._fetch = asyncio.Lock()
         self._done: list[int] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._asks: set[asyncio.Future[tuple[list[int], float]]] = set()
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -112,8 +113,8 @@ class SharedGate:
                     # the permits ended since the last write are marked done by this ask (committed with
                     # it), not by a release commit of their own later
                     ended, self._done = self._done, []
-                    try:
-                        ids, wait = await self._store.try_send_slots(
+                    ask = asyncio.ensure_future(
+                        self._store.try_send_slots(
                             self._run_id,
                             worker_id=self._worker_id,
                             count=self._rate.count,
@@ -124,6 +125,16 @@ class SharedGate:
                             want=max(1, self._waiting),
                             release=ended,
                         )
+                    )
+                    self._asks.add(ask)
+                    ask.add_done_callback(self._asks.discard)
+                    try:
+                        # shielded: once queued the ask commits whatever happens to this sender, and the
+                        # permits it grants would stay held until their lease ran out if nobody took them
+                        ids, wait = await asyncio.shield(ask)
+                    except asyncio.CancelledError:
+                        ask.add_done_callback(self._hand_back(ended))
+                        raise
                     except BaseException:
                         for slot_id in ended:  # written by the next ask or the flusher
                             self._release(slot_id)
@@ -139,6 +150,21 @@ class SharedGate:
                         await asyncio.sleep(wait)
         finally:
             self._waiting -= 1
+
+    def _hand_back(self, ended: list[int]) -> Callable[[asyncio.Future[tuple[list[int], float]]], None]:
+        """The done callback of an ask whose sender was cancelled: what it granted is released unused (a
+        start in the window all the same: the safe side); if it failed, the ended permits it carried are
+        released again."""
+
+        def done(ask: asyncio.Future[tuple[list[int], float]]) -> None:
+            if ask.cancelled() or ask.exception() is not None:
+                for slot_id in ended:
+                    self._release(slot_id)
+                return
+            for slot_id in ask.result()[0]:
+                self._release(slot_id)
+
+        return done
 
     def _release(self, slot_id: int) -> None:
         self._done.append(slot_id)
@@ -158,7 +184,10 @@ class SharedGate:
 
     async def close(self) -> None:
         """Write the releases still pending, permits granted but never used included. Best effort: errors
-        are swallowed (a permit not released frees itself when its lease runs out)."""
+        are swallowed (a permit not released frees itself when its lease runs out). Asks still in flight
+        (their senders were cancelled) are waited for first, so what they grant is released too."""
+        if self._asks:
+            await asyncio.gather(*self._asks, return_exceptions=True)
         while self._granted:
             self._done.append(self._granted.popleft()[0])
         if self._flusher is not None:

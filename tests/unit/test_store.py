@@ -1328,6 +1328,36 @@ async def test_an_ask_marks_its_ended_permits_done_but_does_not_regrant_them(env
     assert second_done is not None
 
 
+async def test_a_sender_cancelled_while_its_ask_commits_leaves_no_permit_held(env: Env) -> None:
+    """A sender cancelled (a stop, Ctrl-C) after its ask was queued: the ask still commits and grants a
+    permit. The gate releases what that ask granted, so it does not count against the run's cap until its
+    lease runs out; ``close()`` waits for such an ask. Without the hand-back the permit stays held."""
+    from orchestrator.gate import SharedGate
+    from orchestrator.limiter import Rate
+
+    store = await env.open()
+    run, reg = await new_run(store, 1)
+    gate = SharedGate(store, run.id, reg.worker_id, Rate(100, 1.0), 2, lease_s=300)
+
+    async def send() -> None:
+        async with gate.slot():
+            raise AssertionError("the sender was cancelled before its permit came")
+
+    sender = asyncio.create_task(send())
+    await asyncio.sleep(0)  # the ask is queued in the store's writer, not yet committed
+    sender.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sender
+    await gate.close()
+    for _ in range(200):  # the ask commits in the writer whether or not anyone waits for it
+        granted = await rows(store, "SELECT id, done_at FROM send_log WHERE run_id = :r", r=run.id)
+        if granted:
+            break
+        await asyncio.sleep(0.01)
+    assert len(granted) == 1, granted
+    assert granted[0][1] is not None, "a permit granted to a cancelled sender is still held"
+
+
 async def test_the_held_permit_count_reads_only_held_permits(env: Env) -> None:
     """Every permit check counts the run's held permits under the run's lock; the log also keeps every
     start of the last minutes (thousands at a high rate). The count is planned on the partial index of held
