@@ -162,18 +162,29 @@ def _sqlite_ts(value: datetime) -> str:
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
+# the types sqlite3 binds as they are (most parameters): checked by identity before any isinstance
+_PLAIN = frozenset({str, int, float, type(None), bytes})
+
+
 def sqlite_params(params: Params) -> Mapping[str, Any]:
-    """``params`` as sqlite3 binds them: datetimes as the store's UTC text, booleans as 0/1."""
+    """``params`` as sqlite3 binds them: datetimes as the store's UTC text, booleans as 0/1; the mapping
+    itself when nothing needs converting (most statements: ops pass timestamps through ``tx.ts``)."""
     if not params:
         return {}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] | None = None
     for k, v in params.items():
-        if isinstance(v, datetime):
-            v = _sqlite_ts(v)
-        elif isinstance(v, bool):
+        if type(v) in _PLAIN:
+            continue
+        if isinstance(v, bool):
             v = int(v)
+        elif isinstance(v, datetime):
+            v = _sqlite_ts(v)
+        else:
+            continue
+        if out is None:
+            out = dict(params)
         out[k] = v
-    return out
+    return params if out is None else out
 
 
 def _drive(coro: Awaitable[T]) -> T:

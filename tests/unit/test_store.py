@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -1550,3 +1550,19 @@ async def test_a_sqlite_file_locked_past_the_budget_stops_the_writer(
         await store.close()
     ((n,),) = sqlite3.connect(path).execute("SELECT count(*) FROM runs").fetchall()
     assert n == 0
+
+
+def test_sqlite_params_converts_only_what_sqlite3_cannot_bind() -> None:
+    """Datetimes become the store's UTC text and booleans 0/1; everything else is bound as it is. A
+    mapping with nothing to convert is passed through as it is (no copy per statement)."""
+    from orchestrator.store.sql import sqlite_params
+
+    at = datetime(2026, 12, 1, 8, 30, 0, 5, tzinfo=timezone(timedelta(hours=8)))
+    plain = {"id": 7, "me": "w-1", "off": 0.25, "none": None, "status": JobStatus.PENDING}
+    assert sqlite_params(plain) is plain
+    mixed = {**plain, "at": at, "flag": True, "off_flag": False}
+    out = sqlite_params(mixed)
+    assert out == {**plain, "at": "2026-12-01 00:30:00.000005", "flag": 1, "off_flag": 0}
+    assert type(out["flag"]) is int
+    assert mixed["at"] is at  # the caller's mapping is not changed
+    assert sqlite_params(None) == {} and sqlite_params({}) == {}
