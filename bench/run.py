@@ -39,7 +39,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -351,7 +351,7 @@ class Row:
     notes: str = ""
 
 
-def med(values: list[float | None]) -> float | None:
+def med(values: Sequence[float | None]) -> float | None:
     got = [v for v in values if v is not None]
     return statistics.median(got) if got else None
 
@@ -484,13 +484,20 @@ def bare_run(ctx: Ctx, csv_path: Path, *, latency_ms: float, concurrency: int = 
     return client_run(ctx, "bare", "bare_client.py", args, latency_ms=latency_ms)
 
 
-def floor_run(ctx: Ctx, csv_path: Path, *, latency_ms: float, concurrency: int = 64) -> dict[str, Any]:
+def floor_run(
+    ctx: Ctx, csv_path: Path, *, latency_ms: float, concurrency: int = 64, guards: bool = False
+) -> dict[str, Any]:
     """bench/floor_client.py: the bare loop plus the least durable record issue 14's rules allow (an
     intent committed before each call, the answer after, group commit, raw sqlite3), committing on the
-    loop's own thread (the faster of its two modes on this machine)."""
+    loop's own thread (the faster of its two modes on this machine). ``guards``: plus claims under a
+    lease, moves guarded on the claim and an event row per move (``--guards``)."""
     db = ctx.tmp / f"floor-{uuid.uuid4().hex[:8]}.db"
     args = [str(csv_path), ctx.server.url, str(db), "--concurrency", str(concurrency), "--writer", "inline"]
-    return client_run(ctx, "floor", "floor_client.py", args, latency_ms=latency_ms)
+    tag = "floor"
+    if guards:
+        args.append("--guards")
+        tag = "floor+guards"
+    return client_run(ctx, tag, "floor_client.py", args, latency_ms=latency_ms)
 
 
 def stopped_note(runs: list[dict[str, Any]], n: int) -> str:
@@ -529,11 +536,13 @@ def group_ratio(ctx: Ctx) -> None:
         bare: list[dict[str, Any]] = []
         orch: list[dict[str, Any]] = []
         floor: list[dict[str, Any]] = []
+        guarded: list[dict[str, Any]] = []
         for r in range(ctx.args.repeat):
             log(f"ratio: {n} proxies, {latency:g} ms, repeat {r + 1}/{ctx.args.repeat}")
             bare.append(bare_run(ctx, csv_path, latency_ms=latency))
             orch.append(orch_run(ctx, yaml_path, latency_ms=latency, db=ctx.sqlite()))
             floor.append(floor_run(ctx, csv_path, latency_ms=latency))
+            guarded.append(floor_run(ctx, csv_path, latency_ms=latency, guards=True))
         pairs = pair_ratios(orch, bare)
         ratio = med(pairs)
         b_rate, o_rate = med([b["calls_per_s"] for b in bare]), med([o["calls_per_s"] for o in orch])
@@ -566,32 +575,45 @@ def group_ratio(ctx: Ctx) -> None:
                 f"whole process (start-up included); between first and last call {fmt(steady, 2)} ms",
             )
         )
-        # the floor: what the durability rules alone cost, measured the same way (not a target)
+        # the floors: what the durability rules alone cost, and with the claim, the guards and the
+        # audit rows a multi-process, kill-safe tool needs, measured the same way (not targets)
         floor_pairs = pair_ratios(floor, bare)
-        f_rate, f_cpu = med([f["calls_per_s"] for f in floor]), med([f["cpu_ms_per_upgrade"] for f in floor])
-        of_floor = o_rate / f_rate if o_rate and f_rate else None
-        ctx.rows.append(
-            Row(
-                "ratio",
-                f"floor: bare loop + intent and answer committed per call, raw sqlite3 ({latency:g} ms)",
-                f"{fmt(f_rate)} calls/s",
-                f"bare aiohttp {fmt(b_rate)} calls/s",
-                fmt(med(floor_pairs), 2, "x"),
-                "",
-                "",
-                notes(
-                    f"CPU {fmt(f_cpu, 2)} ms per call",
-                    f"orchestrator at {fmt(of_floor, 2, 'x')} of it",
-                    errors_of(floor),
-                ),
+        guarded_pairs = pair_ratios(guarded, bare)
+        for label_of, runs, floor_ratios in (
+            ("floor: bare loop + intent and answer committed per call, raw sqlite3", floor, floor_pairs),
+            (
+                "floor with guards: + claims under a lease, guarded moves, an event per move",
+                guarded,
+                guarded_pairs,
+            ),
+        ):
+            f_rate = med([f["calls_per_s"] for f in runs])
+            f_cpu = med([f["cpu_ms_per_upgrade"] for f in runs])
+            of_floor = o_rate / f_rate if o_rate and f_rate else None
+            ctx.rows.append(
+                Row(
+                    "ratio",
+                    f"{label_of} ({latency:g} ms)",
+                    f"{fmt(f_rate)} calls/s",
+                    f"bare aiohttp {fmt(b_rate)} calls/s",
+                    fmt(med(floor_ratios), 2, "x"),
+                    "",
+                    "",
+                    notes(
+                        f"CPU {fmt(f_cpu, 2)} ms per call",
+                        f"orchestrator at {fmt(of_floor, 2, 'x')} of it",
+                        errors_of(runs),
+                    ),
+                )
             )
-        )
         raw[f"{latency:g}ms"] = {
             "bare": bare,
             "orchestrator": orch,
             "floor": floor,
+            "floor_guards": guarded,
             "pair_ratios": pairs,
             "floor_pair_ratios": floor_pairs,
+            "floor_guards_pair_ratios": guarded_pairs,
         }
     ctx.raw["ratio"] = raw
 
