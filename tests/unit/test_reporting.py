@@ -387,3 +387,49 @@ def test_time_and_duration_formats() -> None:
         "8h18m59s",
     ]
     assert shorten(d.P1, 12) == d.P1[:11] + "…" and shorten(d.P1, 36) == d.P1
+
+
+def test_json_report_lines_are_exactly_json_dumps_of_each_record() -> None:
+    """The report's one kept encoder writes what ``json.dumps`` writes for each record (escapes, non-ASCII,
+    None, floats and nested workflows included): one record per line, an array around them."""
+    from orchestrator.reporting import streams, text
+
+    when = datetime(2026, 12, 1, 8, 0, 1, 250000, tzinfo=UTC)
+    rows = [
+        reports.ReportRow(
+            7,
+            i,
+            "p" * 32,
+            "i" * 32,
+            "x" * 32,
+            name,
+            2,
+            "flagged",
+            3,
+            "2.23",
+            "2.24",
+            None,
+            when,
+            None,
+            None,
+            duration,
+            'subnet "full"\nline',
+            "retry {run}",
+            "upgrade:reject",
+            (
+                reports.WorkflowBrief("wf-1", "REJECT", None, None),
+                reports.WorkflowBrief(None, "REJECT", "x", when),
+            ),
+        )
+        for i, (name, duration) in enumerate([("proxy ü 代理", 1.5), (None, None), ("a\\b\t", 1e-7)])
+    ]
+    out = io.StringIO()
+    writer = streams.ReportWriter("json", out)
+    writer.add_all(rows)
+    assert writer.close() == 3
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[" and lines[-1] == "]"
+    iso = text.iso_formatter(None)
+    want = [json.dumps(streams.report_record(r, iso=iso)) for r in rows]
+    assert [line.removesuffix(",") for line in lines[1:-1]] == want
+    assert json.loads(out.getvalue())[0]["name"] == "proxy ü 代理"
