@@ -54,19 +54,21 @@ def iso_time(value: datetime | None, tz: Zone = None) -> str:
 
 
 def iso_formatter(tz: Zone = None) -> Callable[[datetime | None], str]:
-    """A fast :func:`iso_time` for one zone, for formatting many times (a 100,000-job report formats half
-    a million): UTC input to UTC output skips the zone conversion."""
+    """A fast :func:`iso_time` for one zone, for formatting many times (a 100,000-job report formats up
+    to 300,000): UTC input to UTC output skips the zone conversion, and ``isoformat`` is called with
+    positional arguments (half the cost of ``timespec=`` as a keyword, measured)."""
     z = zone(tz)
+    isoformat = datetime.isoformat
     if z is UTC:
 
         def to_utc(value: datetime | None) -> str:
             if value is None:
                 return ""
             if value.tzinfo is None:  # stored UTC, handed back naive by SQLite
-                return value.isoformat(timespec="milliseconds") + "+00:00"
+                return isoformat(value, "T", "milliseconds") + "+00:00"
             if value.tzinfo is not UTC:
                 value = value.astimezone(UTC)
-            return value.isoformat(timespec="milliseconds")
+            return isoformat(value, "T", "milliseconds")
 
         return to_utc
 
@@ -75,7 +77,7 @@ def iso_formatter(tz: Zone = None) -> Callable[[datetime | None], str]:
             return ""
         if value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
-        return value.astimezone(z).isoformat(timespec="milliseconds")
+        return isoformat(value.astimezone(z), "T", "milliseconds")
 
     return to_zone
 
