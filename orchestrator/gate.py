@@ -42,6 +42,8 @@ from orchestrator.store import JobStore
 SAFETY_S = 0.1
 SAFETY_FRACTION = 0.1
 RELEASE_EVERY_S = 0.02
+# How long ``close`` waits for asks whose senders were cancelled (the store may be retrying an outage).
+CLOSE_WAIT_S = 5.0
 # The part of the margin a permit may age between its request and its use; the rest is left for the path
 # from here to the socket (the limiter hook, the send fence, the request's first write).
 FRESH_FRACTION = 0.5
@@ -78,6 +80,7 @@ class SharedGate:
         self._done: list[int] = []
         self._flusher: asyncio.Task[None] | None = None
         self._asks: set[asyncio.Future[tuple[list[int], float]]] = set()
+        self._closed = False
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -133,7 +136,7 @@ class SharedGate:
                         # permits it grants would stay held until their lease ran out if nobody took them
                         ids, wait = await asyncio.shield(ask)
                     except asyncio.CancelledError:
-                        ask.add_done_callback(self._hand_back(ended))
+                        ask.add_done_callback(self._hand_back(ended, asked_at))
                         raise
                     except BaseException:
                         for slot_id in ended:  # written by the next ask or the flusher
@@ -151,17 +154,25 @@ class SharedGate:
         finally:
             self._waiting -= 1
 
-    def _hand_back(self, ended: list[int]) -> Callable[[asyncio.Future[tuple[list[int], float]]], None]:
-        """The done callback of an ask whose sender was cancelled: what it granted is released unused (a
-        start in the window all the same: the safe side); if it failed, the ended permits it carried are
-        released again."""
+    def _hand_back(
+        self, ended: list[int], asked_at: float
+    ) -> Callable[[asyncio.Future[tuple[list[int], float]]], None]:
+        """The done callback of an ask whose sender was cancelled. What it granted goes to this process's
+        other waiting senders (the ask was for them too; the freshness check still applies), or is
+        released unused when none waits (a start in the window all the same: the safe side). If the ask
+        failed, the ended permits it carried are released again (marking a permit done twice is
+        harmless: the first end is kept)."""
 
         def done(ask: asyncio.Future[tuple[list[int], float]]) -> None:
             if ask.cancelled() or ask.exception() is not None:
                 for slot_id in ended:
                     self._release(slot_id)
                 return
-            for slot_id in ask.result()[0]:
+            ids = ask.result()[0]
+            if self._waiting > 0 and not self._closed:
+                self._granted.extend((i, asked_at) for i in ids)
+                return
+            for slot_id in ids:
                 self._release(slot_id)
 
         return done
@@ -185,9 +196,12 @@ class SharedGate:
     async def close(self) -> None:
         """Write the releases still pending, permits granted but never used included. Best effort: errors
         are swallowed (a permit not released frees itself when its lease runs out). Asks still in flight
-        (their senders were cancelled) are waited for first, so what they grant is released too."""
+        (their senders were cancelled) are waited for first, at most ``CLOSE_WAIT_S`` seconds and without
+        cancelling them (the store commits a queued ask anyway), so what they grant is released too."""
+        self._closed = True
         if self._asks:
-            await asyncio.gather(*self._asks, return_exceptions=True)
+            await asyncio.wait(set(self._asks), timeout=CLOSE_WAIT_S)
+            await asyncio.sleep(0)  # their done callbacks (``_hand_back``) run before the releases below
         while self._granted:
             self._done.append(self._granted.popleft()[0])
         if self._flusher is not None:

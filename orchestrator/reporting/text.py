@@ -54,8 +54,8 @@ def iso_time(value: datetime | None, tz: Zone = None) -> str:
 
 
 def iso_formatter(tz: Zone = None) -> Callable[[datetime | None], str]:
-    """A fast :func:`iso_time` for one zone, for formatting many times (a 100,000-job report formats up
-    to 300,000): UTC input to UTC output skips the zone conversion, and ``isoformat`` is called with
+    """A fast :func:`iso_time` for one zone, for formatting many times (a 100,000-job report formats about
+    300,000): UTC input to UTC output skips the zone conversion, and ``isoformat`` is called with
     positional arguments (half the cost of ``timespec=`` as a keyword, measured)."""
     z = zone(tz)
     isoformat = datetime.isoformat

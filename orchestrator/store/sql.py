@@ -167,10 +167,12 @@ _PLAIN = frozenset({str, int, float, type(None), bytes})
 
 
 def sqlite_params(params: Params) -> Mapping[str, Any]:
-    """``params`` as sqlite3 binds them: datetimes as the store's UTC text, booleans as 0/1; the mapping
+    """``params`` as sqlite3 binds them: datetimes as the store's UTC text, booleans as 0/1; the dict
     itself when nothing needs converting (most statements: ops pass timestamps through ``tx.ts``)."""
     if not params:
         return {}
+    if type(params) is not dict:  # sqlite3 binds named parameters from a dict only
+        params = dict(params)
     out: dict[str, Any] | None = None
     for k, v in params.items():
         if type(v) in _PLAIN:

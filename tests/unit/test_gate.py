@@ -183,3 +183,41 @@ def test_a_refused_process_asks_once_per_answered_wait_whoever_of_its_senders_wa
     assert len(asked_at) == 3, asked_at
     assert asked_at[1] - asked_at[0] == pytest.approx(CAP_FULL_RETRY_S, abs=1e-6)
     assert asked_at[2] - asked_at[1] == pytest.approx(CAP_FULL_RETRY_S, abs=1e-6)
+
+
+async def test_an_ask_whose_sender_was_cancelled_serves_the_senders_still_waiting() -> None:
+    """A sender cancelled while its ask is in flight: the ask still commits, and what it grants goes to
+    the senders still waiting (here one that asked meanwhile); nothing is left held after close()."""
+    clock = Clock()
+    answer = asyncio.Event()
+
+    class Slow(PermitStore):
+        async def try_send_slots(self, run_id: int, **kw: Any) -> tuple[list[int], float]:
+            await answer.wait()
+            return await super().try_send_slots(run_id, **kw)
+
+    store = Slow(clock, [])
+    gate = _gate(store, clock)
+    used: list[str] = []
+
+    async def send(tag: str) -> None:
+        async with gate.slot():
+            used.append(tag)
+
+    first = asyncio.create_task(send("first"))
+    second = asyncio.create_task(send("second"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    answer.set()
+    await second
+    assert used == ["second"]
+    assert store.asked == [1, 1]  # the second sender asked too while the first ask was still out
+    # the cancelled sender's ask handed its permit to the sender still waiting: one of the two permits
+    # served the call, the other waits in stock for the next sender (released by close() here)
+    assert len(gate._granted) == 1
+    await gate.close()
+    assert gate.stale == 0
+    assert sorted(store.released) == [1, 2]  # the one used, and the one never used

@@ -1344,7 +1344,7 @@ async def test_a_sender_cancelled_while_its_ask_commits_leaves_no_permit_held(en
             raise AssertionError("the sender was cancelled before its permit came")
 
     sender = asyncio.create_task(send())
-    await asyncio.sleep(0)  # the ask is queued in the store's writer, not yet committed
+    await asyncio.sleep(0)  # the sender is waiting for its ask, which commits whatever becomes of it
     sender.cancel()
     with pytest.raises(asyncio.CancelledError):
         await sender
