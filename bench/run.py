@@ -794,7 +794,10 @@ def group_report(ctx: Ctx) -> None:
     n = ctx.size("big")
     raw: dict[str, Any] = {}
     half = fixture(ctx)
-    for which, fx in (("half-done", half), ("finished", finished_run(ctx))):
+    done = finished_run(ctx)
+    # a finished run that did not finish (--budget, an error) is labelled as such, not as finished
+    label = "finished" if not done.get("stopped") and not done.get("error") else "unfinished (see its run)"
+    for which, fx in (("half-done", half), (label, done)):
         raw[which] = report_rows(ctx, fx, n, f"{which} run, {fmt(float(fx['upgrades']))} answered")
     ctx.raw["report"] = raw
 
