@@ -74,6 +74,7 @@ class Engine:
         self._queue: asyncio.Queue[JobRow | None] = asyncio.Queue(maxsize=4 * n)
         self._wake = asyncio.Event()
         self._busy = 0  # jobs claimed by the feeder and not finished yet (queued or in a worker)
+        self._room_wait = False  # the feeder waits for room in the queue (see _room_changed)
         self._db_down: DatabaseUnavailable | None = None
         self._marked_wave = 0  # the last wave this process recorded as finished
         self._waiting_logged: tuple[str, float] | None = None  # (reason, monotonic time) of the last line
@@ -238,9 +239,17 @@ class Engine:
             asyncio.ensure_future(self._wake.wait()),
             asyncio.ensure_future(self.rt.stop_requested.wait()),
         ]
-        await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
+        # no later than the run-wide controls go stale: the feeder reads them (stops, pauses, waves), and
+        # a full queue no longer wakes it for every job taken
+        ctl = self.rt.controls
+        timeout = 1.0 if ctl is None else min(1.0, ctl.stale_in())
+        self._room_wait = True
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._room_wait = False
+            for w in waiters:
+                w.cancel()
 
     async def _idle(self, track: bool, decision: object) -> None:
         rt = self.rt
@@ -301,7 +310,7 @@ class Engine:
         rt = self.rt
         while True:
             job = await self._queue.get()
-            self._wake.set()  # room in the queue: the feeder may claim more
+            self._room_changed()
             if job is None:
                 return
             tail: asyncio.Task[object] | None = None
@@ -333,6 +342,14 @@ class Engine:
 
     def _finished(self) -> None:
         self._busy -= 1
+        self._room_changed()
+
+    def _room_changed(self) -> None:
+        """A job left the queue or ended: wake the feeder, unless it waits for room in the queue and a
+        pool's worth is still queued (it would only look and wait again: at 100 ms of latency that was
+        a wake, two tasks and a timer per call, for one claim per half a pool)."""
+        if self._room_wait and self._queue.qsize() >= self.rt.options.concurrency:
+            return
         self._wake.set()
 
     def _tail_done(self, task: asyncio.Task[object]) -> None:

@@ -283,6 +283,10 @@ class Controls:
         """Whether ``refresh_s`` seconds (monotonic) have passed since the last read of the run."""
         return self._mono() - self._read_at >= self.refresh_s
 
+    def stale_in(self) -> float:
+        """Seconds until the last read of the run is stale (0 when it is)."""
+        return max(0.0, self._read_at + self.refresh_s - self._mono())
+
     def update(self, state: RunState, *, read_s: float = 0.0) -> Any:
         """A fresh read of the run (``read_s``: how long it took: on a large run the next read waits at
         least 20 times that, so the controls never cost more than a few percent of the process)."""

@@ -137,6 +137,33 @@ def test_claims_come_in_batches_of_at_least_half_a_worker_pool(tmp_path: Path) -
     assert all(n > concurrency for n in sizes[:-1]), sizes
 
 
+def test_a_full_queue_does_not_wake_the_feeder_for_every_job_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a pool's worth of jobs waits in the queue the feeder cannot claim, so a worker taking a job or
+    a job ending does not wake it (each wake cost two tasks and a timer, at 100 ms of latency one per
+    call): it looks again when the queue drains below a pool, or when the run's controls go stale."""
+    from orchestrator.engine import Engine
+
+    fleet = {f"inst-{n:03d}": [proxy(f"{n:032x}po01")] for n in range(120)}
+    waits: list[int] = []
+    wait_for_room = Engine._wait_for_room
+
+    async def counted(self: Engine) -> None:
+        waits.append(self._queue.qsize())
+        await wait_for_room(self)
+
+    monkeypatch.setattr(Engine, "_wait_for_room", counted)
+
+    async def body(b: Bench) -> None:
+        result = await b.engine()
+        assert result.finished
+        assert len(b.upgrade_calls()) == 120
+
+    run_bench(tmp_path, body, fleet=fleet, options=make_options(wait=False, concurrency=3))
+    assert len(waits) <= 40, (len(waits), waits)  # 26 here; 58 when every job taken woke it
+
+
 def test_answers_that_prove_nothing_in_a_run_are_reconciled_never_resent_and_every_workflow_recorded(
     tmp_path: Path,
 ) -> None:
