@@ -233,23 +233,29 @@ class Engine:
             return ctl.decision
         return decision
 
-    async def _wait_for_room(self) -> None:
+    async def _woken(self, within_s: float) -> None:
+        """Wait until a worker wakes the feeder (``_wake``), a stop is requested, or ``within_s`` seconds
+        pass."""
         self._wake.clear()
         waiters = [
             asyncio.ensure_future(self._wake.wait()),
             asyncio.ensure_future(self.rt.stop_requested.wait()),
         ]
+        try:
+            await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _wait_for_room(self) -> None:
         # no later than the run-wide controls go stale: the feeder reads them (stops, pauses, waves), and
         # a full queue no longer wakes it for every job taken
         ctl = self.rt.controls
-        timeout = 1.0 if ctl is None else min(1.0, ctl.stale_in())
         self._room_wait = True
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await self._woken(1.0 if ctl is None else min(1.0, ctl.stale_in()))
         finally:
             self._room_wait = False
-            for w in waiters:
-                w.cancel()
 
     async def _idle(self, track: bool, decision: object) -> None:
         rt = self.rt
@@ -273,11 +279,7 @@ class Engine:
                     left_s=round(max(0.0, left)),
                 )
             delay = min(delay, max(0.02, left))
-        self._wake.clear()
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(rt.stop_requested.wait())]
-        await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
+        await self._woken(delay)
 
     # ---------------------------------------------------------------------------------- heartbeat
     async def _heartbeat(self) -> None:

@@ -139,8 +139,7 @@ class SharedGate:
                         ask.add_done_callback(self._hand_back(ended, asked_at))
                         raise
                     except BaseException:
-                        for slot_id in ended:  # written by the next ask or the flusher
-                            self._release(slot_id)
+                        self._release(*ended)  # written by the next ask or the flusher
                         raise
                     self._granted.extend((i, asked_at) for i in ids)
                     if not ids:
@@ -165,20 +164,20 @@ class SharedGate:
 
         def done(ask: asyncio.Future[tuple[list[int], float]]) -> None:
             if ask.cancelled() or ask.exception() is not None:
-                for slot_id in ended:
-                    self._release(slot_id)
+                self._release(*ended)
                 return
             ids = ask.result()[0]
             if self._waiting > 0 and not self._closed:
                 self._granted.extend((i, asked_at) for i in ids)
                 return
-            for slot_id in ids:
-                self._release(slot_id)
+            self._release(*ids)
 
         return done
 
-    def _release(self, slot_id: int) -> None:
-        self._done.append(slot_id)
+    def _release(self, *slot_ids: int) -> None:
+        if not slot_ids:
+            return
+        self._done.extend(slot_ids)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
