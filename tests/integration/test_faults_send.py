@@ -325,7 +325,9 @@ def frozen_in_transaction(db: str, pid: int) -> Any:
 def test_a_worker_frozen_inside_a_transaction_costs_the_others_a_few_seconds(
     sim_factory: Callable[..., Sim], tmp_path: Path, pg_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    sim = sim_factory(scenario(150))
+    # 300 proxies at 5/s: a minute of work, so the worker lives long enough to be caught between the
+    # statements of a run-lock batch (one round trip per ask since the asks carry the releases)
+    sim = sim_factory(scenario(300))
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
     runner = cli_bg(
         "run", str(inv), "--db", pg_url, "--endpoint", sim.url, "--rate", "5/s", "--concurrency", "4",
