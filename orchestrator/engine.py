@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator.errors import EXIT_STOPPED
 from orchestrator.runtime import Runtime
@@ -315,7 +316,7 @@ class Engine:
             self._room_changed()
             if job is None:
                 return
-            tail: asyncio.Task[object] | None = None
+            tail: asyncio.Future[Any] | None = None
             try:
                 if rt.stop_requested.is_set():
                     await rt.store.release(job.id, rt.worker_id)
@@ -354,19 +355,19 @@ class Engine:
             return
         self._wake.set()
 
-    def _tail_done(self, task: asyncio.Task[object]) -> None:
+    def _tail_done(self, commit: asyncio.Future[Any]) -> None:
         self._finished()
-        if task.cancelled():
+        if commit.cancelled():
             return
-        exc = task.exception()
+        exc = commit.exception()
         if isinstance(exc, DatabaseUnavailable):
             self._db_down = exc
             self.rt.request_stop(str(exc), EXIT_STOPPED)
         elif exc is not None:
             self.rt.events.emit("job.error", error=repr(exc))
 
-    async def process(self, job: JobRow) -> asyncio.Task[object] | None:
-        """Hand ``job`` to its step; returns the background commit the step left running, if any."""
+    async def process(self, job: JobRow) -> asyncio.Future[Any] | None:
+        """Hand ``job`` to its step; returns the future of the commit the step left pending, if any."""
         if job.status in (JobStatus.PENDING, JobStatus.RETRY_WAIT):
             return await run_upgrade(self.rt, job)
         if job.status is JobStatus.UNKNOWN:

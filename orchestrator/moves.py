@@ -10,6 +10,7 @@ moves no policy decides are the store's (postflight's success in ``steps/track.p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -80,38 +81,64 @@ async def apply(
     attempt_id: int | None = None,
     answer: AttemptAnswer | None = None,
     workflows: tuple[NewWorkflow, ...] = (),
-    answer_recorded_alone: bool = False,
-    effects_done: bool = False,
 ) -> bool:
     """Move ``job`` as ``decision`` says (guarded on ``frm`` and this process's claim), with its run-wide
-    effects. With ``attempt_id`` and ``answer`` (and ``answer_recorded_alone``) the attempt's answer and
-    workflows are recorded even if the move loses. Returns whether the move won."""
-    if not effects_done:
-        effects(rt, decision)
+    effects; with ``attempt_id`` and ``answer``, the attempt's answer and ``workflows`` in the same commit
+    (recorded only if the move wins; the upgrade step's answers go through ``apply_answer``). Returns
+    whether the move won."""
+    effects(rt, decision)
     move = plan_move(decision, frm=frm, now=rt.now(), poll_initial=rt.options.poll_initial, facts=facts)
-    if answer_recorded_alone and attempt_id is not None and answer is not None:
-        ok = await rt.store.record_answer(
-            job, attempt_id, answer, workflows=workflows, move=move, worker_id=rt.worker_id
-        )
-    else:
-        move = Move(
-            frm=move.frm,
-            to=move.to,
-            fields=move.fields,
-            workflows=workflows,
-            attempt_id=attempt_id,
-            attempt_answer=answer,
-        )
-        ok = await rt.store.move(job, move, worker_id=rt.worker_id)
-    rt.lease.dropped(job.id)
+    move = Move(
+        frm=move.frm,
+        to=move.to,
+        fields=move.fields,
+        workflows=workflows,
+        attempt_id=attempt_id,
+        attempt_answer=answer,
+    )
+    ok = await rt.store.move(job, move, worker_id=rt.worker_id)
     if (
         ok
-        and not effects_done
         and move.fields.get("counts_failure")
         and move.to in (JobStatus.FLAGGED, JobStatus.FAILED)
         and rt.controls is not None
     ):
         rt.controls.note_failure()
+    _moved(rt, job, decision, move, ok)
+    return ok
+
+
+async def apply_answer(
+    rt: Runtime,
+    job: JobRow,
+    decision: Decision,
+    *,
+    attempt_id: int,
+    answer: AttemptAnswer,
+    workflows: tuple[NewWorkflow, ...],
+) -> asyncio.Future[bool]:
+    """The upgrade call's answer, its workflows and the move ``decision`` asks for from in_flight, queued
+    for one commit now and handed to ``Runtime.defer``; returns the commit's future (True: the move
+    won). The attempt and its workflows are recorded even if the move loses. The decision's run-wide
+    effects are the caller's (taken before its call slot freed: ``effects(..., note_failure=True)``);
+    the move's event is emitted once it committed. Only the job's identity is read from ``job`` (id,
+    run, proxy): its status is the one the step claimed, older than the in_flight its intent recorded.
+    Raises ``IllegalMove`` (a bug) and ``DatabaseUnavailable`` (an outage already over budget) before
+    anything is queued."""
+    move = plan_move(decision, frm=JobStatus.IN_FLIGHT, now=rt.now(), poll_initial=rt.options.poll_initial)
+    fut = rt.store.record_answer_soon(
+        job, attempt_id, answer, workflows=workflows, move=move, worker_id=rt.worker_id
+    )
+
+    def committed(f: asyncio.Future[bool]) -> None:
+        if not f.cancelled() and f.exception() is None:
+            _moved(rt, job, decision, move, f.result())
+
+    return await rt.defer(fut, committed)
+
+
+def _moved(rt: Runtime, job: JobRow, decision: Decision, move: Move, ok: bool) -> None:
+    rt.lease.dropped(job.id)
     rt.events.emit(
         f"job.{move.to.value}" if ok else "job.move_lost",
         job=job.id,
@@ -122,7 +149,6 @@ async def apply(
         if move.to in (JobStatus.FLAGGED, JobStatus.FAILED)
         else None,
     )
-    return ok
 
 
 async def succeed(rt: Runtime, job: JobRow, reason: str, facts: Mapping[str, Any]) -> bool:

@@ -24,6 +24,7 @@ connection. Every answer's ``Date`` header is recorded in ``clock`` (``cloud.clo
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 import weakref
@@ -31,7 +32,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import SimpleNamespace
-from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -189,6 +189,12 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
+@functools.lru_cache(maxsize=64)
+def _upgrade_body(source_version: str, target_version: str) -> bytes:
+    # a fleet sends the same few version pairs: encoded once each, not once per call
+    return json.dumps({"source_version": source_version, "target_version": target_version}).encode()
+
+
 def _utc(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -234,7 +240,7 @@ class CloudClient:
             f"/v3/{_seg(ref.project_id)}/instances/{_seg(ref.instance_id)}"
             f"/proxy/{_seg(ref.proxy_id)}/upgrade-version"
         )
-        body = {"source_version": source_version, "target_version": target_version}
+        body = _upgrade_body(source_version, target_version)
         res = await self._call("upgrade", "POST", ref, path, body=body, on_sent=on_sent, may_send=may_send)
         if isinstance(res, HttpFailure | TransportFailure):
             return res
@@ -335,14 +341,15 @@ class CloudClient:
         path: str,
         *,
         query: list[tuple[str, str]] | None = None,
-        body: Mapping[str, Any] | None = None,
+        body: bytes | None = None,
         on_sent: OnSent = None,
         may_send: MaySend = None,
     ) -> tuple[int, Mapping[str, str], bytes] | Failure:
-        """One call, resent once after a 401 that a renewed token may cure. Returns the raw answer
-        (status, headers, body of at most the route's cap) or the failure it already amounts to."""
+        """One call, resent once after a 401 that a renewed token may cure. ``body``: the JSON request
+        body, encoded. Returns the raw answer (status, headers, body of at most the route's cap) or the
+        failure it already amounts to."""
         url = ref.endpoint.rstrip("/") + path + (("?" + canonical_query(query)) if query else "")
-        payload = json.dumps(body).encode() if body is not None else b""
+        payload = body or b""
         renewed = False
         while True:
             headers = {"Content-Type": "application/json;charset=UTF-8", "X-Language": ref.x_language}

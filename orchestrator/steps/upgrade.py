@@ -31,9 +31,9 @@ def unsettled(attempts: list[AttemptRow], workflows: list[WorkflowRow]) -> bool:
     return any(a.outcome in UNSETTLED_OUTCOMES and a.id not in with_workflow for a in attempts)
 
 
-async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
+async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Future[bool] | None:
     """Take one sendable job as far as its upgrade call's answer (see the module docstring). Returns the
-    task that commits the answer and the move (``Runtime.defer``), or None when no call was made."""
+    future of the commit of the answer and the move (``Runtime.defer``), or None when no call was made."""
     if not rt.may_start_upgrades():
         await moves.release(rt, job)
         return None
@@ -116,21 +116,10 @@ async def run_upgrade(rt: Runtime, job: JobRow) -> asyncio.Task[bool] | None:
         # before this call slot frees: no other call leaves on a stale view while the record commits
         moves.effects(rt, decision, note_failure=True)
     answer, items = _answer(outcome, decision, sent_at)
-    in_flight = _as_status(job, JobStatus.IN_FLIGHT, intent.number)
-    # the record of what the cloud answered commits in its own task: Ctrl-C cannot skip it, and the worker
-    # takes its next job meanwhile
-    return await rt.defer(
-        moves.apply(
-            rt,
-            in_flight,
-            decision,
-            frm=JobStatus.IN_FLIGHT,
-            attempt_id=intent.attempt_id,
-            answer=answer,
-            workflows=items,
-            answer_recorded_alone=True,
-            effects_done=True,
-        )
+    # the record of what the cloud answered is queued for its commit now: Ctrl-C cannot skip it, and the
+    # worker takes its next job meanwhile
+    return await moves.apply_answer(
+        rt, job, decision, attempt_id=intent.attempt_id, answer=answer, workflows=items
     )
 
 
@@ -236,12 +225,6 @@ def _answer(
         ),
         (),
     )
-
-
-def _as_status(job: JobRow, status: JobStatus, attempts: int) -> JobRow:
-    from dataclasses import replace
-
-    return replace(job, status=status, attempt_count=attempts)
 
 
 def _observe(rt: Runtime, route: str, outcome: object, latency_s: float) -> None:

@@ -11,6 +11,7 @@ driver connection (``sql``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -90,6 +91,8 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
     def db_now(self) -> datetime:
         """The job table's clock now (aware UTC): this host's clock (or the injected ``clock``) plus
         ``db_offset_s``, as measured at the latest commit."""
+        if not self._db_offset:  # SQLite: the job table's clock is this host's (read on every call)
+            return self._clock()
         return self._clock() + timedelta(seconds=self._db_offset)
 
     def set_outage_hook(self, hook: OutageHook | None) -> None:
@@ -97,8 +100,11 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
         self.writer.set_outage_hook(hook)
 
     async def _submit(self, op: Op[T], *, urgent: bool = False, run_lock: bool = False) -> T:
+        return await self._submit_soon(op, urgent=urgent, run_lock=run_lock)
+
+    def _submit_soon(self, op: Op[T], *, urgent: bool = False, run_lock: bool = False) -> asyncio.Future[T]:
         if not self.is_postgres:
-            return await self.writer.submit(op, urgent=urgent, run_lock=run_lock)
+            return self.writer.submit_soon(op, urgent=urgent, run_lock=run_lock)
         sent = time.time()
 
         async def timed(tx: Tx) -> T:
@@ -110,7 +116,7 @@ class JobStore(RunOps, WorkerOps, JobOps, PermitOps):
         if is_pipelined(op):
             pipelined(timed)
 
-        return await self.writer.submit(timed, urgent=urgent, run_lock=run_lock)
+        return self.writer.submit_soon(timed, urgent=urgent, run_lock=run_lock)
 
     async def start(self) -> None:
         """Start the writer task (``open_store`` does)."""

@@ -8,6 +8,7 @@ every move appends an event in the same transaction.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -234,6 +235,11 @@ class JobOps:
     ) -> Any:  # provided by JobStore
         raise NotImplementedError
 
+    def _submit_soon(
+        self, op: Any, *, urgent: bool = False, run_lock: bool = False
+    ) -> asyncio.Future[Any]:  # provided by JobStore
+        raise NotImplementedError
+
     # ---------------------------------------------------------------------------------------- claims
     async def claim(
         self,
@@ -453,28 +459,53 @@ class JobOps:
         move: Move,
         worker_id: str,
     ) -> bool:
-        """The answer to an attempt, every ``update_result`` item, and the job's move, in one commit.
+        """The answer to an attempt, every ``update_result`` item, and the job's move, in one commit
+        (``record_answer_soon``, waited for). Returns whether the move won."""
+        result: bool = await self.record_answer_soon(
+            job, attempt_id, answer, workflows=workflows, move=move, worker_id=worker_id
+        )
+        return result
+
+    def record_answer_soon(
+        self,
+        job: JobRow,
+        attempt_id: int,
+        answer: AttemptAnswer,
+        *,
+        workflows: Sequence[NewWorkflow],
+        move: Move,
+        worker_id: str,
+    ) -> asyncio.Future[bool]:
+        """The answer to an attempt, every ``update_result`` item, and the job's move, in one commit,
+        queued now; returns the commit's future (True: the move won). Nothing waits for it on the hot
+        path: the upgrade step hands it to ``Runtime.defer``.
 
         The attempt and its workflows are facts and are recorded even if the move loses (the job was taken
-        over meanwhile): no workflow id the cloud issued is ever dropped. Returns whether the move won."""
+        over meanwhile): no workflow id the cloud issued is ever dropped. Raises ``IllegalMove`` for a move
+        the state table forbids, before anything is queued."""
         check_move(move.frm, move.to)  # a bug fails here, before it can fail a whole commit batch
-
-        async def op(tx: Tx) -> bool:
-            if tx.dialect == "postgresql":
-                return await _answer_pg(tx, job, attempt_id, answer, move, worker_id, workflows)
-            await complete_attempt(tx, attempt_id, answer)
-            await insert_workflows(tx, job.id, attempt_id, workflows)
-            plain = Move(
+        # the move alone: its own attempt and workflows (none, from moves.apply) would be recorded twice
+        plain = (
+            move
+            if move.attempt_id is None and not move.workflows
+            else Move(
                 frm=move.frm,
                 to=move.to,
                 fields=move.fields,
                 release=move.release,
                 event_reason=move.event_reason,
             )
+        )
+
+        async def op(tx: Tx) -> bool:
+            if tx.dialect == "postgresql":
+                return await _answer_pg(tx, job, attempt_id, answer, move, worker_id, workflows)
+            await complete_attempt(tx, attempt_id, answer)
+            await insert_workflows(tx, job.id, attempt_id, workflows)
             return await apply_move(tx, job, plain, worker_id)
 
-        result: bool = await self._submit(pipelined(op))
-        return result
+        fut: asyncio.Future[bool] = self._submit_soon(pipelined(op))
+        return fut
 
     async def move(self, job: JobRow, move: Move, *, worker_id: str | None) -> bool:
         """Apply one guarded move in its own commit (see :func:`apply_move`: guarded on ``move.frm`` and,

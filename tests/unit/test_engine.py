@@ -9,6 +9,7 @@ Hours of window pass in well under a second of wall time.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections import defaultdict
@@ -20,6 +21,7 @@ import pytest
 
 from orchestrator.cloud.fake import Fault
 from orchestrator.errors import EXIT_HALTED, EXIT_STOPPED, EXIT_USAGE
+from orchestrator.runtime import Runtime
 from orchestrator.states import JobStatus
 from tests import simlog
 from tests.unit.steps_kit import (
@@ -401,3 +403,46 @@ def test_a_run_started_before_its_window_stops_or_waits_for_it(tmp_path: Path, w
     run_bench(
         tmp_path, body, fleet=SPREAD, options=make_options(window=window, wait_for_window=wait, concurrency=6)
     )
+
+
+async def test_defer_holds_at_most_concurrency_commits_and_a_cancelled_caller_loses_none() -> None:
+    """``Runtime.defer``: the answer's write is tracked (the engine waits for every tracked write before
+    it returns) before the caller waits for room, so a caller cancelled in that wait (Ctrl-C, the drain
+    timeout) loses no answer; the caller waits while more than ``concurrency`` writes are pending, and is
+    let go when one commits; ``then`` runs once its write is done."""
+    nothing: Any = None
+    rt = Runtime(
+        store=nothing, cloud=nothing, limiter=nothing, policy=nothing, options=make_options(concurrency=2),
+        run_id=1, worker_id="w",
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    commits: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(4)]
+    seen: list[asyncio.Future[Any]] = []
+    assert await rt.defer(commits[0], seen.append) is commits[0]
+    await rt.defer(commits[1], seen.append)
+    third = asyncio.ensure_future(rt.defer(commits[2], seen.append))
+    await asyncio.sleep(0)
+    assert not third.done(), "three writes pending at concurrency 2: the caller waits"
+    assert rt.tails == set(commits[:3])
+    third.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await third
+    assert commits[2] in rt.tails, "a cancelled caller's write is still tracked"
+    fourth = asyncio.ensure_future(rt.defer(commits[3]))
+    await asyncio.sleep(0)
+    assert not fourth.done()
+    commits[0].set_result(True)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert seen == [commits[0]] and commits[0] not in rt.tails
+    assert not fourth.done(), "still three pending"
+    commits[1].set_result(False)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert fourth.done() and seen == commits[:2]
+    commits[2].set_exception(RuntimeError("bug"))
+    commits[3].set_result(True)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert rt.tails == set() and seen == commits[:3]
+    assert isinstance(commits[2].exception(), RuntimeError)
