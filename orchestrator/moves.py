@@ -3,9 +3,10 @@
 ``plan_move`` is pure: which status and which job fields a decision asks for. ``apply`` adds the run-wide
 effects (a throttle slows the limiter, a refused credential stops the run, a counted failure re-checks the
 breaker) and hands the move to the store, with the attempt's answer and workflows when there are any, in
-one commit. The upgrade step, reconcile and track move jobs on a decision only through ``apply``; the
-moves no policy decides are the store's (postflight's success in ``steps/track.py``, the operator's
-``retry``, an inventory change on resume).
+one commit. ``apply_answer`` is the upgrade call's: the answer, its workflows and the move queued for one
+commit that the worker does not wait for (``Runtime.defer``). The upgrade step, reconcile and track move
+jobs on a decision only through these two; the moves no policy decides are the store's (postflight's
+success in ``steps/track.py``, the operator's ``retry``, an inventory change on resume).
 """
 
 from __future__ import annotations

@@ -152,6 +152,9 @@ class Runtime:
     stop_run_status: str | None = None
     mono: Mono = time.monotonic
     tails: set[asyncio.Future[Any]] = field(default_factory=set)
+    # called once each deferred write is done, after its own follow-up (the engine: wake the feeder, and
+    # report the write's error or stop on an outage), even if the worker that deferred it was cancelled
+    on_commit: Callable[[asyncio.Future[Any]], None] | None = None
     _tail_room: asyncio.Event | None = None
     _calls: asyncio.Semaphore | None = None
 
@@ -177,11 +180,12 @@ class Runtime:
     ) -> asyncio.Future[T]:
         """Track ``commit``, a write already queued (an answer and its move: ``moves.apply_answer``), and
         let the caller take its next job: the job itself moves on only once the write committed (it stays
-        claimed until then), but the worker does not wait for the commit. ``then(commit)`` runs once it is
-        done (one done callback for both: one loop callback per call instead of two). Returns ``commit``.
-        Waits while more than ``concurrency`` such writes are pending (back-pressure on a slow job table);
-        the write is queued before that wait, so a cancelled caller (Ctrl-C, the drain timeout) cannot
-        lose it."""
+        claimed until then), but the worker does not wait for the commit. Once it is done, ``then(commit)``
+        runs (its error, a bug, becomes a ``job.error`` event), then ``on_commit(commit)``: one loop
+        callback per write. Returns ``commit``. Waits while more than ``concurrency`` writes are pending
+        (back-pressure on a slow job table: at most ``concurrency`` plus the workers waiting here); the
+        write is queued and tracked before that wait, so a cancelled caller (Ctrl-C, the drain timeout)
+        loses neither it nor the report of its outcome."""
         tails = self.tails
         tails.add(commit)
         commit.add_done_callback(partial(self._tail_ended, then))
@@ -200,7 +204,12 @@ class Runtime:
         if self._tail_room is not None:
             self._tail_room.set()
         if then is not None:
-            then(commit)
+            try:
+                then(commit)
+            except Exception as exc:  # a bug in a follow-up must not hide the write's outcome below
+                self.events.emit("job.error", error=repr(exc))
+        if self.on_commit is not None:
+            self.on_commit(commit)
 
     def may_start_upgrades(self) -> bool:
         """No stop requested and the run-wide controls let new upgrades start (checked again just before

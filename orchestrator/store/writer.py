@@ -53,13 +53,14 @@ class GroupCommitWriter:
 
     Two lanes: ``urgent`` ops (an intent that a call waits for, a claim that workers wait for) are
     committed before the others: a batch holds every urgent op queued and, only when none is, the rest.
-    Recording answers therefore never waits for a batch of answers ahead of it. On one connection
-    (SQLite) an urgent batch also carries the other ops queued behind it, up to ``max_batch``: a commit
-    costs its fsync, its thread hand-off and its wake-ups far more than a few more statements do, and
-    answers are queued the moment they arrive, so batches of their own were mostly one or two answers
-    long (measured, 3,000 calls at 100 ms of latency: 835 commits instead of 2,076, and a fifth less CPU
-    per call). Several connections (PostgreSQL) keep the lanes apart: there a batch is a chain of round
-    trips, and a longer chain is a later intent.
+    On SQLite an urgent batch also carries up to ``riders`` of the other ops queued behind it (64 by
+    default; they are applied after the urgent ones): a commit costs its fsync, its thread hand-off and
+    its wake-ups far more than a few more statements do, and answers are queued the moment they arrive,
+    so batches of their own were mostly one or two answers long (measured, 3,000 calls at 100 ms of
+    latency: 835 commits instead of 2,076, and a sixth less CPU per call). An intent therefore waits for
+    at most ``riders`` answers' statements besides its own batch (about 4 ms for 64 here), never for a
+    batch of answers queued ahead of it. PostgreSQL keeps the lanes apart: there a batch is a chain of
+    round trips, and a longer chain is a later intent.
 
     Ops that take the run's lock (``run_lock``: claims and send permits, which serialise across the
     processes of a run on PostgreSQL) are urgent too, but when batches commit in parallel they go in
@@ -71,6 +72,7 @@ class GroupCommitWriter:
         backend: Backend,
         *,
         max_batch: int = 256,
+        riders: int = 64,
         outage_timeout: float = 60.0,
         on_outage: OutageHook | None = None,
         linger_s: float = 0.0,
@@ -84,6 +86,8 @@ class GroupCommitWriter:
         self._normal: deque[_Item] = deque()
         self._locking: deque[_Item] = deque()  # run_lock ops, when batches commit in parallel
         self._parallel = max(1, getattr(backend, "parallel", 1))
+        # the run's lock is held for a batch's whole commit on PostgreSQL: nothing rides along there
+        self._riders = riders if getattr(backend, "dialect", None) == "sqlite" else 0
         self._ready = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -149,10 +153,12 @@ class GroupCommitWriter:
         # waiting for all the others
         size = min(self._max_batch, -(-len(lane) // max(1, free)))
         batch = [lane.popleft() for _ in range(min(size, len(lane)))]
-        if lane is self._urgent and self._parallel == 1:
-            # one connection: the other ops queued ride in the urgent batch (see the class docstring)
+        if lane is self._urgent and self._riders:
+            # SQLite: the other ops queued ride in the urgent batch (see the class docstring)
             normal = self._normal
-            batch += [normal.popleft() for _ in range(min(self._max_batch - len(batch), len(normal)))]
+            batch += [
+                normal.popleft() for _ in range(min(self._riders, self._max_batch - len(batch), len(normal)))
+            ]
         return batch
 
     async def _loop(self) -> None:

@@ -405,16 +405,27 @@ def test_a_run_started_before_its_window_stops_or_waits_for_it(tmp_path: Path, w
     )
 
 
-async def test_defer_holds_at_most_concurrency_commits_and_a_cancelled_caller_loses_none() -> None:
+async def test_defer_waits_while_more_than_concurrency_commits_pend_and_a_cancelled_caller_loses_none() -> (
+    None
+):
     """``Runtime.defer``: the answer's write is tracked (the engine waits for every tracked write before
     it returns) before the caller waits for room, so a caller cancelled in that wait (Ctrl-C, the drain
-    timeout) loses no answer; the caller waits while more than ``concurrency`` writes are pending, and is
-    let go when one commits; ``then`` runs once its write is done."""
+    timeout) loses neither the answer nor the report of its outcome (``on_commit``); the caller waits
+    while more than ``concurrency`` writes are pending, and is let go when one commits; ``then`` runs once
+    its write is done, and its own error becomes a ``job.error`` event."""
     nothing: Any = None
+    emitted: list[tuple[str, dict[str, Any]]] = []
+
+    class Events:
+        def emit(self, event: str, **fields: Any) -> None:
+            emitted.append((event, fields))
+
     rt = Runtime(
         store=nothing, cloud=nothing, limiter=nothing, policy=nothing, options=make_options(concurrency=2),
-        run_id=1, worker_id="w",
+        run_id=1, worker_id="w", events=Events(),
     )  # fmt: skip
+    ended: list[asyncio.Future[Any]] = []
+    rt.on_commit = ended.append
     loop = asyncio.get_running_loop()
     commits: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(4)]
     seen: list[asyncio.Future[Any]] = []
@@ -445,4 +456,15 @@ async def test_defer_holds_at_most_concurrency_commits_and_a_cancelled_caller_lo
     for _ in range(3):
         await asyncio.sleep(0)
     assert rt.tails == set() and seen == commits[:3]
-    assert isinstance(commits[2].exception(), RuntimeError)
+    # the cancelled caller's write is reported too (the engine stops on an outage, else job.error)
+    assert ended == commits and isinstance(ended[2].exception(), RuntimeError)
+
+    def broken(_commit: asyncio.Future[Any]) -> None:
+        raise ValueError("a bug in the follow-up")
+
+    last = loop.create_future()
+    await rt.defer(last, broken)
+    last.set_result(True)
+    await asyncio.sleep(0)
+    assert ended[-1] is last, "a follow-up that raised must not hide the write from on_commit"
+    assert emitted == [("job.error", {"error": "ValueError('a bug in the follow-up')"})]

@@ -1245,6 +1245,7 @@ async def test_parallel_writer_batches_run_lock_ops_apart_one_batch_at_a_time() 
     assert all(n.startswith("intent") for b in intents for n in b), intents  # answers go apart
 
     single = _ParallelBackend(parallel=1)
+    single.dialect = "sqlite"
     writer = GroupCommitWriter(single)  # type: ignore[arg-type]
     writer.start()
     try:
@@ -1257,6 +1258,24 @@ async def test_parallel_writer_batches_run_lock_ops_apart_one_batch_at_a_time() 
         await writer.close()
     urgent_first = ["lock0", "lock1", "lock2", "lockish0", "lockish1", "lockish2", "answer0", "answer1"]
     assert single.batches == [urgent_first]
+
+    # at most `riders` ride along; on PostgreSQL none (the run lock is held for the whole commit)
+    for dialect, riders, want in (
+        ("sqlite", 2, [["intent0", "answer0", "answer1"], ["answer2", "answer3", "answer4"]]),
+        ("postgresql", 2, [["intent0"], ["answer0", "answer1", "answer2", "answer3", "answer4"]]),
+    ):
+        one = _ParallelBackend(parallel=1)
+        one.dialect = dialect
+        writer = GroupCommitWriter(one, riders=riders)  # type: ignore[arg-type]
+        writer.start()
+        try:
+            await asyncio.gather(
+                *(writer.submit(_named(f"answer{i}")) for i in range(5)),
+                writer.submit(_named("intent0"), urgent=True),
+            )
+        finally:
+            await writer.close()
+        assert one.batches == want, (dialect, one.batches)
 
 
 async def test_send_permits_keep_the_window_with_its_margin_and_the_cap(env: Env) -> None:
