@@ -127,7 +127,7 @@ async def apply_answer(
     Raises ``IllegalMove`` (a bug) and ``DatabaseUnavailable`` (an outage already over budget) before
     anything is queued."""
     move = plan_move(decision, frm=JobStatus.IN_FLIGHT, now=rt.now(), poll_initial=rt.options.poll_initial)
-    fut = rt.store.record_answer_soon(
+    fut = rt.store.record_answer(
         job, attempt_id, answer, workflows=workflows, move=move, worker_id=rt.worker_id
     )
 

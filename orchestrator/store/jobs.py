@@ -449,24 +449,7 @@ class JobOps:
         result: Intent | None = await self._submit(pipelined(op), urgent=True)
         return result
 
-    async def record_answer(
-        self,
-        job: JobRow,
-        attempt_id: int,
-        answer: AttemptAnswer,
-        *,
-        workflows: Sequence[NewWorkflow],
-        move: Move,
-        worker_id: str,
-    ) -> bool:
-        """The answer to an attempt, every ``update_result`` item, and the job's move, in one commit
-        (``record_answer_soon``, waited for). Returns whether the move won."""
-        result: bool = await self.record_answer_soon(
-            job, attempt_id, answer, workflows=workflows, move=move, worker_id=worker_id
-        )
-        return result
-
-    def record_answer_soon(
+    def record_answer(
         self,
         job: JobRow,
         attempt_id: int,
@@ -477,8 +460,8 @@ class JobOps:
         worker_id: str,
     ) -> asyncio.Future[bool]:
         """The answer to an attempt, every ``update_result`` item, and the job's move, in one commit,
-        queued now; returns the commit's future (True: the move won). Nothing waits for it on the hot
-        path: the upgrade step hands it to ``Runtime.defer``.
+        queued now; returns the commit's future (True: the move won): await it, or let it commit behind
+        the caller's back as the upgrade step does (``Runtime.defer``).
 
         The attempt and its workflows are facts and are recorded even if the move loses (the job was taken
         over meanwhile): no workflow id the cloud issued is ever dropped. Raises ``IllegalMove`` for a move
