@@ -138,6 +138,11 @@ class Engine:
         rt = self.rt
         track = rt.options.wait
         while not rt.stop_requested.is_set():
+            # cleared before the job table is read, never just before a wait: a worker's or a commit's
+            # wake-up that lands while this loop awaits the table (a claim, next_due) must end the wait
+            # that follows, or the feeder sleeps its whole tick with a job due (a reconcile started a
+            # second late, and its first listing of the cloud's jobs came after the settle time)
+            self._wake.clear()
             decision = await self._controls()
             if rt.stop_requested.is_set():
                 break
@@ -237,9 +242,8 @@ class Engine:
         return decision
 
     async def _woken(self, within_s: float) -> None:
-        """Wait until a worker wakes the feeder (``_wake``), a stop is requested, or ``within_s`` seconds
-        pass."""
-        self._wake.clear()
+        """Wait until a worker wakes the feeder (``_wake``, cleared at the top of the feeder's loop: a
+        wake-up since then returns at once), a stop is requested, or ``within_s`` seconds pass."""
         waiters = [
             asyncio.ensure_future(self._wake.wait()),
             asyncio.ensure_future(self.rt.stop_requested.wait()),

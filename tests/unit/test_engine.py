@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from orchestrator.cloud.fake import Fault
+from orchestrator.engine import Engine
 from orchestrator.errors import EXIT_HALTED, EXIT_STOPPED, EXIT_USAGE
 from orchestrator.runtime import Runtime
 from orchestrator.states import JobStatus
@@ -164,6 +165,40 @@ def test_a_full_queue_does_not_wake_the_feeder_for_every_job_taken(
 
     run_bench(tmp_path, body, fleet=fleet, options=make_options(wait=False, concurrency=3))
     assert len(waits) <= 40, (len(waits), waits)  # 26 here; 58 when every job taken woke it
+
+
+def test_a_job_made_due_by_an_answer_is_taken_at_once_not_at_the_feeders_next_tick(tmp_path: Path) -> None:
+    """An answer whose commit makes its job due again (a gateway page: reconcile, due at once) wakes the
+    feeder even when that commit lands while the feeder awaits the job table (its ``next_due`` read rides
+    in the same batch): the wake-up is not cleared away before the feeder's wait, which would leave the
+    job for the whole idle tick (30 s here)."""
+
+    async def body(b: Bench) -> None:
+        b.inject("upgrade", Fault.gateway(502), pid=P1)
+        # the interleaving that lost the wake-up: the feeder awaits the table while the answer commits
+        committed = asyncio.Event()
+        record_answer, next_due = b.store.record_answer, b.store.next_due
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            fut = record_answer(*args, **kwargs)
+            fut.add_done_callback(lambda _f: committed.set())
+            return fut
+
+        async def while_the_answer_commits(*args: Any, **kwargs: Any) -> Any:
+            await committed.wait()
+            return await next_due(*args, **kwargs)
+
+        b.store.record_answer = recorded  # type: ignore[method-assign]
+        b.store.next_due = while_the_answer_commits  # type: ignore[method-assign]
+        result = await asyncio.wait_for(Engine(b.rt, idle_s=30.0).run(), 3600)
+        assert result.finished
+        (sent,) = b.upgrade_calls(P1)
+        # reconcile's first read of the cloud (its recent jobs, the proxy's version)
+        reads = [r["received_at"] for r in b.cloud.log if r["seq"] > sent["seq"]]
+        assert reads, b.cloud.log
+        assert reads[0] - sent["received_at"] < 5.0, (reads[0] - sent["received_at"], b.moves(P1))
+
+    run_bench(tmp_path, body, fleet={INST_A: [proxy(P1)]}, options=make_options(wait=False, concurrency=2))
 
 
 def test_answers_that_prove_nothing_in_a_run_are_reconciled_never_resent_and_every_workflow_recorded(
