@@ -155,7 +155,7 @@ class Runtime:
     # called once each deferred write is done, after its own follow-up (the engine: wake the feeder, and
     # report the write's error or stop on an outage), even if the worker that deferred it was cancelled
     on_commit: Callable[[asyncio.Future[Any]], None] | None = None
-    _tail_room: asyncio.Event | None = None
+    _tail_room: asyncio.Event = field(default_factory=asyncio.Event)
     _calls: asyncio.Semaphore | None = None
 
     def now(self) -> datetime:
@@ -191,8 +191,6 @@ class Runtime:
         commit.add_done_callback(partial(self._tail_ended, then))
         cap = max(1, self.options.concurrency)
         while len(tails) > cap and not commit.done():
-            if self._tail_room is None:
-                self._tail_room = asyncio.Event()
             self._tail_room.clear()
             await self._tail_room.wait()
         return commit
@@ -201,8 +199,7 @@ class Runtime:
         self, then: Callable[[asyncio.Future[Any]], None] | None, commit: asyncio.Future[Any]
     ) -> None:
         self.tails.discard(commit)
-        if self._tail_room is not None:
-            self._tail_room.set()
+        self._tail_room.set()
         if then is not None:
             try:
                 then(commit)

@@ -467,7 +467,7 @@ class JobOps:
         over meanwhile): no workflow id the cloud issued is ever dropped. Raises ``IllegalMove`` for a move
         the state table forbids, before anything is queued."""
         check_move(move.frm, move.to)  # a bug fails here, before it can fail a whole commit batch
-        # the move alone: its own attempt and workflows (none, from moves.apply) would be recorded twice
+        # the move alone: its own attempt and workflows (none from moves.apply_answer) would be recorded twice
         plain = (
             move
             if move.attempt_id is None and not move.workflows
