@@ -182,6 +182,85 @@ def freeze_when(
     raise AssertionError(f"process {p.pid} never reached the wanted state to freeze in")
 
 
+def freeze_holding_run_lock(
+    p: subprocess.Popen[Any], url: str, *, table: str = "send_log", tries: int = 40, wait_s: float = 1.5
+) -> None:
+    """SIGSTOP ``p`` while its PostgreSQL session is idle in a transaction that holds an advisory lock
+    (the run's lock, taken by its permit or claim batch), and leave it stopped.
+
+    Made deterministic rather than caught by chance (a batch holds the lock for a millisecond or two):
+    this session takes ``table`` in EXCLUSIVE mode, so the next batch that got the run's lock blocks on
+    its first write to ``table`` with the lock held. If that batch is ``p``'s, ``p`` is stopped and the
+    table released: the blocked statement completes on the server, and the session waits, idle in its
+    transaction, for a process that no longer reads. If another process's batch got there first, the
+    table is released and the next try begins. Each try holds the table under ``wait_s`` (below the
+    program's 5 s ``lock_timeout``). Raises AssertionError if ``p`` exits or is never caught."""
+    import asyncio
+
+    import asyncpg
+
+    loop = asyncio.new_event_loop()
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://")
+
+    async def caught_in(conn: Any, ports: set[int]) -> bool | None:
+        """True: a session of ``p`` holds an advisory lock and waits on a lock; False: another
+        process's session does; None: neither yet."""
+        found = await conn.fetch(
+            "SELECT a.client_port, bool_or(l.locktype = 'advisory' AND l.granted) AS holds,"
+            " bool_or(NOT l.granted) AS waits FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+            " WHERE a.pid <> pg_backend_pid() GROUP BY a.client_port"
+        )
+        for port, holds, waits in found:
+            if holds and waits:
+                return port in ports
+        return None
+
+    async def go() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for _ in range(tries):
+                assert p.poll() is None, f"process {p.pid} exited {p.returncode} before it could be frozen"
+                ports = client_ports(p.pid)
+                tx = conn.transaction()
+                await tx.start()
+                await conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+                verdict = None
+                deadline = time.monotonic() + wait_s
+                while verdict is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                    verdict = await caught_in(conn, ports)
+                if verdict:
+                    p.send_signal(signal.SIGSTOP)
+                await tx.rollback()
+                if verdict:
+                    for _ in range(100):
+                        if frozen_in(await conn.fetch(IDLE_HOLDING_ADVISORY), ports):
+                            return
+                        await asyncio.sleep(0.02)
+                    p.send_signal(signal.SIGCONT)
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+        raise AssertionError(f"process {p.pid} was never caught holding the run's lock")
+
+    try:
+        loop.run_until_complete(go())
+    finally:
+        loop.close()
+
+
+# Sessions idle in a transaction that holds a granted advisory lock, by client port.
+IDLE_HOLDING_ADVISORY = (
+    "SELECT a.client_port FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND a.state = 'idle in transaction'"
+)
+
+
+def frozen_in(found: Iterable[Any], ports: set[int]) -> list[int]:
+    """The client ports among ``found`` (rows of :data:`IDLE_HOLDING_ADVISORY`) that are in ``ports``."""
+    return [row[0] for row in found if row[0] in ports]
+
+
 # ------------------------------------------------------------------ a private PostgreSQL cluster
 class PgCluster:
     """A throw-away PostgreSQL cluster on 127.0.0.1 that a test may restart or stop (never the session's

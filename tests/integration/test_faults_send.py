@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,8 +28,8 @@ from tests.conftest import Sim, _create_pg_db, cli, cli_bg, db_rows, make_invent
 from tests.faultkit import (
     FAST,
     assert_no_second_upgrade,
-    client_ports,
     faketime_env,
+    freeze_holding_run_lock,
     freeze_when,
     job_statuses,
     parse_ts,
@@ -309,24 +308,12 @@ def test_a_postgres_worker_60s_fast_does_not_declare_the_live_runner_dead(
 
 
 # ------------------------------------------------------------------ kind 5: a stalled transaction
-def frozen_in_transaction(db: str, pid: int) -> Any:
-    """Process ``pid``'s session is idle in a transaction holding an advisory lock (its claim or permit
-    took the run's lock): the state that froze every other process before the session timeouts."""
-    ports = client_ports(pid)
-    rows = db_rows(
-        db,
-        "SELECT a.client_port FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
-        "WHERE l.locktype = 'advisory' AND l.granted AND a.state = 'idle in transaction'",
-    )
-    return [p for (p,) in rows if p in ports]
-
-
 @pytest.mark.slow
 def test_a_worker_frozen_inside_a_transaction_costs_the_others_a_few_seconds(
     sim_factory: Callable[..., Sim], tmp_path: Path, pg_url: str, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    # 300 proxies at 5/s: a minute of work, so the worker lives long enough to be caught between the
-    # statements of a run-lock batch (one round trip per ask since the asks carry the releases)
+    # 300 proxies at 5/s: a minute of work; the worker is stopped inside one of its run-lock batches
+    # (its permit asks carry its releases, so each ask writes send_log under the run's lock)
     sim = sim_factory(scenario(300))
     inv = make_inventory(sim, tmp_path / "fleet.yaml")
     runner = cli_bg(
@@ -346,7 +333,7 @@ def test_a_worker_frozen_inside_a_transaction_costs_the_others_a_few_seconds(
         procs,
     )
 
-    freeze_when(worker, lambda: frozen_in_transaction(pg_url, worker.pid), settle=0.05, tries=400)
+    freeze_holding_run_lock(worker, pg_url)
     frozen_at = time.time()
     time.sleep(15)
     worker.send_signal(signal.SIGCONT)
