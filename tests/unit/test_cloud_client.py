@@ -117,7 +117,7 @@ async def version_json(request: web.Request) -> web.StreamResponse:
 
 
 async def test_on_sent_is_called_once_when_the_request_leaves(client: CloudClient) -> None:
-    """Issue 10 review: the trace hook must call on_sent (the limiter's send time); it never did."""
+    """Issue 10 review: the send hook must call on_sent (the limiter's send time); it never did."""
     calls: list[float] = []
     async with App(version_json) as app:
         res = await client.proxy_version(ref(app.url), on_sent=lambda: calls.append(time.monotonic()))
