@@ -6,7 +6,7 @@ the headline: samples by thread, by package of the frame on top (own time) and o
 (total time), and the top functions by own and by total time. The collapsed stacks stay in ``--out`` (load
 them into speedscope.app or flamegraph.pl for a picture). py-spy is on PyPI (``pip install py-spy``).
 
-Run: ``python bench/profile.py [--proxies 3000] [--latency-ms 0] [--out DIR] [--summarize FILE]``.
+Run: ``python bench/profile.py [--proxies 3000] [--latency-ms 0] [--out DIR] [--db URL] [--summarize FILE]``.
 ``--summarize FILE`` only summarises an existing raw (collapsed) py-spy file.
 """
 
@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--rate-hz", type=int, default=100, help="py-spy samples per second [100]")
     ap.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL (CPU view)")
     ap.add_argument("--out", help="directory for profile.txt [a temporary one, printed]")
+    ap.add_argument(
+        "--db", help="job table URL, e.g. an empty PostgreSQL database [a new SQLite file in a temporary dir]"
+    )
     ap.add_argument("--summarize", help="only summarise this existing raw py-spy file")
     args = ap.parse_args()
     if args.summarize:
@@ -160,7 +163,7 @@ def main() -> None:
             "--endpoint",
             server.url,
             "--db",
-            f"sqlite:///{work / 'jobs.db'}",
+            args.db or f"sqlite:///{work / 'jobs.db'}",
         ]
         with open(out / "run.err", "wb") as err:
             subprocess.run(cmd, cwd=work, env=child_env(), stdout=subprocess.DEVNULL, stderr=err, check=False)
