@@ -1156,8 +1156,8 @@ def compile_package(where: str) -> None:
 
     An editable install has no ``.pyc`` files, and where ``PYTHONDONTWRITEBYTECODE`` is set (this machine
     image sets it) no child writes them: in a fresh clone each child compiled every module it imported
-    again, about 0.25 s of CPU per process, which the CPU rows counted as the orchestrator's. The test
-    suite's conftest does the same for its processes."""
+    again (0.04-0.08 s of CPU per ``run``, measured), which the CPU rows counted as the orchestrator's.
+    The test suite's conftest does the same for its processes."""
     import compileall
 
     if not where:
