@@ -26,6 +26,7 @@ connection. Every answer's ``Date`` header is recorded in ``clock`` (``cloud.clo
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import ssl
@@ -125,6 +126,9 @@ class _Attempt:
     now: Callable[[], float]
     on_sent: OnSent
     may_send: MaySend
+    # the task making the request: a task created while it is under way (from ``on_sent``, say) copies
+    # the context, and a request of its own on this session must not take this request's hooks
+    task: asyncio.Task[object] | None
     sent: bool = False
     sent_at: float | None = None
 
@@ -141,7 +145,7 @@ class _FencedRequest(aiohttp.ClientRequest):
 
     async def send(self, conn: Connection) -> aiohttp.ClientResponse:
         attempt = _ATTEMPT.get()
-        if attempt is not None:
+        if attempt is not None and attempt.task is asyncio.current_task():
             if attempt.may_send is not None and not attempt.may_send():
                 raise _NotSent
             attempt.sent = True
@@ -394,7 +398,9 @@ class CloudClient:
         on_sent: OnSent,
         may_send: MaySend,
     ) -> tuple[int, Mapping[str, str], bytes] | Failure:
-        attempt = _Attempt(now=self.clock.now, on_sent=on_sent, may_send=may_send)
+        attempt = _Attempt(
+            now=self.clock.now, on_sent=on_sent, may_send=may_send, task=asyncio.current_task()
+        )
         cap = BODY_CAPS[route]
         token = _ATTEMPT.set(attempt)
         try:
@@ -423,27 +429,39 @@ class CloudClient:
                     return oversized(route, status, header(answer_headers, "X-Request-Id"))
                 return status, answer_headers, raw
         except _NotSent:
-            return TransportFailure(TransportKind.CONNECT, sent=False, detail=NOT_SENT)
+            return _unsent(attempt, TransportKind.CONNECT, NOT_SENT)
         except aiohttp.ClientConnectorCertificateError as exc:
-            return TransportFailure(TransportKind.TLS, sent=False, detail=tls_detail(exc))
+            return _unsent(attempt, TransportKind.TLS, tls_detail(exc))
         except aiohttp.ClientSSLError as exc:
             # Not a certificate verdict but a handshake that cannot work (plain HTTP on an https URL,
             # no common protocol): a configuration error all the same; nothing was sent.
-            return TransportFailure(
+            return _unsent(
+                attempt,
                 TransportKind.TLS,
-                sent=False,
-                detail=f"TLS handshake with {exc.host}:{exc.port} failed: {_detail(exc, 'handshake failed')}",
+                f"TLS handshake with {exc.host}:{exc.port} failed: {_detail(exc, 'handshake failed')}",
             )
         except TimeoutError as exc:
             kind = TransportKind.TIMEOUT if attempt.sent else TransportKind.CONNECT
             return TransportFailure(kind, sent=attempt.sent, detail=_detail(exc, "timed out"))
         except aiohttp.ClientConnectorError as exc:
-            return TransportFailure(TransportKind.CONNECT, sent=False, detail=_detail(exc, "connect failed"))
+            return _unsent(attempt, TransportKind.CONNECT, _detail(exc, "connect failed"))
         except (aiohttp.ClientError, OSError) as exc:
             kind = TransportKind.RESET if attempt.sent else TransportKind.CONNECT
             return TransportFailure(kind, sent=attempt.sent, detail=_detail(exc, "connection failed"))
         finally:
             _ATTEMPT.reset(token)
+
+
+def _unsent(attempt: _Attempt, kind: TransportKind, detail: str) -> TransportFailure:
+    """A failure before this send left (``kind``: CONNECT or TLS, sent=False), unless an earlier send
+    of the same request had left: aiohttp resends an idempotent request (a GET, never the upgrade POST)
+    once on a new connection when the kept-alive one closed under it, and the server may have read the
+    first. Then it is a RESET after sending (sent=True), whatever stopped the resend."""
+    if attempt.sent:
+        return TransportFailure(
+            TransportKind.RESET, sent=True, detail=f"connection lost after sending; {detail}"
+        )
+    return TransportFailure(kind, sent=False, detail=detail)
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:

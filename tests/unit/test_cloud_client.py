@@ -185,6 +185,78 @@ async def test_may_send_is_asked_after_the_connection_is_made(client: CloudClien
     assert order == ["connected", "may_send"]
 
 
+async def test_a_get_aiohttp_resends_after_its_kept_alive_connection_closed_is_a_sent_reset(
+    client: CloudClient,
+) -> None:
+    """aiohttp resends an idempotent request once on a new connection when the kept-alive one closes
+    under it. The server here read the second request before it dropped the connection and stopped
+    listening, so the resend's connect is refused: what the caller gets must say the request left (a
+    review found it reported as an unsent CONNECT failure)."""
+    body = json.dumps({"current_version": OLD, "latest_version": NEW, "can_upgrade": True}).encode()
+    read: list[bytes] = []
+    server: asyncio.Server | None = None
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            read.append(line)
+            if len(read) > 1:
+                assert server is not None
+                server.close()  # no new connection: the resend is refused
+                writer.transport.abort()
+                return
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    first = await client.proxy_version(ref(url))
+    assert isinstance(first, VersionInfo)
+    hooks: list[str] = []
+
+    def may_send() -> bool:
+        hooks.append("may_send")
+        return True
+
+    res = await client.proxy_version(ref(url), may_send=may_send, on_sent=lambda: hooks.append("sent"))
+    assert len(read) == 2 and read[1].startswith(b"GET ")  # the server read the request
+    assert isinstance(res, TransportFailure), res
+    assert (res.kind, res.sent) == (TransportKind.RESET, True), res
+    assert hooks == ["may_send", "sent"]
+
+
+async def test_a_task_started_during_a_request_does_not_take_its_send_hooks(
+    client: CloudClient, session: aiohttp.ClientSession
+) -> None:
+    """A task created while a request is under way copies the context that names the request's hooks; a
+    request of its own on the same session must neither ask that request's ``may_send`` (refused by
+    now) nor be refused by it."""
+    fence = {"open": True, "asked": 0}
+
+    def may_send() -> bool:
+        fence["asked"] += 1
+        return fence["open"]
+
+    async def later(url: str) -> int:
+        await asyncio.sleep(0.05)
+        async with session.get(url + "/other") as resp:
+            return resp.status
+
+    async with App(version_json) as app:
+        spawned: list[asyncio.Task[int]] = []
+
+        def on_sent() -> None:
+            spawned.append(asyncio.create_task(later(app.url)))
+
+        res = await client.proxy_version(ref(app.url), may_send=may_send, on_sent=on_sent)
+        fence["open"] = False
+        assert isinstance(res, VersionInfo)
+        assert await spawned[0] == 200
+        assert (fence["asked"], app.received) == (1, 2)
+
+
 async def test_a_session_without_the_send_hook_is_refused() -> None:
     async with aiohttp.ClientSession() as plain:
         with pytest.raises(ValueError, match="make_session"):
