@@ -367,15 +367,14 @@ class Engine:
         elif exc is not None:
             self.rt.events.emit("job.error", error=repr(exc))
 
-    async def process(self, job: JobRow) -> asyncio.Future[Any] | None:
-        """Hand ``job`` to its step; returns the future of the commit the step left pending, if any (the
-        engine hears of its end through ``Runtime.on_commit``)."""
+    async def process(self, job: JobRow) -> None:
+        """Hand ``job`` to its step. The upgrade step may leave its answer's commit pending
+        (``Runtime.defer``): the engine hears of its end through ``Runtime.on_commit``."""
         if job.status in (JobStatus.PENDING, JobStatus.RETRY_WAIT):
-            return await run_upgrade(self.rt, job)
-        if job.status is JobStatus.UNKNOWN:
+            await run_upgrade(self.rt, job)
+        elif job.status is JobStatus.UNKNOWN:
             await run_reconcile(self.rt, job)
         elif job.status is JobStatus.ACCEPTED:
             await run_track(self.rt, job)
         else:
             await self.rt.store.release(job.id, self.rt.worker_id)
-        return None

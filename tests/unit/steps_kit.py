@@ -319,8 +319,8 @@ class Bench:
 
 
 async def upgrade_step(rt: Runtime, job: JobRow) -> None:
-    """``run_upgrade`` and the background commit of its answer (``Runtime.defer``): the engine counts the
-    job as busy until that commit, so a test looks at the job after it too."""
+    """``run_upgrade`` and the background commit of its answer (``Runtime.defer``): the job stays claimed
+    and the engine does not finish until that commit, so a test looks at the job after it too."""
     tail = await run_upgrade(rt, job)
     if tail is not None:
         await tail
