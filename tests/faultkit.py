@@ -203,17 +203,17 @@ def freeze_holding_run_lock(
     dsn = url.replace("postgresql+asyncpg://", "postgresql://")
 
     async def caught_in(conn: Any, ports: set[int]) -> bool | None:
-        """True: a session of ``p`` holds an advisory lock and waits on a lock; False: another
-        process's session does; None: neither yet."""
+        """True: a session of ``p`` on this database holds an advisory lock and waits on a lock; False:
+        another process's session does; None: neither yet. (Other tests share the server: their
+        sessions, on other databases, are left out.)"""
         found = await conn.fetch(
-            "SELECT a.client_port, bool_or(l.locktype = 'advisory' AND l.granted) AS holds,"
-            " bool_or(NOT l.granted) AS waits FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
-            " WHERE a.pid <> pg_backend_pid() GROUP BY a.client_port"
+            "SELECT a.client_port FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+            " WHERE a.pid <> pg_backend_pid() AND a.datname = current_database() GROUP BY a.client_port"
+            " HAVING bool_or(l.locktype = 'advisory' AND l.granted) AND bool_or(NOT l.granted)"
         )
-        for port, holds, waits in found:
-            if holds and waits:
-                return port in ports
-        return None
+        if not found:
+            return None
+        return any(port in ports for (port,) in found)
 
     async def go() -> None:
         conn = await asyncpg.connect(dsn)
