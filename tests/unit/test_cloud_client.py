@@ -185,13 +185,15 @@ async def test_may_send_is_asked_after_the_connection_is_made(client: CloudClien
     assert order == ["connected", "may_send"]
 
 
+@pytest.mark.parametrize("resend", ["refused", "fenced"])
 async def test_a_get_aiohttp_resends_after_its_kept_alive_connection_closed_is_a_sent_reset(
-    client: CloudClient,
+    client: CloudClient, resend: str
 ) -> None:
     """aiohttp resends an idempotent request once on a new connection when the kept-alive one closes
-    under it. The server here read the second request before it dropped the connection and stopped
-    listening, so the resend's connect is refused: what the caller gets must say the request left (a
-    review found it reported as an unsent CONNECT failure)."""
+    under it. The server here read the second request before it dropped the connection; the resend then
+    cannot leave: its connect is refused (the server stopped listening), or ``may_send`` refuses it (the
+    claim ran out meanwhile). Either way what the caller gets must say the request left (a review found
+    it reported as an unsent CONNECT failure)."""
     body = json.dumps({"current_version": OLD, "latest_version": NEW, "can_upgrade": True}).encode()
     read: list[bytes] = []
     server: asyncio.Server | None = None
@@ -203,7 +205,8 @@ async def test_a_get_aiohttp_resends_after_its_kept_alive_connection_closed_is_a
             read.append(line)
             if len(read) > 1:
                 assert server is not None
-                server.close()  # no new connection: the resend is refused
+                if resend == "refused":
+                    server.close()  # no new connection: the resend is refused
                 writer.transport.abort()
                 return
             head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -218,13 +221,14 @@ async def test_a_get_aiohttp_resends_after_its_kept_alive_connection_closed_is_a
 
     def may_send() -> bool:
         hooks.append("may_send")
-        return True
+        return resend == "refused" or hooks.count("may_send") == 1
 
     res = await client.proxy_version(ref(url), may_send=may_send, on_sent=lambda: hooks.append("sent"))
+    server.close()
     assert len(read) == 2 and read[1].startswith(b"GET ")  # the server read the request
     assert isinstance(res, TransportFailure), res
     assert (res.kind, res.sent) == (TransportKind.RESET, True), res
-    assert hooks == ["may_send", "sent"]
+    assert hooks == {"refused": ["may_send", "sent"], "fenced": ["may_send", "sent", "may_send"]}[resend]
 
 
 async def test_a_task_started_during_a_request_does_not_take_its_send_hooks(
