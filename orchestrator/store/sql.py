@@ -232,7 +232,7 @@ class SqliteBackend:
         thread's wait would let virtual time jump)."""
         self.path = path
         self._clock = clock
-        self._inline = inline
+        self.inline = inline
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -285,7 +285,7 @@ class SqliteBackend:
         order. ``tx.now`` is ``clock()`` read when the batch is submitted. Any failure rolls the whole
         batch back and raises: ``DatabaseDown`` for a database that cannot be used now, else the error
         itself (``RuntimeError`` for an op that suspended)."""
-        if self._inline:
+        if self.inline:
             return self._batch(ops, self._clock())
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._batch, ops, self._clock())
@@ -300,7 +300,7 @@ class SqliteBackend:
                         self._conn.close()
                     self._conn = None
 
-        if self._inline:
+        if self.inline:
             shut()
             self._pool.shutdown(wait=True)
             return

@@ -27,6 +27,7 @@ from orchestrator.errors import DatabaseUnavailable
 from orchestrator.store.sql import Backend, DatabaseDown, Op
 
 T = TypeVar("T")
+SQLITE_GATHER_S = 0.002  # see GroupCommitWriter: the wait of a small urgent batch for company, SQLite
 OutageHook = Callable[[str, str], None]  # (event, cause): "db.down" / "db.recovered"
 
 
@@ -62,6 +63,17 @@ class GroupCommitWriter:
     batch of answers queued ahead of it. PostgreSQL keeps the lanes apart: there a batch is a chain of
     round trips, and a longer chain is a later intent.
 
+    Gathering (SQLite on its writer thread): when fewer than ``gather_below`` urgent ops are queued, the
+    idle writer waits ``gather_s`` (2 ms) before it takes them. Answers come back in bursts, and each one
+    frees a call slot whose next intent is queued a few loop turns later; without the wait, the first
+    intent of a burst left alone and the rest needed a commit of their own. Measured, 3,000 calls at
+    100 ms of latency: 298-373 commits instead of 617-635; 10,000 calls, six pairs: 0.93x the CPU per
+    call (0.75x-1.03x), calls per second unchanged (0.996x). A call's intent waits at most ``gather_s``
+    longer, against a cloud call of tens of milliseconds or more; with many queued (the writer being the
+    bottleneck, as at 0 ms of latency) nothing waits. Not on PostgreSQL (unmeasured there, and its
+    batches commit in parallel), nor for a backend run on the loop's own thread (``inline``: tests on a
+    virtual-time loop, whose clock the wait would move).
+
     Ops that take the run's lock (``run_lock``: claims and send permits, which serialise across the
     processes of a run on PostgreSQL) are urgent too, but when batches commit in parallel they go in
     batches of their own, one such batch at a time: the lock is then held for those ops and their commit
@@ -76,10 +88,19 @@ class GroupCommitWriter:
         outage_timeout: float = 60.0,
         on_outage: OutageHook | None = None,
         linger_s: float = 0.0,
+        gather_s: float | None = None,
+        gather_below: int = 8,
     ) -> None:
+        """``gather_s``: the wait for company of a small urgent batch (see the class docstring); None: 2 ms
+        on SQLite's writer thread, else none. ``linger_s``: the same for a batch of non-urgent ops only."""
         self._backend = backend
         self._max_batch = max_batch
         self.linger_s = linger_s
+        sqlite = getattr(backend, "dialect", None) == "sqlite"
+        if gather_s is None:
+            gather_s = SQLITE_GATHER_S if sqlite and not getattr(backend, "inline", False) else 0.0
+        self.gather_s = gather_s
+        self._gather_below = gather_below
         self.outage_timeout = outage_timeout
         self._on_outage = on_outage
         self._urgent: deque[_Item] = deque()
@@ -87,7 +108,7 @@ class GroupCommitWriter:
         self._locking: deque[_Item] = deque()  # run_lock ops, when batches commit in parallel
         self._parallel = max(1, getattr(backend, "parallel", 1))
         # the run's lock is held for a batch's whole commit on PostgreSQL: nothing rides along there
-        self._riders = riders if getattr(backend, "dialect", None) == "sqlite" else 0
+        self._riders = riders if sqlite else 0
         self._ready = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -177,7 +198,17 @@ class GroupCommitWriter:
         while True:
             self._ready.clear()
             while len(running) < parallel and (lane := self._lane(bool(locking))) is not None:
-                if lane is self._normal and len(lane) < self._max_batch and self.linger_s > 0:
+                if (
+                    lane is self._urgent
+                    and self.gather_s > 0
+                    and len(lane) < self._gather_below
+                    and not running
+                    and not self._closing
+                ):
+                    await asyncio.sleep(self.gather_s)
+                    lane = self._lane(bool(locking)) or lane
+                    lingered = False
+                elif lane is self._normal and len(lane) < self._max_batch and self.linger_s > 0:
                     # nothing waits on these (answers commit in the background): let a few more join
                     # the batch, so a slow trickle of answers costs one commit per few ms, not one each
                     await asyncio.sleep(self.linger_s)

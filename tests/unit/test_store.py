@@ -50,7 +50,8 @@ from orchestrator.store import (
 )
 from orchestrator.store import sql as store_sql
 from orchestrator.store.sql import Op, SqliteBackend, Tx
-from orchestrator.store.writer import GroupCommitWriter
+from orchestrator.store.writer import SQLITE_GATHER_S, GroupCommitWriter
+from tests.virtual import run_virtual
 
 S = JobStatus
 PROJECT = "0" * 32
@@ -1276,6 +1277,63 @@ async def test_parallel_writer_batches_run_lock_ops_apart_one_batch_at_a_time() 
         finally:
             await writer.close()
         assert one.batches == want, (dialect, one.batches)
+
+
+class _TimedBackend:
+    """One connection of ``dialect`` that commits at once and records (virtual) loop time and op names
+    of each batch."""
+
+    parallel = 1
+
+    def __init__(self, dialect: str = "sqlite", *, inline: bool = False) -> None:
+        self.dialect = dialect
+        self.inline = inline
+        self.batches: list[tuple[float, list[str]]] = []
+
+    async def run_batch(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        self.batches.append((asyncio.get_running_loop().time(), [getattr(op, "__name__", "?") for op in ops]))
+        return [await op(None) for op in ops]  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        return None
+
+
+def test_a_small_urgent_batch_waits_for_the_intents_a_burst_of_answers_is_about_to_queue() -> None:
+    """SQLite's writer thread: fewer than ``gather_below`` urgent ops wait ``gather_s`` for company (an
+    intent queued 1 ms later shares the commit, and so do the answers queued meanwhile); as many as
+    ``gather_below`` go at once; without gathering each intent is a commit of its own."""
+
+    async def scenario(gather_s: float | None, first: int, backend: _TimedBackend) -> None:
+        writer = GroupCommitWriter(backend, gather_s=gather_s, gather_below=4)  # type: ignore[arg-type]
+        writer.start()
+        try:
+            early = [writer.submit_soon(_named(f"intent{i}"), urgent=True) for i in range(first)]
+            await asyncio.sleep(0.001)
+            late = [writer.submit_soon(_named("late"), urgent=True), writer.submit_soon(_named("answer"))]
+            await asyncio.gather(*early, *late)
+        finally:
+            await writer.close()
+
+    gathered = _TimedBackend()
+    run_virtual(lambda: scenario(0.002, 1, gathered))
+    assert gathered.batches == [(0.002, ["intent0", "late", "answer"])]
+
+    full = _TimedBackend()  # four queued: nothing to wait for
+    run_virtual(lambda: scenario(0.002, 4, full))
+    assert full.batches[0] == (0.0, ["intent0", "intent1", "intent2", "intent3"]), full.batches
+    assert [names for _, names in full.batches[1:]] == [["late", "answer"]], full.batches
+
+    alone = _TimedBackend()
+    run_virtual(lambda: scenario(0.0, 1, alone))
+    assert alone.batches == [(0.0, ["intent0"]), (0.001, ["late", "answer"])]
+
+
+def test_only_sqlite_on_its_writer_thread_gathers_by_default() -> None:
+    """The default ``gather_s``: 2 ms for SQLite's writer thread; none for PostgreSQL or an inline SQLite
+    backend (a virtual-time loop, whose clock the wait would move)."""
+    assert GroupCommitWriter(_TimedBackend("sqlite")).gather_s == SQLITE_GATHER_S == 0.002  # type: ignore[arg-type]
+    assert GroupCommitWriter(_TimedBackend("sqlite", inline=True)).gather_s == 0.0  # type: ignore[arg-type]
+    assert GroupCommitWriter(_TimedBackend("postgresql")).gather_s == 0.0  # type: ignore[arg-type]
 
 
 async def test_send_permits_keep_the_window_with_its_margin_and_the_cap(env: Env) -> None:
