@@ -69,9 +69,10 @@ class GroupCommitWriter:
     intent of a burst left alone and the rest needed a commit of their own. Measured, 3,000 calls at
     100 ms of latency: 298-373 commits instead of 617-635; 10,000 calls, six pairs: 0.93x the CPU per
     call (0.75x-1.03x), calls per second unchanged (0.996x). A call's intent waits at most ``gather_s``
-    longer, against a cloud call of tens of milliseconds or more; with many queued (the writer being the
-    bottleneck, as at 0 ms of latency) nothing waits. Not on PostgreSQL (unmeasured there, and its
-    batches commit in parallel), nor for a backend run on the loop's own thread (``inline``: tests on a
+    longer, against a cloud call of tens of milliseconds or more; nothing waits when the batch is full
+    anyway (``gather_below`` urgent ops queued, as when the writer is the bottleneck at 0 ms of latency,
+    or ``riders`` other ops), nor while closing. Not on PostgreSQL (unmeasured there, and its batches
+    commit in parallel), nor for a backend run on the loop's own thread (``inline``: tests on a
     virtual-time loop, whose clock the wait would move).
 
     Ops that take the run's lock (``run_lock``: claims and send permits, which serialise across the
@@ -202,6 +203,7 @@ class GroupCommitWriter:
                     lane is self._urgent
                     and self.gather_s > 0
                     and len(lane) < self._gather_below
+                    and len(self._normal) < self._riders
                     and not running
                     and not self._closing
                 ):

@@ -1298,7 +1298,7 @@ class _TimedBackend:
         return None
 
 
-def test_a_small_urgent_batch_waits_for_the_intents_a_burst_of_answers_is_about_to_queue() -> None:
+def test_gathering_a_small_urgent_batch_waits_for_the_intents_a_burst_of_answers_is_about_to_queue() -> None:
     """SQLite's writer thread: fewer than ``gather_below`` urgent ops wait ``gather_s`` for company (an
     intent queued 1 ms later shares the commit, and so do the answers queued meanwhile); as many as
     ``gather_below`` go at once; without gathering each intent is a commit of its own."""
@@ -1327,13 +1327,32 @@ def test_a_small_urgent_batch_waits_for_the_intents_a_burst_of_answers_is_about_
     run_virtual(lambda: scenario(0.0, 1, alone))
     assert alone.batches == [(0.0, ["intent0"]), (0.001, ["late", "answer"])]
 
+    async def crowded(backend: _TimedBackend) -> None:
+        # as many answers queued as can ride: the batch is full already, nothing to wait for
+        writer = GroupCommitWriter(backend, gather_s=0.002, riders=3)  # type: ignore[arg-type]
+        writer.start()
+        try:
+            answers = [writer.submit_soon(_named(f"answer{i}")) for i in range(3)]
+            await asyncio.gather(writer.submit_soon(_named("intent0"), urgent=True), *answers)
+        finally:
+            await writer.close()
 
-def test_only_sqlite_on_its_writer_thread_gathers_by_default() -> None:
+    full_of_riders = _TimedBackend()
+    run_virtual(lambda: crowded(full_of_riders))
+    assert full_of_riders.batches == [(0.0, ["intent0", "answer0", "answer1", "answer2"])]
+
+
+def test_only_sqlite_on_its_writer_thread_gathers_by_default(tmp_path: Path) -> None:
     """The default ``gather_s``: 2 ms for SQLite's writer thread; none for PostgreSQL or an inline SQLite
     backend (a virtual-time loop, whose clock the wait would move)."""
     assert GroupCommitWriter(_TimedBackend("sqlite")).gather_s == SQLITE_GATHER_S == 0.002  # type: ignore[arg-type]
     assert GroupCommitWriter(_TimedBackend("sqlite", inline=True)).gather_s == 0.0  # type: ignore[arg-type]
     assert GroupCommitWriter(_TimedBackend("postgresql")).gather_s == 0.0  # type: ignore[arg-type]
+    # the real backend says which it is (it connects only on its first batch)
+    threaded = SqliteBackend(str(tmp_path / "t.db"))
+    inline = SqliteBackend(str(tmp_path / "i.db"), inline=True)
+    assert GroupCommitWriter(threaded).gather_s == SQLITE_GATHER_S
+    assert GroupCommitWriter(inline).gather_s == 0.0
 
 
 async def test_send_permits_keep_the_window_with_its_margin_and_the_cap(env: Env) -> None:
@@ -1519,6 +1538,7 @@ class FlakyBackend:
         self.real = real
         self.down = down
         self.dialect = real.dialect
+        self.inline = getattr(real, "inline", False)  # the writer's gathering follows the real backend
         self.calls = 0
 
     async def run_batch(self, ops: Sequence[Op[Any]]) -> list[Any]:
