@@ -203,7 +203,7 @@ class GroupCommitWriter:
                     lane is self._urgent
                     and self.gather_s > 0
                     and len(lane) < self._gather_below
-                    and len(self._normal) < self._riders
+                    and (not self._riders or len(self._normal) < self._riders)
                     and not running
                     and not self._closing
                 ):

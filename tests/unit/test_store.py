@@ -1323,6 +1323,10 @@ def test_gathering_a_small_urgent_batch_waits_for_the_intents_a_burst_of_answers
     assert full.batches[0] == (0.0, ["intent0", "intent1", "intent2", "intent3"]), full.batches
     assert [names for _, names in full.batches[1:]] == [["late", "answer"]], full.batches
 
+    asked = _TimedBackend("postgresql")  # off by default there, but a wait asked for is kept (no riders)
+    run_virtual(lambda: scenario(0.002, 1, asked))
+    assert asked.batches == [(0.002, ["intent0", "late"]), (0.002, ["answer"])]
+
     alone = _TimedBackend()
     run_virtual(lambda: scenario(0.0, 1, alone))
     assert alone.batches == [(0.0, ["intent0"]), (0.001, ["late", "answer"])]
