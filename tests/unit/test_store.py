@@ -1301,7 +1301,9 @@ class _TimedBackend:
 def test_gathering_a_small_urgent_batch_waits_for_the_intents_a_burst_of_answers_is_about_to_queue() -> None:
     """SQLite's writer thread: fewer than ``gather_below`` urgent ops wait ``gather_s`` for company (an
     intent queued 1 ms later shares the commit, and so do the answers queued meanwhile); as many as
-    ``gather_below`` go at once; without gathering each intent is a commit of its own."""
+    ``gather_below`` go at once, and so does a batch with as many answers queued as can ride; without
+    gathering each intent is a commit of its own. A wait asked for on PostgreSQL is kept (nothing rides
+    there, so the answer commits apart)."""
 
     async def scenario(gather_s: float | None, first: int, backend: _TimedBackend) -> None:
         writer = GroupCommitWriter(backend, gather_s=gather_s, gather_below=4)  # type: ignore[arg-type]
