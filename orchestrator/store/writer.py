@@ -88,15 +88,13 @@ class GroupCommitWriter:
         riders: int = 64,
         outage_timeout: float = 60.0,
         on_outage: OutageHook | None = None,
-        linger_s: float = 0.0,
         gather_s: float | None = None,
         gather_below: int = 8,
     ) -> None:
         """``gather_s``: the wait for company of a small urgent batch (see the class docstring); None: 2 ms
-        on SQLite's writer thread, else none. ``linger_s``: the same for a batch of non-urgent ops only."""
+        on SQLite's writer thread, else none."""
         self._backend = backend
         self._max_batch = max_batch
-        self.linger_s = linger_s
         sqlite = getattr(backend, "dialect", None) == "sqlite"
         if gather_s is None:
             gather_s = SQLITE_GATHER_S if sqlite and not getattr(backend, "inline", False) else 0.0
@@ -209,18 +207,8 @@ class GroupCommitWriter:
                 ):
                     await asyncio.sleep(self.gather_s)
                     lane = self._lane(bool(locking)) or lane
-                    lingered = False
-                elif lane is self._normal and len(lane) < self._max_batch and self.linger_s > 0:
-                    # nothing waits on these (answers commit in the background): let a few more join
-                    # the batch, so a slow trickle of answers costs one commit per few ms, not one each
-                    await asyncio.sleep(self.linger_s)
-                    lane = self._lane(bool(locking)) or lane
-                    lingered = lane is self._normal
-                else:
-                    lingered = False
-                # run-lock ops: all of them in the one batch that may hold the lock; a lingered trickle:
-                # in one batch, which is what it waited for
-                free = 1 if lane is self._locking or lingered else parallel - len(running)
+                # run-lock ops: all of them in the one batch that may hold the lock
+                free = 1 if lane is self._locking else parallel - len(running)
                 batch = self._take(lane, free)
                 if parallel == 1:
                     await self._apply(batch)
